@@ -1,0 +1,137 @@
+"""The command line: each command parses its options, builds a typed config and calls the library.
+
+Heavy imports (onnxruntime, torch) happen inside commands so ``--help`` stays instant.
+"""
+from __future__ import annotations
+
+import sys
+import traceback
+
+import click
+
+from batchcls.errors import BatchclsError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_ROW_ERRORS, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class Group(click.Group):
+    """Turns library errors into one line (what went wrong, what to do); --verbose adds the traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (BatchclsError, OSError) as e:
+            if ctx.obj and ctx.obj.get("verbose"):
+                traceback.print_exc()
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(EXIT_FAILURE)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Print tracebacks for errors.")
+@click.version_option(package_name="batchcls")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
+    """Classify folders of images with a trained model bundle.
+
+    Example: batchcls run ./images --out labels.csv
+    """
+    ctx.obj = {"verbose": verbose}
+
+
+model_option = click.option("--model", type=click.Path(), default=None,
+                            help="Model bundle folder (card.json + ONNX). Default: the shipped model.")
+
+
+@cli.command()
+@click.argument("source", required=False, type=click.Path())
+@click.option("--out", "-o", required=True, help="Output file, or '-' for stdout.")
+@model_option
+@click.option("--files-from", type=click.Path(allow_dash=True), help="Read paths to classify, one per line ('-' = stdin).")
+@click.option("--recursive/--no-recursive", default=True, show_default=True, help="Descend into sub-folders.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl", "parquet"]), default="csv", show_default=True, help="Output format.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True, help="Images per inference batch.")
+@click.option("--workers", type=click.IntRange(0), default=None, help="Decode processes (0 = decode in-process). Default: one per core.")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "torch"]), default="auto", show_default=True, help="Inference backend.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: cpu.")
+@click.option("--top-k", type=click.IntRange(1, 100), default=1, show_default=True, help="Also write the next K-1 labels and confidences.")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="Label rows below this confidence as 'unknown'.")
+@click.option("--max-pixels", type=click.IntRange(1), default=None, help="Refuse images larger than this many pixels (bomb guard).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted (or earlier) run, skipping files already in --out.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--strict", is_flag=True, help=f"Exit with status {EXIT_ROW_ERRORS} if any file could not be classified.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+def run(source, out, model, files_from, recursive, fmt, batch_size, workers, backend, device, top_k,
+        threshold, max_pixels, resume, overwrite, strict, quiet) -> None:
+    """Classify every image in SOURCE (a folder or a file) and write one row per file.
+
+    Example: batchcls run ./images --out labels.csv --top-k 3
+    """
+    from batchcls.decode import DEFAULT_MAX_PIXELS
+    from batchcls.pipeline import RunOptions
+    from batchcls.runner import Interrupted, RunJob, describe, run_job
+
+    options = RunOptions(batch_size=batch_size, workers=workers, top_k=top_k, threshold=threshold,
+                         max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+    job = RunJob(source=source, out=out, model=model, backend=backend, device=device, recursive=recursive,
+                 files_from=files_from, fmt=fmt, resume=resume, overwrite=overwrite, quiet=quiet, options=options)
+    try:
+        summary = run_job(job)
+    except Interrupted as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    if not quiet:
+        click.echo(describe(summary, out), err=True)
+    if strict and summary.errors:
+        sys.exit(EXIT_ROW_ERRORS)
+
+
+@cli.command()
+@model_option
+def info(model) -> None:
+    """Print the model card of a bundle (classes, preprocessing, metrics).
+
+    Example: batchcls info --model engines/simpsons
+    """
+    import json
+
+    from batchcls.card import load_card
+
+    card = load_card(model)
+    click.echo(json.dumps({"bundle": str(card.bundle_dir), **card.to_dict()}, indent=2))
+
+
+@cli.command("eval")
+@click.argument("labelled_dir", type=click.Path(exists=True, file_okay=False))
+@model_option
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True, help="Images per inference batch.")
+@click.option("--workers", type=click.IntRange(0), default=None, help="Decode processes. Default: one per core.")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "torch"]), default="auto", show_default=True, help="Inference backend.")
+def evaluate(labelled_dir, model, batch_size, workers, backend) -> None:
+    """Score a model on LABELLED_DIR/<class>/*: accuracy, macro/micro-F1, per-class table.
+
+    Example: batchcls eval samples/simpsons
+    """
+    from batchcls.evaluate import evaluate_folder, format_report
+    from batchcls.pipeline import RunOptions
+
+    report = evaluate_folder(labelled_dir, model=model, backend=backend,
+                             options=RunOptions(batch_size=batch_size, workers=workers))
+    click.echo(format_report(report))
+
+
+# --- engine commands ---
+
+
+# --- watch command ---
+
+
+# --- report commands ---
+
+
+def main() -> None:
+    cli(prog_name="batchcls")
+
+
+if __name__ == "__main__":
+    main()

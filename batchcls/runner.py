@@ -1,0 +1,89 @@
+"""``batchcls run`` as a library call: a typed job config in, a summary out."""
+from __future__ import annotations
+
+import signal
+import sys
+from dataclasses import dataclass
+from typing import Iterator
+
+from batchcls.backends import load_backend
+from batchcls.card import load_card
+from batchcls.output import RowWriter, columns_for
+from batchcls.pipeline import Classifier, RunOptions, RunSummary, run
+from batchcls.scan import InputFile, scan
+
+
+@dataclass(frozen=True)
+class RunJob:
+    source: str | None
+    out: str
+    model: str | None = None
+    backend: str | None = None
+    device: str | None = None
+    recursive: bool = True
+    files_from: str | None = None
+    fmt: str = "csv"
+    resume: bool = False
+    overwrite: bool = False
+    quiet: bool = False
+    options: RunOptions = RunOptions()
+
+
+class Interrupted(Exception):
+    """The run was stopped by SIGINT/SIGTERM; the partial output is kept for --resume."""
+
+    def __init__(self, rows: int, partial: str) -> None:
+        super().__init__(f"interrupted after {rows} rows; they are kept in {partial}: rerun with --resume to finish")
+
+
+def _raise_interrupt(signum, frame):  # noqa: ANN001 - signal handler signature
+    raise KeyboardInterrupt
+
+
+def _pending(files: Iterator[InputFile], done: set[str]) -> Iterator[InputFile]:
+    seen: set[str] = set()
+    for f in files:
+        if f.rel in done or f.rel in seen:
+            continue
+        if done:  # only resumed runs need the dedupe memory; fresh scans can't repeat a path
+            seen.add(f.rel)
+        yield f
+
+
+def _progress(job: RunJob):
+    if job.quiet or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+    return tqdm(unit="img", desc="classifying", file=sys.stderr, dynamic_ncols=True)
+
+
+def run_job(job: RunJob) -> RunSummary:
+    card = load_card(job.model)
+    backend = load_backend(card, job.backend, device=job.device)
+    classifier = Classifier(card, backend)
+    writer = RowWriter(job.out, fmt=job.fmt, columns=columns_for(job.options.top_k),
+                       resume=job.resume, overwrite=job.overwrite)
+    exclude = [] if writer.to_stdout else [str(writer.out), str(writer.partial)]
+    files = _pending(scan(job.source, recursive=job.recursive, files_from=job.files_from, exclude=exclude),
+                     writer.done)
+    bar = _progress(job)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        summary = run(files, classifier, writer.write, job.options, on_batch=bar.update if bar else None)
+    except KeyboardInterrupt:
+        writer.close(complete=False)
+        raise Interrupted(writer.rows_written, "stdout" if writer.to_stdout else str(writer.partial)) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if bar is not None:
+            bar.close()
+    writer.close(complete=True)
+    summary.skipped = len(writer.done)
+    return summary
+
+
+def describe(summary: RunSummary, out: str) -> str:
+    where = "" if out == "-" else f" -> {out}"
+    return (f"classified {summary.files} files ({summary.errors} errors) in {summary.seconds:.1f}s, "
+            f"{summary.images_per_s:.1f} images/s{where}")
+
