@@ -6,6 +6,7 @@ Formats are detected by content (a PNG named .jpg works); every failure becomes 
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 
 import numpy as np
@@ -43,7 +44,10 @@ def decode_image(path: str | os.PathLike, *, min_side: int = 0,
     >= min_side, which is most of the decode cost for large photos.
     """
     try:
-        if os.path.getsize(path) == 0:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):  # opening a FIFO or device would block or never end
+            raise DecodeError("not a regular file")
+        if st.st_size == 0:
             raise DecodeError("empty file (0 bytes)")
         with Image.open(path) as img:
             if img.format not in ALLOWED_FORMATS:

@@ -1,8 +1,8 @@
 """Find the input files, streaming and in a deterministic order.
 
-Every regular file counts (the format is judged later, by content), so a stray text file gets
-its own error row instead of silently vanishing. Hidden names are skipped; symlinked folders
-are followed once each, so loops end.
+Every file counts (the format is judged later, by content), so a stray text file, a dangling
+symlink or a FIFO gets its own error row instead of silently vanishing. Hidden names are
+skipped; symlinked folders are followed once each, so loops end.
 """
 from __future__ import annotations
 

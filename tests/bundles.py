@@ -16,7 +16,7 @@ from batchcls.card import ModelCard
 COLOURS = ["red", "green", "blue"]
 
 
-def colour_onnx(path: Path, gain: float = 10.0) -> None:
+def colour_onnx(path: Path, gain: float = 3.0) -> None:
     x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, None, None])
     y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])
     w = numpy_helper.from_array((np.eye(3) * gain).astype(np.float32), "w")

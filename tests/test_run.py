@@ -1,0 +1,223 @@
+"""`batchcls run` end to end through the real CLI, real images and real ONNX Runtime."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from batchcls.cli import EXIT_ROW_ERRORS, cli
+from batchcls.output import read_rows
+
+
+def invoke(*args, input=None):
+    return CliRunner().invoke(cli, [str(a) for a in args], input=input)
+
+
+def test_labels_relative_paths_in_order(colour_images, colour_bundle, tmp_path):
+    out = tmp_path / "labels.csv"
+    r = invoke("run", colour_images, "--out", out, "--model", colour_bundle)
+    assert r.exit_code == 0, r.output
+    rows = read_rows(out)
+    assert [(x["path"], x["label"], x["status"]) for x in rows] == [
+        ("a_red.jpg", "red", "ok"), ("b_green.png", "green", "ok"), ("sub/c_blue.jpg", "blue", "ok")]
+    assert all(0.5 < float(x["confidence"]) <= 1.0 for x in rows)
+    assert "classified 3 files (0 errors)" in r.output
+    assert not Path(str(out) + ".partial").exists()
+
+
+def test_top_k_and_threshold(colour_images, colour_bundle, tmp_path):
+    out = tmp_path / "labels.csv"
+    assert invoke("run", colour_images, "--out", out, "--model", colour_bundle, "--top-k", "3").exit_code == 0
+    rows = read_rows(out)
+    assert list(rows[0]) == ["path", "label", "confidence", "status", "error", "label_2", "confidence_2",
+                             "label_3", "confidence_3"]
+    for row in rows:
+        probs = [float(row["confidence"]), float(row["confidence_2"]), float(row["confidence_3"])]
+        assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-4
+        assert {row["label"], row["label_2"], row["label_3"]} == {"red", "green", "blue"}
+    out2 = tmp_path / "t.csv"
+    assert invoke("run", colour_images, "--out", out2, "--model", colour_bundle, "--threshold", "0.999").exit_code == 0
+    assert {x["label"] for x in read_rows(out2)} == {"unknown"}
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_every_format_writes_the_same_rows(colour_images, colour_bundle, tmp_path, fmt):
+    out = tmp_path / f"labels.{fmt}"
+    assert invoke("run", colour_images, "--out", out, "--model", colour_bundle, "--format", fmt).exit_code == 0
+    rows = read_rows(out)
+    assert [(x["path"], x["label"]) for x in rows] == [("a_red.jpg", "red"), ("b_green.png", "green"),
+                                                       ("sub/c_blue.jpg", "blue")]
+
+
+def test_existing_output_is_not_overwritten(colour_images, colour_bundle, tmp_path):
+    out = tmp_path / "labels.csv"
+    out.write_text("precious\n")
+    r = invoke("run", colour_images, "--out", out, "--model", colour_bundle)
+    assert r.exit_code == 1 and "already exists" in r.output and "--resume" in r.output
+    assert out.read_text() == "precious\n"
+    assert invoke("run", colour_images, "--out", out, "--model", colour_bundle, "--overwrite").exit_code == 0
+    assert len(read_rows(out)) == 3
+
+
+def test_stdout_single_file_and_no_recursive(colour_images, colour_bundle):
+    r = invoke("run", colour_images / "a_red.jpg", "--out", "-", "--model", colour_bundle, "--quiet")
+    assert r.exit_code == 0
+    assert list(csv.reader(r.stdout.splitlines()))[1][:2] == ["a_red.jpg", "red"]
+    r = invoke("run", colour_images, "--out", "-", "--model", colour_bundle, "--no-recursive", "-q")
+    assert [row[0] for row in csv.reader(r.stdout.splitlines())][1:] == ["a_red.jpg", "b_green.png"]
+
+
+def test_files_from_stdin_keeps_list_order(colour_images, colour_bundle, tmp_path):
+    listing = f"{colour_images / 'sub' / 'c_blue.jpg'}\n\n{colour_images / 'a_red.jpg'}\n{tmp_path / 'missing.jpg'}\n"
+    r = invoke("run", "--files-from", "-", "--out", "-", "--model", colour_bundle, "-q", input=listing)
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(r.stdout.splitlines()))
+    assert [x["label"] for x in rows] == ["blue", "red", ""]
+    assert rows[2]["status"] == "error" and "not found" in rows[2]["error"]
+
+
+def test_symlink_loops_end_and_output_inside_input_is_skipped(colour_images, colour_bundle):
+    (colour_images / "sub" / "loop").symlink_to(colour_images, target_is_directory=True)
+    out = colour_images / "labels.csv"
+    assert invoke("run", colour_images, "--out", out, "--model", colour_bundle).exit_code == 0
+    assert [x["path"] for x in read_rows(out)] == ["a_red.jpg", "b_green.png", "sub/c_blue.jpg"]
+
+
+def test_strict_exit_code_and_one_line_errors(colour_images, colour_bundle, tmp_path):
+    (colour_images / "broken.jpg").write_bytes(b"\xff\xd8garbage")
+    r = invoke("run", colour_images, "--out", tmp_path / "a.csv", "--model", colour_bundle, "--strict")
+    assert r.exit_code == EXIT_ROW_ERRORS
+    r = invoke("run", tmp_path / "nope", "--out", tmp_path / "b.csv", "--model", colour_bundle)
+    assert r.exit_code == 1 and r.output.strip().count("\n") == 0 and "does not exist" in r.output
+    r = invoke("run", colour_images, "--out", tmp_path / "no_dir" / "c.csv", "--model", colour_bundle)
+    assert r.exit_code == 1 and "does not exist" in r.output
+    bad_model = tmp_path / "bad_model"
+    bad_model.mkdir()
+    (bad_model / "card.json").write_text(json.dumps({"name": "x"}))
+    r = invoke("run", colour_images, "--out", tmp_path / "d.csv", "--model", bad_model)
+    assert r.exit_code == 1 and "lacks" in r.output and "Traceback" not in r.output
+    r = invoke("--verbose", "run", colour_images, "--out", tmp_path / "d.csv", "--model", bad_model)
+    assert "Traceback" in r.output
+
+
+def test_corrupt_onnx_is_one_line(colour_images, colour_bundle, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "card.json").write_text((colour_bundle / "card.json").read_text())
+    (broken / "model.onnx").write_bytes(b"not onnx")
+    r = invoke("run", colour_images, "--out", tmp_path / "x.csv", "--model", broken)
+    assert r.exit_code == 1 and "cannot load ONNX model" in r.output and r.output.count("\n") == 1
+
+
+def _many_images(root: Path, n: int) -> None:
+    root.mkdir()
+    colours = [(250, 0, 0), (0, 250, 0), (0, 0, 250)]
+    for i in range(n):
+        Image.new("RGB", (48, 48), colours[i % 3]).save(root / f"{i:05d}.png")
+
+
+def test_resume_after_kill_has_no_duplicates_and_no_gaps(tmp_path, colour_bundle):
+    root = tmp_path / "many"
+    _many_images(root, 1500)
+    out = tmp_path / "labels.csv"
+    partial = Path(str(out) + ".partial")
+    cmd = [sys.executable, "-m", "batchcls.cli", "run", str(root), "--out", str(out), "--model", str(colour_bundle),
+           "--batch-size", "2", "--workers", "0", "-q"]
+    proc = subprocess.Popen(cmd)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if partial.exists() and partial.read_bytes().count(b"\n") > 20:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    killed = not out.exists()
+    if killed:
+        assert invoke("run", root, "--out", out, "--model", colour_bundle).exit_code == 1  # no silent clobber
+        r = invoke("run", root, "--out", out, "--model", colour_bundle, "--resume")
+        assert r.exit_code == 0, r.output
+    rows = read_rows(out)
+    paths = [x["path"] for x in rows]
+    assert sorted(paths) == sorted(p.name for p in root.iterdir())
+    assert len(paths) == len(set(paths)) == 1500
+    assert killed, "the run finished before it could be killed; make the input larger"
+
+
+def test_sigint_keeps_partial_then_resume(tmp_path, colour_bundle):
+    root = tmp_path / "many"
+    _many_images(root, 1500)
+    out = tmp_path / "labels.jsonl"
+    partial = Path(str(out) + ".partial")
+    cmd = [sys.executable, "-m", "batchcls.cli", "run", str(root), "--out", str(out), "--model", str(colour_bundle),
+           "--batch-size", "2", "--workers", "0", "--format", "jsonl", "-q"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (partial.exists() and partial.stat().st_size > 500):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "--resume" in err
+    assert invoke("run", root, "--out", out, "--model", colour_bundle, "--format", "jsonl", "--resume").exit_code == 0
+    paths = [x["path"] for x in read_rows(out)]
+    assert len(paths) == len(set(paths)) == 1500
+
+
+def test_resume_of_finished_output_adds_only_new_files(colour_images, colour_bundle, tmp_path):
+    out = tmp_path / "labels.csv"
+    assert invoke("run", colour_images, "--out", out, "--model", colour_bundle).exit_code == 0
+    Image.new("RGB", (10, 10), (0, 250, 0)).save(colour_images / "z_new.png")
+    r = invoke("run", colour_images, "--out", out, "--model", colour_bundle, "--resume")
+    assert r.exit_code == 0 and "classified 1 files" in r.output
+    assert [x["path"] for x in read_rows(out)] == ["a_red.jpg", "b_green.png", "sub/c_blue.jpg", "z_new.png"]
+
+
+def test_eval_on_a_labelled_folder(tmp_path, colour_bundle):
+    for name, rgb in [("red", (250, 0, 0)), ("green", (0, 250, 0)), ("blue", (0, 0, 250))]:
+        (tmp_path / "set" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (16, 16), rgb).save(tmp_path / "set" / name / f"{i}.png")
+    Image.new("RGB", (16, 16), (250, 0, 0)).save(tmp_path / "set" / "blue" / "wrong.png")
+    r = invoke("eval", tmp_path / "set", "--model", colour_bundle, "--workers", "0")
+    assert r.exit_code == 0, r.output
+    assert "accuracy: 0.9000" in r.output
+    assert "threshold" in r.output
+
+
+def test_info_prints_the_card(colour_bundle):
+    r = invoke("info", "--model", colour_bundle)
+    assert r.exit_code == 0 and json.loads(r.output)["classes"] == ["red", "green", "blue"]
+
+
+def test_default_model_missing_is_one_line(tmp_path, monkeypatch, colour_images):
+    monkeypatch.setenv("BATCHCLS_MODEL", str(tmp_path / "nowhere"))
+    r = invoke("run", colour_images, "--out", tmp_path / "x.csv")
+    assert r.exit_code == 1 and "no model bundle" in r.output
+
+
+def test_every_command_has_help_and_an_example():
+    import click
+
+    def walk(group, prefix=""):
+        for name, cmd in group.commands.items():
+            yield prefix + name, cmd
+            if isinstance(cmd, click.Group):
+                yield from walk(cmd, prefix + name + " ")
+
+    for name, cmd in walk(cli):
+        assert cmd.help and "Example:" in cmd.help, f"{name} lacks a docstring with an Example"
+        for p in cmd.params:
+            if isinstance(p, click.Option) and p.name not in ("help",):
+                assert p.help, f"{name} --{p.name} has no help text"
+
+
+def test_help_does_not_import_heavy_modules():
+    code = "import sys; from batchcls.cli import cli; print(any(m in sys.modules for m in ('onnxruntime','torch','ray')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
