@@ -41,12 +41,12 @@ def _raise_interrupt(signum, frame):  # noqa: ANN001 - signal handler signature
 
 
 def _pending(files: Iterator[InputFile], done: set[str]) -> Iterator[InputFile]:
+    """Skip files already written (resume) and repeats (a list naming a file twice): one row per file."""
     seen: set[str] = set()
     for f in files:
         if f.rel in done or f.rel in seen:
             continue
-        if done:  # only resumed runs need the dedupe memory; fresh scans can't repeat a path
-            seen.add(f.rel)
+        seen.add(f.rel)
         yield f
 
 

@@ -221,3 +221,9 @@ def test_help_does_not_import_heavy_modules():
     code = "import sys; from batchcls.cli import cli; print(any(m in sys.modules for m in ('onnxruntime','torch','ray')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_a_file_listed_twice_gets_one_row(colour_images, colour_bundle):
+    listing = f"{colour_images / 'a_red.jpg'}\n{colour_images / 'a_red.jpg'}\n"
+    r = invoke("run", "--files-from", "-", "--out", "-", "--model", colour_bundle, "-q", input=listing)
+    assert r.exit_code == 0 and len(r.stdout.strip().splitlines()) == 2  # header + one row
