@@ -1,0 +1,137 @@
+"""``batchcls review``: put the low-confidence images where a person can fix their labels by moving files.
+
+Each row under the threshold has its image copied (or linked) into ``DIR/<predicted label>/``; a
+person moves the wrong ones to the right folder, and ``DIR`` is then laid out like training data
+(``<class>/<image>``). Nothing is ever overwritten: a second image with the same name gets a
+``~2`` suffix, and rerunning the same review finds its earlier copies instead of duplicating them.
+``DIR/_manifest.csv`` maps every placed file back to its row, so corrections can be traced.
+"""
+from __future__ import annotations
+
+import csv
+import filecmp
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from batchcls.errors import InputError, OutputError
+from batchcls.output import escape_cell, read_rows
+
+ERRORS_DIR = "_errors"  # error rows (with --errors); not a class: empty it before training on DIR
+MANIFEST = "_manifest.csv"
+LINK_MODES = ("symlink", "hardlink")
+
+
+@dataclass
+class ReviewSummary:
+    to: Path
+    selected: int = 0  # rows under the threshold (plus error rows with --errors)
+    placed: int = 0  # files newly copied or linked
+    already: int = 0  # found in DIR from an earlier run of the same review
+    missing: list[str] = field(default_factory=list)  # row paths whose file was not found
+    labels: dict[str, int] = field(default_factory=dict)
+
+
+def safe_folder(label: str) -> str:
+    """A label as one harmless folder name: labels come from a file, so '../x' must not climb out of DIR."""
+    name = label.replace("/", "_").replace("\\", "_").replace("\0", "_").strip()
+    return "_" if name in ("", ".", "..") else name
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """b is an earlier placement of a: the same inode (links) or the same bytes (copies)."""
+    try:
+        return os.path.samefile(a, b) or (a.stat().st_size == b.stat().st_size and filecmp.cmp(a, b, shallow=False))
+    except OSError:
+        return False
+
+
+def _place(src: Path, folder: Path, link: str | None) -> tuple[Path, bool]:
+    """Copy or link src into folder under a free name; returns (destination, newly placed)."""
+    stem, suffix = os.path.splitext(src.name)
+    n = 1
+    while True:
+        dest = folder / (src.name if n == 1 else f"{stem}~{n}{suffix}")
+        if dest.is_symlink() or dest.exists():
+            if _same_file(src, dest):
+                return dest, False
+            n += 1
+            continue
+        try:
+            if link == "symlink":
+                os.symlink(os.path.abspath(src), dest)
+            elif link == "hardlink":
+                os.link(src, dest)
+            else:
+                shutil.copy2(src, dest)
+        except FileExistsError:  # another process took the name between the check and the write
+            n += 1
+            continue
+        except OSError as e:
+            if link == "hardlink" and e.errno == 18:  # EXDEV
+                raise OutputError(f"cannot hard-link {src} into {folder}: different filesystems; "
+                                  "use --link symlink or copy") from None
+            raise OutputError(f"cannot place {src} in {folder}: {e.strerror}") from None
+        return dest, True
+
+
+def review(labels: str | os.PathLike, to: str | os.PathLike, *, below: float,
+           images: str | os.PathLike | None = None, link: str | None = None,
+           errors: bool = False) -> ReviewSummary:
+    """Place every image whose confidence is under ``below`` into ``to/<label>/``.
+
+    ``images`` is the folder the row paths are relative to (default: the current folder);
+    ``link`` is None (copy), 'symlink' or 'hardlink'; ``errors`` also places error rows in ``to/_errors``.
+    """
+    if link not in (None, *LINK_MODES):
+        raise OutputError(f"unknown link mode {link!r}: choose one of {', '.join(LINK_MODES)}")
+    rows = read_rows(labels)
+    if rows and "path" not in rows[0]:
+        raise InputError(f"{labels} has no 'path' column: it is not a batchcls output")
+    root, to = Path(images) if images is not None else Path("."), Path(to)
+    summary = ReviewSummary(to=to)
+    chosen: list[tuple[float, dict, str]] = []
+    for r in rows:
+        try:
+            conf = float(r.get("confidence", ""))
+        except (TypeError, ValueError):
+            conf = 0.0  # no readable confidence (error rows, damaged cells): doubtful by definition
+        if r.get("status") == "ok" and conf < below:
+            chosen.append((conf, r, safe_folder(str(r.get("label", "")))))
+        elif r.get("status") != "ok" and errors:
+            chosen.append((conf, r, ERRORS_DIR))
+    # Least confident first, so the manifest reads in the order a person should look.
+    chosen.sort(key=lambda c: c[0])
+    summary.selected = len(chosen)
+    manifest = []
+    for _, r, folder in chosen:
+        src = root / str(r["path"])
+        if not src.is_file():
+            summary.missing.append(str(r["path"]))
+            continue
+        (to / folder).mkdir(parents=True, exist_ok=True)
+        dest, new = _place(src, to / folder, link)
+        summary.placed += new
+        summary.already += not new
+        summary.labels[folder] = summary.labels.get(folder, 0) + 1
+        manifest.append([escape_cell(dest.relative_to(to).as_posix()), escape_cell(str(r["path"])),
+                         escape_cell(str(r.get("label", ""))), r.get("confidence", ""),
+                         escape_cell(str(r.get("error", "")))])
+    if manifest:
+        tmp = to / (MANIFEST + ".tmp")
+        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+            w = csv.writer(fh)
+            w.writerow(["file", "path", "label", "confidence", "error"])
+            w.writerows(manifest)
+        os.replace(tmp, to / MANIFEST)
+    return summary
+
+
+def describe(s: ReviewSummary, images: str | None) -> str:
+    line = (f"{s.selected} rows to review: {s.placed} placed in {s.to}, {s.already} already there"
+            + (f", {len(s.missing)} not found" if s.missing else ""))
+    if s.missing:
+        line += (f"\nnot found under {images or 'the current folder'} (e.g. {s.missing[0]}): "
+                 "pass --images <the folder given to batchcls run>")
+    return line
