@@ -126,7 +126,46 @@ def evaluate(labelled_dir, model, batch_size, workers, backend) -> None:
 # --- watch command ---
 
 
-# --- report commands ---
+images_option = click.option("--images", type=click.Path(exists=True, file_okay=False), default=None,
+                             help="Folder the paths in LABELS are relative to (the SOURCE given to run). Default: current folder.")
+
+
+@cli.command()
+@click.argument("labels", type=click.Path(exists=True, dir_okay=False))
+@images_option
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
+              help="HTML file to write (replaced each run); thumbnails are cached in <name>_files/ beside it.")
+@click.option("--thumb-size", type=click.IntRange(32, 1024), default=160, show_default=True, help="Thumbnail size in pixels.")
+@click.option("--workers", type=click.IntRange(0), default=None, help="Thumbnail processes (0 = in-process). Default: one per core.")
+def report(labels, images, out, thumb_size, workers) -> None:
+    """Write a self-contained HTML page of LABELS (a run's output): summary, one section per label, errors.
+
+    Example: batchcls report labels.csv --images ./images --out report.html
+    """
+    from batchcls.report import build_report, describe
+
+    summary = build_report(labels, out, images=images, thumb_size=thumb_size, workers=workers, progress=True)
+    click.echo(describe(summary, images), err=True)
+
+
+@cli.command()
+@click.argument("labels", type=click.Path(exists=True, dir_okay=False))
+@images_option
+@click.option("--below", type=click.FloatRange(0, 1), required=True, help="Select rows whose confidence is under this.")
+@click.option("--to", "to", required=True, type=click.Path(file_okay=False), help="Folder to fill as <to>/<predicted label>/<image>.")
+@click.option("--link", type=click.Choice(["symlink", "hardlink"]), default=None, help="Link instead of copying the images.")
+@click.option("--errors", is_flag=True, help="Also place the images of error rows in <to>/_errors/.")
+def review(labels, images, below, to, link, errors) -> None:
+    """Copy the images a person should check into folders named after their predicted label.
+
+    Move wrong ones to the right folder; the result is laid out like training data (<class>/<image>).
+
+    Example: batchcls review labels.csv --images ./images --below 0.9 --to review/
+    """
+    from batchcls.review import describe, review as review_rows
+
+    summary = review_rows(labels, to, below=below, images=images, link=link, errors=errors)
+    click.echo(describe(summary, images), err=True)
 
 
 def main() -> None:
