@@ -1,0 +1,295 @@
+"""Scale-out: ``batchcls run --engine ray`` as Ray Data adapters over the pipeline's batch functions.
+
+scan (driver) -> ``pipeline.load_images`` in Ray tasks -> ``Classifier.rows`` in a model actor pool
+(one actor per GPU, CPU actors otherwise) -> rows stream back to the driver, are put back in input
+order and go through the same ``RowWriter`` as a local run, so the output is the same file.
+
+``import ray`` happens only inside functions: the local path never imports Ray.
+
+The model bundle reaches the workers through Ray's object store: the driver reads the bundle's files
+once and ``ray.put``s them; every actor unpacks them into a private temp folder and loads from there.
+No shared filesystem is needed, and all workers run exactly the model the driver validated.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from batchcls.backends import load_backend
+from batchcls.card import CARD_FILE, ModelCard, load_card
+from batchcls.errors import BatchclsError
+from batchcls.output import RowWriter, columns_for
+from batchcls.pipeline import Classifier, DecodedBatch, RunSummary, load_images
+from batchcls.presets import EvalPreset
+from batchcls.runner import Interrupted, RunJob, _pending, _raise_interrupt
+from batchcls.scan import InputFile, scan
+
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # s3://, gs://, hdfs://, file:// ... (whatever pyarrow.fs reads)
+
+
+class RayEngineError(BatchclsError):
+    """Ray is missing or unreachable, or the cluster cannot run the job."""
+
+
+def _b(text: str) -> bytes:
+    # Paths may hold undecodable bytes (surrogateescape, like the local runner); Arrow strings must be UTF-8.
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _s(raw: Any) -> str:
+    return bytes(raw).decode("utf-8", "surrogateescape")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+# --- stage 1: decode + preprocess, as stateless Ray tasks ---------------------------------------
+
+
+def _fetch_remote(files: list[InputFile], folder: str) -> tuple[list[InputFile | None], list[str | None]]:
+    """Copy URI inputs to local temp files (decode_image reads paths); a failed fetch is that file's error."""
+    local: list[InputFile | None] = []
+    errors: list[str | None] = []
+    for i, f in enumerate(files):
+        if not _URI.match(f.rel):
+            local.append(f)
+            errors.append(None)
+            continue
+        try:
+            import pyarrow.fs as pafs
+
+            fs, path = pafs.FileSystem.from_uri(f.rel)
+            target = os.path.join(folder, str(i))
+            with fs.open_input_stream(path) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            local.append(InputFile(target, f.rel))
+            errors.append(None)
+        except FileNotFoundError:
+            local.append(None)
+            errors.append("file not found (deleted or moved after scanning)")
+        except Exception as e:  # any filesystem failure is this file's error row, not the job's
+            local.append(None)
+            errors.append(f"cannot fetch: {_first_line(e)}")
+    return local, errors
+
+
+def decode_batch(batch: dict[str, np.ndarray], *, preset: EvalPreset, max_pixels: int) -> dict[str, np.ndarray]:
+    """Ray task: ``pipeline.load_images`` on one batch.
+
+    A failed file keeps its place (an all-zero image, ok=False and its reason), so the model actor
+    can rebuild the exact DecodedBatch and write its error row.
+    """
+    files = [InputFile(_s(p), _s(r)) for p, r in zip(batch["path"], batch["rel"])]
+    with tempfile.TemporaryDirectory(prefix="batchcls-fetch-") as tmp:
+        local, fetch_errors = _fetch_remote(files, tmp)
+        decoded = load_images([f for f in local if f is not None], preset, max_pixels)
+    decode_errors = iter(decoded.errors)
+    errors = [fetch_err if f is None else next(decode_errors) for f, fetch_err in zip(local, fetch_errors)]
+    ok = np.array([e is None for e in errors], dtype=bool)
+    s = preset.input_size
+    images = np.zeros((len(files), s, s, 3), np.uint8)
+    images[ok] = decoded.images
+    return {"idx": batch["idx"], "path": batch["path"], "rel": batch["rel"], "ok": ok, "image": images,
+            "error": np.array([_b(e or "") for e in errors], dtype=object)}
+
+
+# --- stage 2: inference, in a pool of stateful actors ---------------------------------------------
+
+
+def bundle_files(card: ModelCard) -> dict[str, bytes]:
+    """The bundle as {relative name: bytes}, with card.json being exactly the card the driver validated."""
+    root = card.bundle_dir
+    assert root is not None, "card was not loaded from a bundle"
+    files = {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    files[CARD_FILE] = (json.dumps(card.to_dict(), indent=2) + "\n").encode()
+    return files
+
+
+class ModelActor:
+    """Ray actor: unpacks the bundle and loads card + backend once, then turns decoded batches into rows."""
+
+    def __init__(self, bundle: Any, *, backend: str | None, device: str, threads: int | None,
+                 top_k: int, threshold: float | None) -> None:
+        import ray
+
+        files = ray.get(bundle) if isinstance(bundle, ray.ObjectRef) else bundle
+        self._folder = tempfile.TemporaryDirectory(prefix="batchcls-bundle-")  # removed when the actor exits
+        for name, data in files.items():
+            target = Path(self._folder.name, name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        card = load_card(self._folder.name)
+        self.classifier = Classifier(card, load_backend(card, backend, device=device, threads=threads))
+        self.top_k, self.threshold = top_k, threshold
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        files = [InputFile(_s(p), _s(r)) for p, r in zip(batch["path"], batch["rel"])]
+        ok = batch["ok"].astype(bool)
+        errors = [None if good else _s(e) for good, e in zip(ok, batch["error"])]
+        decoded = DecodedBatch(files, np.ascontiguousarray(batch["image"][ok]), errors)
+        rows = self.classifier.rows(decoded, top_k=self.top_k, threshold=self.threshold)
+        # JSON carries each row exactly as Classifier.rows made it: '' vs float cells, extra top-k keys,
+        # undecodable path bytes (as \udcxx escapes) all survive Arrow unchanged.
+        return {"idx": batch["idx"], "row": np.array([json.dumps(r) for r in rows], dtype=object)}
+
+
+# --- driver --------------------------------------------------------------------------------------
+
+
+def _import_ray():  # noqa: ANN202 - returns the ray module
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reporting: clusters may be air-gapped
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise RayEngineError("--engine ray needs Ray Data: pip install 'batchcls[ray]'") from None
+    return ray
+
+
+def connect(address: str | None) -> bool:
+    """Join the running Ray session or cluster, or start Ray on this machine; True when we started it.
+
+    address None: $RAY_ADDRESS if set (as inside a submitted Ray job), else a new local Ray.
+    'auto': the cluster this machine belongs to. 'ray://head:10001': Ray Client from off the cluster.
+    """
+    ray = _import_ray()
+    if ray.is_initialized():  # a test, notebook or job driver already holds a session: use it, leave it up
+        return False
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        kwargs["include_dashboard"] = False  # a throw-away local Ray needs no web UI
+    if address and address.startswith("ray://"):
+        # The driver runs off-cluster, so the workers can't import batchcls from here: ship the package.
+        kwargs["runtime_env"] = {"py_modules": [str(Path(__file__).resolve().parent)]}
+    try:
+        ray.init(address=address, **kwargs)
+    except Exception as e:  # ConnectionError, RuntimeError, ValueError... Ray is not specific here
+        raise RayEngineError(f"cannot connect to Ray at {address or os.environ.get('RAY_ADDRESS', 'a new local instance')}"
+                             f" ({_first_line(e)}): check --address, or start a cluster with `ray start --head`") from None
+    return True
+
+
+class _quiet_ray_data:
+    """Ray Data's per-run INFO logs off, its progress bars only on a terminal; restore() puts both back."""
+
+    def __init__(self, ray, *, progress: bool) -> None:  # noqa: ANN001 - ray module
+        self.ctx = ray.data.DataContext.get_current()
+        self.logger = logging.getLogger("ray.data")
+        self.saved = (self.ctx.enable_progress_bars, self.ctx.print_on_execution_start, self.logger.level)
+        self.ctx.enable_progress_bars, self.ctx.print_on_execution_start = progress, False
+        # ERROR, not WARNING: turning the bars off makes Ray Data warn that they are off.
+        self.logger.setLevel(logging.WARNING if progress else logging.ERROR)
+
+    def restore(self) -> None:
+        self.ctx.enable_progress_bars, self.ctx.print_on_execution_start, level = self.saved
+        self.logger.setLevel(level)
+
+
+def _classify(ray, files: list[InputFile], card: ModelCard, job: RunJob,  # noqa: ANN001 - ray module
+              actors: int | None) -> Iterator[list[dict]]:
+    """Rows for ``files`` in input order, batch by batch, computed on the cluster."""
+    resources = ray.cluster_resources()
+    cpus, gpus = max(1, int(resources.get("CPU", 1))), int(resources.get("GPU", 0))
+    on_gpu = (job.device or ("cuda" if gpus else "cpu")).startswith("cuda")
+    if on_gpu and not gpus:
+        raise RayEngineError("--device cuda but the Ray cluster has no GPUs: add GPU nodes or use --device cpu")
+    # One actor per GPU; on CPU half the cores run the model (1 ORT thread each), the rest decode.
+    pool = actors or (gpus if on_gpu else max(1, cpus // 2))
+    # Decode may use every CPU: Ray only runs a task where a CPU is free. Sizing it unlike the actor
+    # pool also keeps Ray Data from fusing decode into the actors, so the two stages scale apart.
+    options = job.options
+    blocks = max(1, math.ceil(len(files) / options.batch_size))  # one input block per batch
+    decode_tasks = min(options.workers or cpus, blocks)
+    bundle = ray.put(bundle_files(card))  # kept referenced here until the run ends
+    items = [{"idx": i, "path": _b(f.path), "rel": _b(f.rel)} for i, f in enumerate(files)]
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    ds = ds.map_batches(decode_batch, fn_kwargs={"preset": EvalPreset.from_card(card), "max_pixels": options.max_pixels},
+                        batch_size=options.batch_size, batch_format="numpy", num_cpus=1,
+                        compute=ray.data.TaskPoolStrategy(size=decode_tasks))
+    ds = ds.map_batches(ModelActor, batch_size=options.batch_size, batch_format="numpy",
+                        fn_constructor_kwargs={"bundle": bundle, "backend": job.backend,
+                                               # Ray sets CUDA_VISIBLE_DEVICES per actor: "cuda" is its own GPU
+                                               "device": "cuda" if on_gpu else "cpu",
+                                               "threads": None if on_gpu else 1,
+                                               "top_k": options.top_k, "threshold": options.threshold},
+                        compute=ray.data.ActorPoolStrategy(size=pool), num_cpus=1, num_gpus=1 if on_gpu else 0)
+    # Batches arrive in completion order; hold them until every earlier file's row is in.
+    waiting: dict[int, str] = {}
+    next_idx = 0
+    for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for i, row in zip(out["idx"], out["row"]):
+            if int(i) >= next_idx:  # a retried task can't write a row twice
+                waiting[int(i)] = row
+        ready = []
+        while next_idx in waiting:
+            ready.append(json.loads(waiting.pop(next_idx)))
+            next_idx += 1
+        if ready:
+            yield ready
+    if next_idx != len(files):
+        raise RayEngineError(f"Ray returned rows for {next_idx} of {len(files)} files: rerun with --resume to finish")
+
+
+def run_ray_job(job: RunJob, *, address: str | None = None, actors: int | None = None) -> RunSummary:
+    """``batchcls run --engine ray``: the same job, rows and output file as ``runner.run_job``.
+
+    ``job.options.workers`` caps concurrent decode tasks (default: one per cluster CPU); ``actors``
+    sizes the model pool (default: one per GPU, else half the CPUs).
+    """
+    card = load_card(job.model)  # fail on a bad bundle before starting anything
+    writer = RowWriter(job.out, fmt=job.fmt, columns=columns_for(job.options.top_k),
+                       resume=job.resume, overwrite=job.overwrite)
+    exclude = [] if writer.to_stdout else [str(writer.out), str(writer.partial)]
+    files = list(_pending(scan(job.source, recursive=job.recursive, files_from=job.files_from, exclude=exclude),
+                          writer.done))
+    ray = _import_ray()
+    started = connect(address)
+    quiet_ray = _quiet_ray_data(ray, progress=not job.quiet and sys.stderr.isatty())
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    summary = RunSummary()
+    start = time.perf_counter()
+    try:
+        for rows in _classify(ray, files, card, job, actors) if files else ():
+            writer.write(rows)
+            summary.files += len(rows)
+            for r in rows:
+                if r["status"] == "ok":
+                    summary.labels[r["label"]] = summary.labels.get(r["label"], 0) + 1
+                else:
+                    summary.errors += 1
+    except KeyboardInterrupt:
+        writer.close(complete=False)
+        raise Interrupted(writer.rows_written, "stdout" if writer.to_stdout else str(writer.partial)) from None
+    except BatchclsError:
+        writer.close(complete=False)
+        raise
+    except Exception as e:  # a Ray failure (actor died, task error): keep the rows so far, say so in one line
+        writer.close(complete=False)
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, BatchclsError):  # e.g. the actor could not load the model
+            raise cause from e
+        raise RayEngineError(f"the Ray job failed after {writer.rows_written} rows ({_first_line(e)}): "
+                             "fix the cause and rerun with --resume; --verbose shows the traceback") from e
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        quiet_ray.restore()
+        if started:
+            ray.shutdown()
+    writer.close(complete=True)
+    summary.seconds = time.perf_counter() - start
+    summary.skipped = len(writer.done)
+    return summary
