@@ -61,8 +61,10 @@ model_option = click.option("--model", type=click.Path(), default=None,
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--strict", is_flag=True, help=f"Exit with status {EXIT_ROW_ERRORS} if any file could not be classified.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="Run here, or on Ray Data across a cluster (needs the ray extra).")
+@click.option("--address", default=None, help="With --engine ray: 'auto' or 'ray://HEAD:10001'. Default: $RAY_ADDRESS, else Ray on this machine.")
 def run(source, out, model, files_from, recursive, fmt, batch_size, workers, backend, device, top_k,
-        threshold, max_pixels, resume, overwrite, strict, quiet) -> None:
+        threshold, max_pixels, resume, overwrite, strict, quiet, engine, address) -> None:
     """Classify every image in SOURCE (a folder or a file) and write one row per file.
 
     Example: batchcls run ./images --out labels.csv --top-k 3
@@ -75,8 +77,14 @@ def run(source, out, model, files_from, recursive, fmt, batch_size, workers, bac
                          max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
     job = RunJob(source=source, out=out, model=model, backend=backend, device=device, recursive=recursive,
                  files_from=files_from, fmt=fmt, resume=resume, overwrite=overwrite, quiet=quiet, options=options)
+    if address and engine != "ray":
+        raise click.UsageError("--address only applies with --engine ray")
     try:
-        summary = run_job(job)
+        if engine == "ray":
+            from batchcls.ray_engine import run_ray_job
+            summary = run_ray_job(job, address=address)
+        else:
+            summary = run_job(job)
     except Interrupted as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(EXIT_INTERRUPTED)
