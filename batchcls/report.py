@@ -88,10 +88,12 @@ def files_dir(out: Path) -> Path:
 
 
 def _confidence(row: dict) -> float | None:
+    """The row's confidence, or None when the cell is empty or not a probability (a damaged file)."""
     try:
-        return float(row.get("confidence", ""))
+        c = float(row.get("confidence", ""))
     except (TypeError, ValueError):
         return None
+    return c if 0.0 <= c <= 1.0 else None  # also rejects NaN
 
 
 def _thumb_key(st: os.stat_result, size: int) -> str:
@@ -140,7 +142,8 @@ def _make_all(jobs: list[tuple[str, str, int]], workers: int,
             if progress:
                 progress(1)
         return results
-    ctx = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    ctx = multiprocessing.get_context(method)
     results = []
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         for r in pool.map(make_thumbnail, jobs, chunksize=16):
@@ -150,9 +153,11 @@ def _make_all(jobs: list[tuple[str, str, int]], workers: int,
     return results
 
 
-def _prepare(rows: list[dict], root: Path, thumbs: Path, size: int, summary: ReportSummary) -> tuple[list[_Item], dict[str, str]]:
+def _prepare(rows: list[dict], root: Path, thumbs: Path, size: int,
+             summary: ReportSummary) -> tuple[list[_Item], dict[str, str]]:
     """Find each row's file and its cache key; returns the items and the thumbnails still to make."""
     items: list[_Item] = []
+    cached = set(os.listdir(thumbs))  # one listing instead of an exists() per row
     todo: dict[str, str] = {}  # key -> source; one thumbnail per distinct file, however many rows name it
     for row in rows:
         path = str(row.get("path", ""))
@@ -168,7 +173,7 @@ def _prepare(rows: list[dict], root: Path, thumbs: Path, size: int, summary: Rep
             summary.missing += 1
             continue
         item.thumb = _thumb_key(st, size)
-        if item.thumb not in todo and not (thumbs / f"{item.thumb}.jpg").exists():
+        if item.thumb not in todo and f"{item.thumb}.jpg" not in cached:
             todo[item.thumb] = source
     return items, todo
 
@@ -178,10 +183,7 @@ def _linker(root: Path, base: Path) -> Callable[[str], str]:
     scheme (``javascript:``) or break out of the attribute. The root's part is worked out once:
     20,000 relpath calls would cost seconds."""
     def rel(target: str) -> str:
-        try:
-            return os.path.relpath(target, base).replace(os.sep, "/")
-        except ValueError:  # another drive on Windows
-            return Path(target).resolve().as_uri()
+        return os.path.relpath(target, base).replace(os.sep, "/")
     prefix = rel(str(root))
 
     def href(path: str) -> str:
@@ -254,7 +256,8 @@ def render(groups: dict[str, list[_Item]], errors: list[_Item], *, title: str, t
     """The whole page as one string; every piece of row data passes through html.escape or quote."""
     e = html.escape
     confidences = [it.confidence for items in groups.values() for it in items if it.confidence is not None]
-    nav = "".join(f'<a href="#label-{i}">{e(label)} ({len(items)})</a>' for i, (label, items) in enumerate(groups.items()))
+    nav = "".join(f'<a href="#label-{i}">{e(label)} ({len(items)})</a>'
+                  for i, (label, items) in enumerate(groups.items()))
     if errors:
         nav += f'<a href="#errors">errors ({len(errors)})</a>'
     parts = ["<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
@@ -287,6 +290,38 @@ def _prune(thumbs: Path, keep: Iterable[str]) -> None:
             p.unlink(missing_ok=True)
 
 
+def _make_thumbnails(items: list[_Item], todo: dict[str, str], thumbs: Path, size: int, workers: int | None,
+                     progress: bool, summary: ReportSummary) -> None:
+    """Make the missing thumbnails in parallel, count hits and failures, and prune what is no longer shown."""
+    jobs = [(src, str(thumbs / f"{key}.jpg"), size) for key, src in todo.items()]
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    failed = {key: reason for key, reason in zip(todo, _run_jobs(jobs, workers, progress)) if reason}
+    shown = {it.thumb for it in items if it.thumb}
+    summary.thumbs_made = len(todo) - len(failed)
+    summary.thumbs_failed = len(failed)
+    summary.thumbs_cached = len(shown - set(todo))
+    for it in items:
+        if it.thumb in failed:  # the file changed since the run, or is not an image after all
+            it.note = failed[it.thumb]
+            it.thumb = None
+    _prune(thumbs, shown - set(failed))
+
+
+def _group(items: list[_Item]) -> tuple[dict[str, list[_Item]], list[_Item]]:
+    """Classified rows per label (labels sorted, least confident first within each) and the error rows."""
+    groups: dict[str, list[_Item]] = {}
+    errors = []
+    for it in items:
+        if it.row.get("status") == "ok":
+            groups.setdefault(str(it.row.get("label", "")), []).append(it)
+        else:
+            errors.append(it)
+    def least_confident_first(it: _Item) -> float:
+        return -1.0 if it.confidence is None else it.confidence  # an unreadable confidence is the most doubtful
+    return {k: sorted(groups[k], key=least_confident_first) for k in sorted(groups)}, errors
+
+
 def build_report(labels: str | os.PathLike, out: str | os.PathLike, *, images: str | os.PathLike | None = None,
                  thumb_size: int = THUMB_SIZE, workers: int | None = None,
                  progress: bool = False) -> ReportSummary:
@@ -312,31 +347,14 @@ def build_report(labels: str | os.PathLike, out: str | os.PathLike, *, images: s
     thumbs.mkdir(parents=True, exist_ok=True)
 
     items, todo = _prepare(rows, root, thumbs, thumb_size, summary)
-    jobs = [(src, str(thumbs / f"{key}.jpg"), thumb_size) for key, src in todo.items()]
-    if workers is None:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    results = _run_jobs(jobs, workers, progress)
-    failed = {key: reason for key, reason in zip(todo, results) if reason}
-    summary.thumbs_made = len(todo) - len(failed)
-    summary.thumbs_failed = len(failed)
-    shown = {it.thumb for it in items if it.thumb}
-    summary.thumbs_cached = len(shown - set(todo))
-    for it in items:
-        if it.thumb in failed:
-            it.thumb, it.note = None, failed[it.thumb]
-    _prune(thumbs, shown - set(failed))
-
-    groups: dict[str, list[_Item]] = {}
-    errors = [it for it in items if it.row.get("status") != "ok"]
-    for it in items:
-        if it.row.get("status") == "ok":
-            groups.setdefault(str(it.row.get("label", "")), []).append(it)
-    groups = {k: sorted(groups[k], key=lambda it: (-1.0 if it.confidence is None else it.confidence)) for k in sorted(groups)}
+    _make_thumbnails(items, todo, thumbs, thumb_size, workers, progress, summary)
+    groups, errors = _group(items)
     summary.labels = {k: len(v) for k, v in groups.items()}
     summary.errors = len(errors)
 
+    href = _linker(Path(os.path.abspath(root)), Path(os.path.abspath(out.parent)))
     page = render(groups, errors, title=f"batchcls report: {labels.name}",
-                  thumbs_url=quote(files_dir(out).name) + "/thumbs", href=_linker(Path(os.path.abspath(root)), Path(os.path.abspath(out.parent))), thumb_size=thumb_size)
+                  thumbs_url=quote(files_dir(out).name) + "/thumbs", href=href, thumb_size=thumb_size)
     data = page.encode("utf-8", "surrogateescape")
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_bytes(data)
