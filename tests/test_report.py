@@ -454,3 +454,12 @@ def test_review_reports_missing_images(labels, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = invoke("review", labels, "--below", 1.0, "--to", tmp_path / "rv")
     assert r.exit_code == 0 and "not found under the current folder" in r.output and "pass --images" in r.output
+
+
+def test_a_row_whose_file_no_longer_decodes_shows_the_reason(tree, tmp_path):
+    labels = _rows_csv(tmp_path / "l.csv", [("broken.jpg", "red", 0.3), ("a/same.jpg", "red", float("nan"))])
+    s = build_report(labels, tmp_path / "r.html", images=tree, workers=0)
+    assert (s.thumbs_made, s.thumbs_failed) == (1, 1)
+    page = Page((tmp_path / "r.html").read_text(encoding="utf-8"))
+    assert page.count("img") == 1 and "not a recognised image" in (tmp_path / "r.html").read_text()
+    assert page.captions[0].startswith("-") and page.captions[0].endswith("a/same.jpg")  # unreadable first
