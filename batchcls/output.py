@@ -36,8 +36,20 @@ def unescape_cell(value: str) -> str:
     return value[1:] if value.startswith("'") else value
 
 
-def _fmt(v: Any) -> Any:
-    return f"{v:.6f}" if isinstance(v, float) else v
+TEXT_COLUMNS = ("path", "error", "label")
+
+
+def _is_text(column: str) -> bool:
+    return column in TEXT_COLUMNS or column.startswith("label_")
+
+
+def _csv_cell(column: str, value: Any) -> str:
+    """None (no confidence on an error row) is an empty cell; floats keep 6 decimals."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6f}"
+    return escape_cell(str(value)) if _is_text(column) else str(value)
 
 
 class CsvFormat:
@@ -51,8 +63,7 @@ class CsvFormat:
     def append(fh: TextIO, rows: list[dict], columns: list[str]) -> None:
         w = csv.writer(fh)
         for r in rows:
-            w.writerow([escape_cell(str(_fmt(r.get(c, "")))) if c in ("path", "error", "label") or
-                        str(c).startswith("label_") else _fmt(r.get(c, "")) for c in columns])
+            w.writerow([_csv_cell(c, r.get(c)) for c in columns])
 
     @staticmethod
     def read_paths(path: Path) -> tuple[list[str], set[str]]:
@@ -75,7 +86,7 @@ class JsonlFormat:
     @staticmethod
     def append(fh: TextIO, rows: list[dict], columns: list[str]) -> None:
         for r in rows:
-            fh.write(json.dumps({c: r.get(c, "") for c in columns}, ensure_ascii=False) + "\n")
+            fh.write(json.dumps({c: r.get(c, "" if _is_text(c) else None) for c in columns}, ensure_ascii=False) + "\n")
 
     @staticmethod
     def read_paths(path: Path) -> tuple[list[str], set[str]]:
@@ -124,10 +135,15 @@ FORMATS = {"csv": CsvFormat, "jsonl": JsonlFormat, "parquet": ParquetFormat}
 
 
 class RowWriter:
-    """Appends rows to OUT.partial and completes OUT on close(); '-' writes straight to stdout."""
+    """Appends rows to OUT.partial and completes OUT on close(); '-' writes straight to stdout.
+
+    ``in_place=True`` is for a long-lived writer (the watch daemon): rows are appended to OUT
+    itself and fsynced per write, so OUT is always a valid file that readers can tail and the
+    ledger of what is done; there is no final rename. Parquet can't be appended, so it is refused.
+    """
 
     def __init__(self, out: str, *, fmt: str = "csv", columns: list[str], resume: bool = False,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, in_place: bool = False) -> None:
         if fmt not in FORMATS:
             raise OutputError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
         if fmt == "parquet":
@@ -136,6 +152,9 @@ class RowWriter:
             except ImportError:
                 raise OutputError("--format parquet needs pyarrow: pip install 'batchcls[parquet]'") from None
         self.format = FORMATS[fmt]
+        if in_place and self.format is ParquetFormat:
+            raise OutputError("parquet files can't be appended to in place: use csv or jsonl")
+        self.in_place = in_place
         self.columns = columns
         self.done: set[str] = set()
         self.to_stdout = out == "-"
@@ -160,28 +179,43 @@ class RowWriter:
             for p in existing:
                 p.unlink()
             existing = []
+        if in_place and self.partial.exists():
+            self._adopt_partial()
         fresh = not existing
         if resume:
             fresh = self._load_previous()
+        target = self.out if in_place else self.partial
         try:
-            self.fh = open(self.partial, "a", newline="", encoding="utf-8", errors="surrogateescape")
+            self.fh = open(target, "a", newline="", encoding="utf-8", errors="surrogateescape")
         except OSError as e:
-            raise OutputError(f"cannot write {self.partial}: {e.strerror}") from None
+            raise OutputError(f"cannot write {target}: {e.strerror}") from None
         if fresh:
             self.format.header(self.fh, columns)
             self.fh.flush()
 
+    def _adopt_partial(self) -> None:
+        """In place, an interrupted run's OUT.partial simply becomes OUT; both at once is ambiguous."""
+        if self.out.exists():
+            raise OutputError(f"both {self.out} and {self.partial} exist: finish the interrupted run with "
+                              "`batchcls run --resume` first, or choose another output")
+        os.replace(self.partial, self.out)
+
     def _load_previous(self) -> bool:
         """Collect the paths already written; returns True when nothing was (a fresh file)."""
         for p in (self.partial, self.out):
-            if not p.exists():
+            if not p.exists() or p.stat().st_size == 0:  # 0 bytes: a crash before the header
                 continue
+            if not (p == self.out and self.format is ParquetFormat):
+                # Before reading: a CSV row cut after its path field would otherwise count as done.
+                _repair_last_line(p)
             header, done = self.format.read_paths(p)
             if header and header != self.columns:
                 raise OutputError(f"{p} has columns {header}, this run writes {self.columns}: "
                                   "use the same --top-k/--format, or a new --out")
             self.done |= done
-        if self.out.exists() and self.format is ParquetFormat:
+        if self.in_place:
+            pass  # rows keep being appended to OUT itself
+        elif self.out.exists() and self.format is ParquetFormat:
             self._previous_parquet = self.out.with_name(self.out.name + ".prev")
             os.replace(self.out, self._previous_parquet)
         elif self.out.exists():
@@ -190,26 +224,26 @@ class RowWriter:
                 self.out.unlink()
             else:
                 os.replace(self.out, self.partial)
-        if self.partial.exists() and self.partial.stat().st_size > 0:
-            _repair_last_line(self.partial)
-            return False
-        return True
+        target = self.out if self.in_place else self.partial
+        return not (target.exists() and target.stat().st_size > 0)
 
     def write(self, rows: Iterable[dict]) -> None:
         rows = list(rows)
         self.format.append(self.fh, rows, self.columns)
         self.fh.flush()
+        if self.in_place:  # the daemon renames files after this: the rows must be on disk first
+            os.fsync(self.fh.fileno())
         self.rows_written += len(rows)
 
     def close(self, complete: bool = True) -> None:
-        """complete=False (interrupted) leaves OUT.partial in place for --resume."""
+        """complete=False (interrupted) leaves OUT.partial in place for --resume; in place, OUT is already final."""
         if self.to_stdout:
             self.fh.flush()
             return
         self.fh.flush()
         os.fsync(self.fh.fileno())
         self.fh.close()
-        if not complete:
+        if not complete or self.in_place:
             return
         if self.format is ParquetFormat:
             ParquetFormat.finalize(self.partial, self.out, self._previous_parquet)
@@ -241,6 +275,6 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
     rows = list(csv.DictReader(io.StringIO(text, newline="")))
     for r in rows:
         for k, v in r.items():
-            if k in ("path", "error", "label") or k.startswith("label_"):
+            if _is_text(k):
                 r[k] = unescape_cell(v)
     return rows

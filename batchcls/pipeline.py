@@ -78,7 +78,7 @@ class Classifier:
             probs, infer_error = None, f"inference failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         rows, i = [], 0
         for f, err in zip(batch.files, batch.errors):
-            row: dict = {"path": f.rel, "label": "", "confidence": "", "status": "error", "error": err or ""}
+            row: dict = {"path": f.rel, "label": "", "confidence": None, "status": "error", "error": err or ""}
             if err is None:
                 if probs is None:
                     row["error"] = infer_error

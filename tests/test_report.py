@@ -169,8 +169,7 @@ def test_second_run_reuses_the_thumbnail_cache_and_rebuilds_changed_files(labels
     assert len(list((files_dir(out) / "thumbs").iterdir())) == 16  # the stale entry was pruned
 
 
-@pytest.mark.parametrize("fmt", ["jsonl", pytest.param("parquet", marks=pytest.mark.xfail(
-    strict=True, reason="runner bug: --format parquet fails (ArrowInvalid) when an error row has confidence ''"))])
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
 def test_report_reads_every_output_format(tree, colour_bundle, tmp_path, fmt):
     out = tmp_path / f"labels.{fmt}"
     assert invoke("run", tree, "--out", out, "--model", colour_bundle, "--format", fmt, "--workers", 0).exit_code == 0

@@ -49,11 +49,14 @@ def test_top_k_and_threshold(colour_images, colour_bundle, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
 def test_every_format_writes_the_same_rows(colour_images, colour_bundle, tmp_path, fmt):
+    (colour_images / "z_bad.jpg").write_bytes(b"junk")
     out = tmp_path / f"labels.{fmt}"
     assert invoke("run", colour_images, "--out", out, "--model", colour_bundle, "--format", fmt).exit_code == 0
     rows = read_rows(out)
-    assert [(x["path"], x["label"]) for x in rows] == [("a_red.jpg", "red"), ("b_green.png", "green"),
-                                                       ("sub/c_blue.jpg", "blue")]
+    assert [(x["path"], x["label"], x["status"]) for x in rows] == [
+        ("a_red.jpg", "red", "ok"), ("b_green.png", "green", "ok"), ("sub/c_blue.jpg", "blue", "ok"),
+        ("z_bad.jpg", "", "error")]
+    assert rows[-1]["confidence"] in ("", None) and rows[-1]["error"]
 
 
 def test_existing_output_is_not_overwritten(colour_images, colour_bundle, tmp_path):
