@@ -1,0 +1,334 @@
+"""The watch daemon with a real observer on real folders, real images and real ONNX Runtime.
+
+No fixed sleeps for results: every wait is on a condition with a deadline. The only sleeps are
+a slow writer's own pauses, which are the behaviour under test.
+"""
+import io
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from batchcls.cli import cli
+from batchcls.errors import OutputError
+from batchcls.output import RowWriter, columns_for, read_rows
+from batchcls.pipeline import RunOptions
+from batchcls.watch import WatchConfig, Watcher, is_temporary, move_into
+
+COLOURS = {"red": (230, 10, 10), "green": (10, 220, 10), "blue": (10, 10, 240)}
+DEADLINE = 30.0
+
+
+def jpeg(colour: str, size=(40, 30), noise: bool = False) -> bytes:
+    if noise:  # big, incompressible enough that a slow writer needs several chunks
+        rng = np.random.default_rng(0)
+        arr = np.clip(np.array(COLOURS[colour]) + rng.integers(-20, 20, (size[1], size[0], 3)), 0, 255)
+        img = Image.fromarray(arr.astype(np.uint8))
+    else:
+        img = Image.new("RGB", size, COLOURS[colour])
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def wait_for(condition, what: str, timeout: float = DEADLINE):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def rows(out: Path) -> list[dict]:
+    return read_rows(out) if out.exists() else []
+
+
+def paths(out: Path) -> list[str]:
+    return [r["path"] for r in rows(out)]
+
+
+def has_rows(out: Path, *names: str):
+    return lambda: set(names) <= set(paths(out))
+
+
+@pytest.fixture
+def inbox(tmp_path) -> Path:
+    d = tmp_path / "inbox"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def daemon(tmp_path, colour_bundle):
+    """Start an in-process daemon on a folder; stopped (batch finished, ledger closed) on exit."""
+    @contextmanager
+    def start(folder: Path, **kw):
+        kw.setdefault("options", RunOptions(workers=0, batch_size=16))
+        kw.setdefault("stable_s", 0.3)
+        kw.setdefault("max_wait_s", 0.05)
+        w = Watcher(WatchConfig(folder=str(folder), out=str(tmp_path / "labels.csv"), model=str(colour_bundle), **kw))
+        with w:
+            yield w
+    return start
+
+
+def test_catch_up_then_live_arrivals_once_each_across_restarts(inbox, tmp_path, daemon):
+    out = tmp_path / "labels.csv"
+    for name, colour in [("a.jpg", "red"), ("sub/b.jpg", "green"), ("c.jpg", "blue")]:
+        (inbox / name).parent.mkdir(exist_ok=True)
+        (inbox / name).write_bytes(jpeg(colour))
+    with daemon(inbox):
+        wait_for(has_rows(out, "a.jpg", "sub/b.jpg", "c.jpg"), "catch-up rows")
+        (inbox / "sub" / "d.jpg").write_bytes(jpeg("blue"))
+        (inbox / "new").mkdir()
+        (inbox / "new" / "e.jpg").write_bytes(jpeg("red"))
+        wait_for(has_rows(out, "sub/d.jpg", "new/e.jpg"), "live rows")
+    (inbox / "f.jpg").write_bytes(jpeg("green"))  # arrives while the daemon is down
+    with daemon(inbox) as w:
+        wait_for(has_rows(out, "f.jpg"), "the file that arrived while stopped")
+        wait_for(lambda: not w.waiting(), "nothing left waiting")
+    got = {r["path"]: (r["label"], r["status"]) for r in rows(out)}
+    assert got == {"a.jpg": ("red", "ok"), "sub/b.jpg": ("green", "ok"), "c.jpg": ("blue", "ok"),
+                   "sub/d.jpg": ("blue", "ok"), "new/e.jpg": ("red", "ok"), "f.jpg": ("green", "ok")}
+    assert len(paths(out)) == len(got)  # exactly once each
+    assert list(rows(out)[0]) == columns_for(1)  # the same schema as `batchcls run`
+
+
+@pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
+def test_a_file_written_slowly_in_chunks_is_labelled_once_complete(inbox, tmp_path, daemon, polling):
+    out = tmp_path / "labels.csv"
+    data = jpeg("green", size=(400, 300), noise=True)
+    chunks = [data[i:i + len(data) // 6 + 1] for i in range(0, len(data), len(data) // 6 + 1)]
+    with daemon(inbox, polling=polling, poll_interval_s=0.1, stable_s=1.0):
+        with open(inbox / "slow.jpg", "wb") as fh:
+            for chunk in chunks:  # the writer pauses (each pause < stable_s), holding the file open
+                fh.write(chunk)
+                fh.flush()
+                time.sleep(0.15)
+        wait_for(has_rows(out, "slow.jpg"), "the slow file's row")
+    (row,) = rows(out)
+    assert (row["path"], row["label"], row["status"]) == ("slow.jpg", "green", "ok")
+
+
+def test_a_burst_of_1000_files_each_labelled_exactly_once(inbox, tmp_path, daemon):
+    out = tmp_path / "labels.csv"
+    names = list(COLOURS)
+    tiny = {c: jpeg(c, size=(8, 8)) for c in names}
+    with daemon(inbox, options=RunOptions(workers=2, batch_size=64)) as w:
+        for i in range(1000):
+            (inbox / f"{i:04d}.jpg").write_bytes(tiny[names[i % 3]])
+        wait_for(lambda: len(paths(out)) >= 1000, "1,000 rows", timeout=45)
+        wait_for(lambda: not w.waiting(), "nothing left waiting")
+        assert w.stats.files == 1000 and w.stats.batches < 1000  # arrivals were batched
+    got = rows(out)
+    assert Counter(r["path"] for r in got) == Counter(f"{i:04d}.jpg" for i in range(1000))
+    assert all(r["label"] == names[int(r["path"][:4]) % 3] for r in got)
+
+
+def test_renames_and_moves_in_count_temporary_names_never(inbox, tmp_path, daemon):
+    out = tmp_path / "labels.csv"
+    outside = tmp_path / "staging"
+    (outside / "album").mkdir(parents=True)
+    with daemon(inbox):
+        (inbox / "x.jpg.part").write_bytes(jpeg("red"))
+        (inbox / ".hidden.jpg").write_bytes(jpeg("red"))
+        (inbox / "upload.tmp").write_bytes(jpeg("red"))
+        (inbox / "x.jpg.part").rename(inbox / "x.jpg")  # a download finishing
+        (outside / "y.jpg").write_bytes(jpeg("blue"))
+        (outside / "y.jpg").rename(inbox / "y.jpg")  # an atomic drop from elsewhere
+        (outside / "album" / "z.jpg").write_bytes(jpeg("green"))
+        (outside / "album").rename(inbox / "album")  # a whole folder moved in
+        wait_for(has_rows(out, "x.jpg", "y.jpg", "album/z.jpg"), "renamed and moved-in files")
+    assert sorted(paths(out)) == ["album/z.jpg", "x.jpg", "y.jpg"]
+    assert {r["label"] for r in rows(out)} == {"red", "blue", "green"}
+    assert [is_temporary(n) for n in ("a.part", "a.tmp", ".a.jpg", "a.jpg", "a~", "a.crdownload")] == \
+        [True, True, True, False, True, True]
+
+
+def test_a_file_deleted_before_processing_gets_no_row(inbox, tmp_path, daemon):
+    out = tmp_path / "labels.csv"
+    with daemon(inbox) as w:
+        fh = open(inbox / "doomed.jpg", "wb")
+        fh.write(jpeg("red")[:100])  # still being written: seen, but not ready
+        wait_for(lambda: "doomed.jpg" in w.waiting(), "the daemon to see the new file")
+        os.unlink(inbox / "doomed.jpg")
+        fh.close()
+        (inbox / "sentinel.jpg").write_bytes(jpeg("blue"))
+        wait_for(has_rows(out, "sentinel.jpg"), "the sentinel")
+        wait_for(lambda: not w.waiting(), "nothing left waiting")
+    assert paths(out) == ["sentinel.jpg"]
+
+
+def test_corrupt_files_error_rows_and_moves_without_overwrite(inbox, tmp_path, daemon):
+    out, sorted_, errors = tmp_path / "labels.csv", tmp_path / "sorted", tmp_path / "errors"
+    (sorted_ / "red").mkdir(parents=True)
+    (sorted_ / "red" / "a.jpg").write_bytes(b"an older file with the same name")
+    with daemon(inbox, move_to=str(sorted_), errors_to=str(errors)) as w:
+        (inbox / "a.jpg").write_bytes(jpeg("red"))
+        (inbox / "garbage.jpg").write_bytes(b"this is not an image at all")
+        (inbox / "cut.jpg").write_bytes(jpeg("blue", size=(200, 200), noise=True)[:1500])
+        (inbox / "notes.txt").write_text("hello")
+        wait_for(has_rows(out, "a.jpg", "garbage.jpg", "cut.jpg", "notes.txt"), "rows for all four")
+        wait_for(lambda: not w.waiting(), "nothing left waiting")
+    got = {r["path"]: r for r in rows(out)}
+    assert got["a.jpg"]["status"] == "ok" and got["a.jpg"]["label"] == "red"
+    for name in ("garbage.jpg", "cut.jpg", "notes.txt"):
+        assert got[name]["status"] == "error" and got[name]["error"], got[name]
+        assert (errors / name).is_file()
+    assert "not a recognised image" in got["garbage.jpg"]["error"]
+    assert (sorted_ / "red" / "a.jpg").read_bytes() == b"an older file with the same name"
+    assert (sorted_ / "red" / "a-1.jpg").read_bytes() == jpeg("red")
+    assert list(inbox.iterdir()) == []
+
+
+def test_restart_finishes_cut_moves_and_relabels_a_cut_row(inbox, tmp_path, daemon):
+    """The two states a kill -9 can leave behind, built exactly: a row whose move never happened,
+    and a last row cut mid-write."""
+    out, sorted_ = tmp_path / "labels.csv", tmp_path / "sorted"
+    (inbox / "moved_not.jpg").write_bytes(jpeg("red"))
+    (inbox / "cut_row.jpg").write_bytes(jpeg("green"))
+    w = RowWriter(str(out), columns=columns_for(1), in_place=True)
+    w.write([{"path": "moved_not.jpg", "label": "red", "confidence": 0.9, "status": "ok", "error": ""}])
+    w.close()
+    with open(out, "a") as fh:
+        fh.write("cut_row.jpg,gre")  # no newline: the daemon died mid-row
+    with daemon(inbox, move_to=str(sorted_)) as w:
+        wait_for(has_rows(out, "cut_row.jpg"), "the cut row redone")
+        wait_for(lambda: not w.waiting(), "nothing left waiting")
+    assert sorted(paths(out)) == ["cut_row.jpg", "moved_not.jpg"]
+    assert (sorted_ / "red" / "moved_not.jpg").is_file() and (sorted_ / "green" / "cut_row.jpg").is_file()
+    assert list(inbox.iterdir()) == []
+
+
+def test_move_into_never_overwrites_and_finishes_a_half_done_link_move(tmp_path):
+    src, dst_dir = tmp_path / "a.jpg", tmp_path / "out"
+    src.write_bytes(b"one")
+    dst_dir.mkdir()
+    (dst_dir / "a.jpg").write_bytes(b"zero")
+    assert move_into(str(src), dst_dir) == dst_dir / "a-1.jpg"
+    assert (dst_dir / "a.jpg").read_bytes() == b"zero" and not src.exists()
+    src.write_bytes(b"two")
+    os.link(src, dst_dir / "a-2.jpg")  # killed between link() and unlink()
+    assert move_into(str(src), dst_dir) == dst_dir / "a-2.jpg"
+    assert not src.exists() and not (dst_dir / "a-3.jpg").exists()
+
+
+def test_in_place_writer_keeps_out_valid_and_adopts_a_partial(tmp_path):
+    out = tmp_path / "labels.csv"
+    row = {"path": "a.jpg", "label": "red", "confidence": 0.5, "status": "ok", "error": ""}
+    w = RowWriter(str(out), columns=columns_for(1), in_place=True)
+    w.write([row])
+    assert [r["path"] for r in read_rows(out)] == ["a.jpg"]  # readable while still open
+    w.close()
+    assert not out.with_name("labels.csv.partial").exists()
+    os.replace(out, out.with_name("labels.csv.partial"))  # as an interrupted `batchcls run` leaves it
+    w = RowWriter(str(out), columns=columns_for(1), resume=True, in_place=True)
+    assert w.done == {"a.jpg"}
+    w.close()
+    out.with_name("labels.csv.partial").write_text("path,label,confidence,status,error\n")
+    with pytest.raises(OutputError, match="both"):
+        RowWriter(str(out), columns=columns_for(1), resume=True, in_place=True)
+    with pytest.raises(OutputError, match="parquet"):
+        RowWriter(str(tmp_path / "x.parquet"), fmt="parquet", columns=columns_for(1), in_place=True)
+
+
+def test_cli_errors_are_one_line(inbox, tmp_path, colour_bundle):
+    out = tmp_path / "labels.csv"
+    out.write_text("path,label,confidence,status,error,label_2,confidence_2\n")
+    r = CliRunner().invoke(cli, ["watch", str(inbox), "--out", str(out), "--model", str(colour_bundle)])
+    assert r.exit_code == 1 and r.output.startswith("Error: ") and "--top-k" in r.output
+    r = CliRunner().invoke(cli, ["watch", str(tmp_path / "missing"), "--out", str(out)])
+    assert r.exit_code == 2 and "does not exist" in r.output
+
+
+# --- the real command in a real process: signals --------------------------------------------------
+
+class Daemon:
+    """`batchcls watch` as a subprocess, its stderr collected line by line."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "batchcls.cli", "watch", *args],
+                                     stderr=subprocess.PIPE, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.log: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        self.wait_for_line("watching")
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.put(line)
+
+    def wait_for_line(self, text: str) -> None:
+        deadline = time.monotonic() + DEADLINE
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.1)
+            except queue.Empty:
+                assert self.proc.poll() is None, "daemon exited:\n" + "".join(self.log)
+                continue
+            self.log.append(line)
+            if text in line:
+                return
+        raise AssertionError(f"no {text!r} line:\n" + "".join(self.log))
+
+
+def watch_args(inbox, tmp_path, bundle):
+    return [str(inbox), "--out", str(tmp_path / "labels.csv"), "--model", str(bundle),
+            "--move-to", str(tmp_path / "sorted"), "--stable-seconds", "0.3", "--batch-size", "8", "--workers", "1"]
+
+
+def test_sigterm_finishes_the_batch_flushes_and_exits_0(inbox, tmp_path, colour_bundle):
+    out = tmp_path / "labels.csv"
+    d = Daemon(*watch_args(inbox, tmp_path, colour_bundle))
+    for i in range(40):
+        (inbox / f"{i:02d}.jpg").write_bytes(jpeg("blue", size=(8, 8)))
+    wait_for(lambda: paths(out), "the first rows")
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(timeout=DEADLINE) == 0
+    assert out.read_text().endswith("\n")  # no half row
+    labelled = set(paths(out))
+    assert labelled and {p.name for p in (tmp_path / "sorted" / "blue").iterdir()} == labelled
+    d = Daemon(*watch_args(inbox, tmp_path, colour_bundle))  # the rest on restart
+    wait_for(lambda: len(paths(out)) >= 40, "all 40 rows")
+    d.proc.send_signal(signal.SIGINT)
+    assert d.proc.wait(timeout=DEADLINE) == 0
+    assert Counter(paths(out)) == Counter(f"{i:02d}.jpg" for i in range(40))
+
+
+def test_kill_9_at_any_moment_then_restart_loses_and_duplicates_nothing(inbox, tmp_path, colour_bundle):
+    out, sorted_ = tmp_path / "labels.csv", tmp_path / "sorted"
+    names = list(COLOURS)
+    tiny = {c: jpeg(c, size=(8, 8)) for c in names}
+    expected = {f"{i:03d}.jpg": names[i % 3] for i in range(300)}
+    d = Daemon(*watch_args(inbox, tmp_path, colour_bundle))
+    for i, name in enumerate(expected):
+        (inbox / name).write_bytes(tiny[expected[name]])
+        if i == 150:
+            wait_for(lambda: paths(out), "the first rows")
+            d.proc.kill()  # mid-stream: files still arriving, batches in flight
+            d.proc.wait()
+    d = Daemon(*watch_args(inbox, tmp_path, colour_bundle))
+    wait_for(lambda: len(paths(out)) >= 200, "some rows after the restart")
+    d.proc.kill()
+    d.proc.wait()
+    d = Daemon(*watch_args(inbox, tmp_path, colour_bundle))
+    wait_for(lambda: len(paths(out)) >= 300 and not any(inbox.iterdir()), "every row and every move")
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(timeout=DEADLINE) == 0
+    assert Counter(paths(out)) == Counter(list(expected))
+    assert {r["path"]: r["label"] for r in rows(out)} == expected
+    placed = {p.name: p.parent.name for p in sorted_.glob("*/*")}
+    assert placed == expected  # every file moved once, into its label's folder, none lost
