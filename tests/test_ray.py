@@ -8,6 +8,7 @@ import csv
 import importlib.util
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -171,3 +172,22 @@ def test_local_path_never_imports_ray(colour_images, colour_bundle, tmp_path):
             "assert r.exit_code == 0, r.output; assert 'ray' not in sys.modules, 'local run imported ray'")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
+
+
+@needs_ray
+def test_job_spec_runs_our_cli_with_a_valid_runtime_env():
+    """jobs/ray-job.yaml: its entrypoint parses as `batchcls run --engine ray`, its runtime env is valid."""
+    from ray.runtime_env import RuntimeEnv
+
+    repo = Path(__file__).resolve().parent.parent
+    loader = importlib.util.spec_from_file_location("ray_submit", repo / "jobs" / "ray_submit.py")
+    ray_submit = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(ray_submit)
+    spec = ray_submit.load_spec()
+    args = shlex.split(spec["entrypoint"])
+    assert args[:4] == ["python", "-m", "batchcls.cli", "run"]
+    ctx = cli.commands["run"].make_context("run", args[4:])  # click checks every option and value
+    assert ctx.params["engine"] == "ray" and ctx.params["address"] == "auto" and ctx.params["resume"]
+    env = RuntimeEnv(**spec["runtime_env"])
+    assert Path(env["working_dir"]) == repo
+    assert (repo / "batchcls" / "ray_engine.py").is_file()  # what the workers import from working_dir
