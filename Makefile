@@ -27,3 +27,4 @@ test: install-dev
 
 bench: install-dev
 	$(BIN)/python scripts/bench_run.py
+	$(BIN)/python scripts/bench_ray.py
