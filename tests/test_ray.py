@@ -99,14 +99,14 @@ def test_ray_run_matches_local_run(ray_cluster, mixed_folder, colour_bundle, tmp
 
 
 @needs_ray
-def test_ray_reads_uri_lists_and_writes_jsonl(ray_cluster, mixed_folder, colour_bundle, tmp_path):
+def test_ray_reads_uri_lists_and_writes_parquet(ray_cluster, mixed_folder, colour_bundle, tmp_path):
     good = sorted(mixed_folder.glob("*/*.jpg"))[:2]
     uris = [p.as_uri() for p in good] + [(tmp_path / "gone.jpg").as_uri()]
     listing = tmp_path / "list.txt"
     listing.write_text("\n".join(uris) + "\n")
-    out = tmp_path / "labels.jsonl"
+    out = tmp_path / "labels.parquet"
     r = invoke("run", "--files-from", listing, "--out", out, "--model", colour_bundle, "--engine", "ray",
-               "--format", "jsonl", "--strict")
+               "--format", "parquet", "--strict")
     assert r.exit_code == 3, r.output  # --strict: one file could not be read
     rows = read_rows(out)
     assert [x["path"] for x in rows] == uris
