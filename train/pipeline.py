@@ -1,0 +1,205 @@
+"""The whole training pipeline: split -> search -> train -> evaluate + calibrate -> compare -> export.
+
+    python -m train --data ../shared/data/simpsons/train                       # the default run (make train)
+    python -m train --data ... --models "vgg16 efficientnetv2_b0" --pretrained hub
+    python -m train --smoke --data samples/simpsons --out /tmp/s --export /tmp/s/engine
+
+Default budget (2 CPU cores, <= 75 min, aiming at ~50): a 4-trial search on efficientnet_lite0 (1 epoch on 1,500
+train images, validated on 1,000 val images; ~2 min; the winning lr/head stage is reused by every model),
+efficientnet_lite0 for 5 epochs at 144 px (~15 min), efficientnet_lite2 for 2 epochs at 144 px (~15 min), then
+evaluation and export (~5 min). If the search measures a slower CPU than that (others share it), every model's
+epochs are scaled down to fit --budget-min (default 60), never below 1, and the log says so.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from train import data as D
+from train import models
+from train.evaluate import evaluate
+from train.export import export
+from train.search import GRID, SEARCH_SUBSET, SEARCH_VAL_SUBSET, search
+from train.train import TrainConfig, main as train_main
+
+# Per-model recipe sized for the CPU budget above; anything in --config overrides it for every model.
+RECIPES = {
+    "efficientnet_lite0": {"epochs": 5, "input_size": 144},
+    "efficientnet_lite2": {"epochs": 2, "input_size": 144},  # ~2.5x slower per image than lite0
+    "efficientnetv2_b0": {"epochs": 3, "input_size": 144},
+    "vgg16": {"epochs": 2, "input_size": 128},  # backbone frozen on CPU (freeze_backbone="auto")
+}
+# Training seconds per image relative to efficientnet_lite0 at the same input size (CPU, measured/estimated).
+COST = {"efficientnet_lite0": 1.0, "efficientnet_lite2": 2.5, "efficientnetv2_b0": 1.6, "vgg16": 2.0}
+# Smoke: the whole pipeline on samples/simpsons (8 classes x 5 images) in well under 3 minutes.
+SMOKE = {"input_size": 64, "epochs": 1, "max_steps": 3, "batch_size": 8, "num_workers": 0}
+SMOKE_GRID = {"lr": [1e-3, 3e-3]}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="folder of <class>/<image> folders (the split is made from it)")
+    p.add_argument("--models", default="efficientnet_lite0 efficientnet_lite2",
+                   help=f"space-separated, from: {', '.join(models.MODELS)}")
+    p.add_argument("--pretrained", default="offline", help=f"weight source: {', '.join(models.SOURCES)}")
+    p.add_argument("--out", default="runs/train", help="run folder: split.json, search/, <model>/, results.*")
+    p.add_argument("--export", default="engines/simpsons", help="bundle folder for the selected model")
+    p.add_argument("--config", help="JSON of TrainConfig overrides applied to every model")
+    p.add_argument("--no-search", dest="search", action="store_false", help="skip the hyperparameter search")
+    p.add_argument("--budget-min", type=float, default=60.0,
+                   help="wall-clock budget in minutes: if the search's measured speed says the recipes will not fit "
+                        "(e.g. a busy CPU), every model's epochs are scaled down (never below 1); 0 = off")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes and steps: checks the plumbing, not accuracy")
+    return p
+
+
+def run(args: argparse.Namespace, log=print) -> dict:
+    t_start = time.time()
+    names = args.models.split()
+    for name in names:  # fail in one line before any work: unknown names, missing weights, no network
+        models.check_weights(name, args.pretrained)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    overrides = json.loads(Path(args.config).read_text()) if args.config else {}
+    if args.smoke:
+        overrides = {**SMOKE, **overrides}
+    log(f"pipeline: models {names}, weights {args.pretrained}, data {args.data}, out {out}, export {args.export}"
+        f"{' (SMOKE)' if args.smoke else ''}")
+
+    # 1. one split manifest for everything that follows
+    split_path = out / "split.json"
+    if not split_path.is_file():
+        D.write_manifest(D.make_split(args.data, seed=TrainConfig.seed, log=log), split_path)
+    manifest, split_sha = D.load_manifest(split_path)
+    if Path(manifest["root"]).resolve() != Path(args.data).resolve():
+        raise SystemExit(f"{split_path} was made from {manifest['root']}, not {args.data}: use another --out")
+    log(f"split manifest {split_path} sha256 {split_sha}")
+
+    def config(name: str, **extra) -> TrainConfig:
+        cut = overrides.get("per_model_epochs", {})
+        base = {k: v for k, v in overrides.items() if k != "per_model_epochs"}
+        return TrainConfig(**{"data": args.data, "split": str(split_path), "model": name, "pretrained": args.pretrained,
+                              **RECIPES.get(name, {}), **base, **({"epochs": cut[name]} if name in cut else {}),
+                              **extra})
+
+    # 2. search on the first (cheapest) model; its winner is reused by every model
+    best_point = {}
+    if args.search:
+        grid, subset = (SMOKE_GRID, 0) if args.smoke else (GRID, SEARCH_SUBSET)
+        t0 = time.time()
+        best_point, rows = search(config(names[0], progress=False), out / "search", grid=grid, subset=subset,
+                                  val_subset=0 if args.smoke else SEARCH_VAL_SUBSET, log=log)
+        log(f"search: best {best_point} by val macro-F1 ({(time.time() - t0) / 60:.1f} min); "
+            f"grid {grid}, 1 epoch on {subset or 'all'} train images, model {names[0]}")
+        if args.budget_min and not args.smoke:
+            ips = sorted(r["train_images_per_s"] for r in rows)[len(rows) // 2]
+            fit_budget(names, config, ips, len(manifest["train"]), len(manifest["val"]),
+                       args.budget_min * 60 - (time.time() - t_start), overrides, log)
+
+    # 3. train, then 4. evaluate + calibrate (the only test pass) each model
+    results = []
+    for name in names:
+        cfg = config(name, **best_point, out_dir=str(out / name))
+        summary = train_main(cfg, log=log)
+        m = evaluate(summary["ckpt"], out / name, num_workers=cfg.num_workers, log=log)
+        results.append({**m, "ckpt": summary["ckpt"], "dir": str(out / name)})
+    write_table(results, out)
+
+    # 5. select by validation macro-F1 (ties: faster), export, verify ORT parity
+    best = max(results, key=lambda r: (round(r["val"]["macro_f1"], 4), r["images_per_s"]))
+    log(f"selected {best['model']} (val macro-F1 {best['val']['macro_f1']:.4f})")
+    root = Path(manifest["root"])
+    parity_items = (manifest["test"] + manifest["val"] + manifest["train"])[:128]
+    metrics = {"val_macro_f1": best["val"]["macro_f1"], "val_acc": best["val"]["acc"],
+               "test_macro_f1": best["test"]["macro_f1"], "test_acc": best["test"]["acc"],
+               "test_downscaled_macro_f1": best["test_downscaled"]["macro_f1"],
+               "test_downscaled_acc": best["test_downscaled"]["acc"],
+               "test_ece": best["test"]["ece"], "test_ece_calibrated": best["test"]["ece_calibrated"],
+               "test_downscaled_ece": best["test_downscaled"]["ece"],
+               "test_downscaled_ece_calibrated": best["test_downscaled"]["ece_calibrated"]}
+    training = {"git_commit": _git_commit(), "command": _command(), "dataset": str(args.data),
+                "split_manifest_sha256": split_sha, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "epochs": best["epochs"], "train_time_s": round(best["train_time_s"], 1), **best_point}
+    files = {"results.md": out / "results.md", "results.csv": out / "results.csv"}
+    for r in results:
+        for png in ("confusion.png", "reliability.png"):
+            files[f"{r['model']}_{png}"] = Path(r["dir"]) / png
+    export(best["ckpt"], args.export, temperature=best["temperature"], metrics=metrics, training=training,
+           parity_images=[root / rel for rel, _ in parity_items], results=files, log=log)
+    log(f"pipeline done in {(time.time() - t_start) / 60:.1f} min")
+    return {"best": best["model"], "results": results, "export": args.export}
+
+
+def fit_budget(names, config, ips: float, n_train: int, n_val: int, remaining_s: float, overrides: dict, log) -> None:
+    """Scale every model's epochs down (in ``overrides``) when the measured speed says the recipes won't fit."""
+    ref = ips * COST.get(names[0], 1.0) * (config(names[0]).input_size / 144) ** 2  # lite0-at-144 images/s
+    def per_image_s(name):
+        return COST.get(name, 2.0) * (config(name).input_size / 144) ** 2 / ref
+    # per epoch: train + a val pass (inference ~3x faster); after training: val + test + 2x-down test, export
+    epoch_s = {n: per_image_s(n) * (n_train + n_val / 3) for n in names}
+    fixed_s = sum(per_image_s(n) * n_val for n in names) + 120
+    want = sum(config(n).epochs * epoch_s[n] for n in names)
+    log(f"budget: measured {ips:.0f} train img/s; planned training {want / 60:.0f} min + eval/export "
+        f"{fixed_s / 60:.0f} min vs {remaining_s / 60:.0f} min left of the budget")
+    if want + fixed_s <= remaining_s or "epochs" in overrides:
+        return
+    scale = max(remaining_s - fixed_s, 0) / want
+    plan = {n: max(1, int(config(n).epochs * scale)) for n in names}
+    log(f"budget: CPU slower than planned, epochs cut to {plan} to fit --budget-min")
+    overrides.setdefault("per_model_epochs", {}).update(plan)
+
+
+COLUMNS = ["model", "params_M", "input_size", "epochs", "train_min", "val_macro_f1", "test_macro_f1", "test_acc",
+           "test_2x_down_macro_f1", "test_ece", "test_ece_calibrated", "down_ece", "down_ece_calibrated",
+           "temperature", "images_per_s"]
+
+
+def write_table(results: list[dict], out: Path) -> None:
+    rows = [[r["model"], f"{r['params'] / 1e6:.2f}", r["input_size"], r["epochs"], f"{r['train_time_s'] / 60:.1f}",
+             f"{r['val']['macro_f1']:.4f}", f"{r['test']['macro_f1']:.4f}", f"{r['test']['acc']:.4f}",
+             f"{r['test_downscaled']['macro_f1']:.4f}", f"{r['test']['ece']:.4f}", f"{r['test']['ece_calibrated']:.4f}",
+             f"{r['test_downscaled']['ece']:.4f}", f"{r['test_downscaled']['ece_calibrated']:.4f}",
+             f"{r['temperature']:.3f}", f"{r['images_per_s']:.0f}"] for r in results]
+    tmp = out / "results.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows([COLUMNS, *rows])
+    os.replace(tmp, out / "results.csv")
+    md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    md += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+    md += ["", "ECE: 15 equal-width bins, before / after temperature scaling (T fitted on validation NLL). "
+           "test_2x_down: each decoded test image shrunk by 0.5 (LANCZOS) before the eval preset. "
+           "images_per_s: decode + preprocess + forward, batch 128, on this machine's CPU."]
+    tmp = out / "results.md.tmp"
+    tmp.write_text("\n".join(md) + "\n")
+    os.replace(tmp, out / "results.md")
+
+
+def _git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "train"], capture_output=True, text=True).stdout
+        return sha + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _command() -> str:
+    return os.environ.get("BATCHCLS_TRAIN_COMMAND") or shlex.join(["python", "-m", "train", *sys.argv[1:]])
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_args_parser().parse_args(argv)
+    try:
+        run(args)
+    except (models.WeightsError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None

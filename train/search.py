@@ -1,0 +1,42 @@
+"""A small declared hyperparameter grid, judged on validation macro-F1 only (never on test).
+
+Each trial is short: 1 epoch on a fixed seeded subset of the train split.
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from train.train import TrainConfig, main as train_main
+
+GRID = {"lr": [1e-3, 3e-3], "head_epochs": [0.0, 0.25]}  # 4 trials
+SEARCH_SUBSET = 1500  # train images per trial (fixed seeded subset)
+SEARCH_VAL_SUBSET = 1000  # val images per trial (fixed seeded subset); the final models use all of val
+
+
+def search(base: TrainConfig, out_dir: str | os.PathLike, *, grid: dict = GRID, subset: int = SEARCH_SUBSET,
+           val_subset: int = SEARCH_VAL_SUBSET, log=print, **overrides) -> tuple[dict, list[dict]]:
+    """Run every grid point; returns (best point, all rows). Ties keep the earlier point."""
+    out = Path(out_dir)
+    rows = []
+    for i, values in enumerate(itertools.product(*grid.values())):
+        point = dict(zip(grid, values))
+        cfg = replace(base, **point, epochs=1, train_subset=subset, val_subset=val_subset, out_dir=str(out / f"trial{i}"),
+                      resume=False, **overrides)
+        log(f"search trial {i + 1}: {point}")
+        result = train_main(cfg, log=log)
+        rows.append({**point, "val_macro_f1": round(result["best_val_f1"], 5),
+                     "train_time_s": round(result["train_time_s"], 1),
+                     "train_images_per_s": round(result["train_images_per_s"], 1)})
+        log(f"search trial {i + 1}: val macro-F1 {result['best_val_f1']:.4f}")
+    best = max(rows, key=lambda r: r["val_macro_f1"])  # max() keeps the first of equal scores
+    tmp = out / "search.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, out / "search.csv")
+    return {k: best[k] for k in grid}, rows

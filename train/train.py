@@ -1,0 +1,302 @@
+"""Fine-tune one classifier. Reads top to bottom in the order it runs (after nanoGPT).
+
+    python -m train.train --model efficientnet_lite0 --data ../shared/data/simpsons/train --out_dir runs/x
+    python -m train.train --config cfg.json --epochs 3          # JSON first, then flags
+    torchrun --nproc_per_node=2 -m train.train ...             # DDP: nccl on CUDA, gloo on CPU
+
+The resolved config is saved as config.json next to the checkpoints and inside every checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from train import data as D
+from train import models
+from train.metrics import macro_f1
+from train.presets import EvalTransform, TrainTransform, preprocessing_card
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = ""  # folder of <class>/<image> folders; only read to create the split if it is missing
+    split: str = ""  # split manifest JSON; "" = <out_dir>/split.json, created from `data` if absent
+    seed: int = 1337  # seeds the split, the sampler, augmentation and the head init
+    train_subset: int = 0  # train on a fixed seeded subset of this many images (0 = all); the search uses it
+    val_subset: int = 0  # validate on a fixed seeded subset of this many images (0 = all); the search uses it
+    sampler: str = "sqrt"  # class balance: "sqrt" (weight 1/sqrt(count)), "inverse" (1/count) or "none"
+    # model
+    model: str = "efficientnet_lite0"  # one of train.models.MODELS
+    pretrained: str = "offline"  # offline | hub | none | path to a state_dict/checkpoint
+    input_size: int = 144  # square input side in px (the card's input_size); frames are ~120x160
+    # optimisation
+    epochs: int = 5  # passes over the (sampled) train split
+    max_steps: int = 0  # hard cap on optimizer steps in total (0 = none); for smoke runs
+    batch_size: int = 64  # global batch, split evenly across DDP ranks
+    lr: float = 2e-3  # peak AdamW learning rate of the one-cycle schedule
+    weight_decay: float = 0.05  # AdamW decoupled weight decay (not on biases / norm weights)
+    warmup_pct: float = 0.1  # fraction of all steps spent warming up to lr, then cosine down
+    label_smoothing: float = 0.1  # cross-entropy label smoothing
+    head_epochs: float = 0.0  # head-only stage length in epochs (may be fractional), then all layers train
+    freeze_backbone: str = "auto"  # "auto" (= yes for vgg16 on CPU), "yes" (head only throughout), "no"
+    patience: int = 2  # early stop after this many epochs without a better val macro-F1
+    epochs_this_run: int = 0  # stop this invocation after N epochs (0 = all); continue later with --resume
+    # system
+    out_dir: str = "runs/train/model"  # checkpoints, config.json, split.json (if created here)
+    device: str = "auto"  # auto | cpu | cuda
+    num_workers: int = 2  # DataLoader worker processes (decode + augmentation)
+    channels_last: bool = True  # NHWC memory format: faster convolutions on CPU and tensor cores
+    amp: bool = False  # autocast switch (bf16); one code path either way
+    resume: bool = False  # continue from <out_dir>/ckpt_last.pt (architecture comes from the checkpoint)
+    progress: bool = True  # tqdm progress bar (stderr)
+
+
+RUN_LOCAL = ("resume", "progress", "num_workers", "device", "epochs_this_run", "out_dir")  # not restored on resume
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """Every TrainConfig field as a --flag (defaults None, so an unset flag keeps the JSON/default value)."""
+    p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="JSON file of TrainConfig overrides, applied before the flags")
+    for f in fields(TrainConfig):
+        kind = {"bool": _bool, "int": int, "float": float}.get(f.type, str)
+        p.add_argument(f"--{f.name}", type=kind, default=None, help=f"(default: {f.default})")
+    return p
+
+
+def _bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def resolve_config(argv: list[str] | None = None) -> TrainConfig:
+    args = get_args_parser().parse_args(argv)
+    values = {}
+    if args.config:
+        values = json.loads(Path(args.config).read_text())
+        unknown = set(values) - {f.name for f in fields(TrainConfig)}
+        if unknown:
+            raise SystemExit(f"{args.config}: unknown keys {sorted(unknown)}; valid: {[f.name for f in fields(TrainConfig)]}")
+    values.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
+    return TrainConfig(**values)
+
+
+def atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a kill mid-write never corrupts the previous checkpoint
+
+
+@torch.inference_mode()
+def predict(model, loader, device, *, channels_last: bool, autocast, progress: bool = False, desc: str = "eval"):
+    """All logits and labels of a loader (model in eval mode), plus the seconds spent."""
+    model.eval()
+    logits, labels = [], []
+    t0 = time.time()
+    for x, y in tqdm(loader, desc=desc, disable=not progress, mininterval=10, leave=False):
+        x = x.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        with autocast:
+            logits.append(model(x).float().cpu())
+        labels.append(y)
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy(), time.time() - t0
+
+
+def set_backbone_trainable(model, name: str, trainable: bool) -> None:
+    head_params = {id(p) for p in models.head(name, model).parameters()}
+    for p in model.parameters():
+        p.requires_grad_(trainable or id(p) in head_params)
+
+
+def main(cfg: TrainConfig, log=print) -> dict:
+    # --- derived setup: DDP, device, seeds, threads --------------------------------------------------
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if ddp:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    master = rank == 0
+    say = log if master else (lambda *a, **k: None)  # rank-0-only logging
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # ranks share the CPU cores
+    torch.manual_seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    amp_dtype = torch.bfloat16
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp)
+    out = Path(cfg.out_dir)
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+
+    # --- resume: the architecture and split come from the checkpoint, not from flags -----------------
+    ckpt = None
+    if cfg.resume:
+        ckpt = torch.load(out / "ckpt_last.pt", map_location="cpu", weights_only=False)
+        for k, v in ckpt["config"].items():
+            if k not in RUN_LOCAL:  # the run continues exactly as configured, schedule included
+                setattr(cfg, k, v)
+        say(f"resuming from {out / 'ckpt_last.pt'} after epoch {ckpt['epoch']}")
+
+    # --- data: the split manifest is the only source of file lists ------------------------------------
+    split_path = Path(cfg.split or out / "split.json")
+    if not split_path.is_file():
+        if not cfg.data:
+            raise SystemExit(f"no split manifest at {split_path}: pass --data <folder> to create one")
+        if master:
+            D.write_manifest(D.make_split(cfg.data, seed=cfg.seed, log=say), split_path)
+        if ddp:
+            dist.barrier()  # other ranks wait for rank 0's manifest
+    cfg.split = str(split_path)
+    manifest, split_sha = D.load_manifest(split_path)
+    if ckpt is not None and ckpt["split_sha256"] != split_sha:
+        raise SystemExit(f"split manifest {split_path} changed since the checkpoint was written")
+    classes = manifest["classes"]
+    card = preprocessing_card(architecture=cfg.model, classes=classes, input_size=cfg.input_size,
+                              **models.data_config(cfg.model))
+    train_items = D.seeded_subset(manifest["train"], cfg.train_subset, cfg.seed)
+    train_ds = D.ImageDataset(manifest["root"], train_items, TrainTransform(card))
+    val_ds = D.ImageDataset(manifest["root"], D.seeded_subset(manifest["val"], cfg.val_subset, cfg.seed),
+                            EvalTransform(card))
+    weights = D.class_weights([y for _, y in train_items], len(classes), cfg.sampler)
+    sampler = D.WeightedShardSampler(weights, len(train_items), seed=cfg.seed, rank=rank, world_size=world)
+    per_rank_batch = max(1, cfg.batch_size // world)
+    loader_kw = dict(num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0, pin_memory=use_cuda)
+    train_loader = DataLoader(train_ds, batch_size=per_rank_batch, sampler=sampler, drop_last=len(sampler) > per_rank_batch,
+                              worker_init_fn=_seed_worker, **loader_kw)
+    val_loader = DataLoader(val_ds, batch_size=2 * per_rank_batch, shuffle=False, **loader_kw)
+    log(f"[rank {rank}/{world}] {device} ready: {len(sampler)} samples/epoch on this rank, batch {per_rank_batch}")
+
+    # --- model, optimizer, schedule ----------------------------------------------------------------------
+    freeze = cfg.freeze_backbone == "yes" or (cfg.freeze_backbone == "auto" and cfg.model == "vgg16" and not use_cuda)
+    model = models.create_model(cfg.model, len(classes), pretrained="none" if ckpt else cfg.pretrained)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    if freeze:
+        set_backbone_trainable(model, cfg.model, False)  # before DDP, so DDP only syncs the head
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    steps_per_epoch = len(train_loader)
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    head_steps = total_steps if freeze else int(cfg.head_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=max(total_steps, 1),
+                                                    pct_start=cfg.warmup_pct, anneal_strategy="cos")
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    start_epoch, step, best_f1, best_epoch, train_time, train_seen = 0, 0, -1.0, -1, 0.0, 0
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
+        best_f1, best_epoch, train_time = ckpt["best_val_f1"], ckpt["best_epoch"], ckpt["train_time_s"]
+    # Unused-parameter search is only needed while the backbone sits out the head-only stage.
+    ddp_model = DDP(model, find_unused_parameters=0 < head_steps < total_steps) if ddp else model
+    n_params = sum(p.numel() for p in model.parameters())
+    if master:
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    say(f"model {cfg.model} ({n_params / 1e6:.2f} M params, weights: {cfg.pretrained}), input {cfg.input_size}px, "
+        f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs = {total_steps} steps, head-only for {head_steps}, "
+        f"sampler {cfg.sampler}, train {len(train_items)} / val {len(val_ds)} images")
+
+    # --- the loop: train an epoch, evaluate, checkpoint, maybe stop -----------------------------------
+    for epoch in range(start_epoch, cfg.epochs):
+        if step >= total_steps:
+            break
+        sampler.set_epoch(epoch)
+        ddp_model.train()
+        t0, seen, loss_sum = time.time(), 0, 0.0
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (master and cfg.progress),
+                   mininterval=5 if sys.stderr.isatty() else 60)
+        for x, y in bar:
+            if step < head_steps:
+                set_backbone_trainable(model, cfg.model, False)
+            elif step == head_steps:
+                set_backbone_trainable(model, cfg.model, True)  # stage 2: all layers
+            x = x.to(device, non_blocking=True, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+            y = y.to(device, non_blocking=True)
+            with autocast:
+                loss = criterion(ddp_model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            seen += x.shape[0]
+            loss_sum += loss.item() * x.shape[0]  # .item() syncs; cheap next to a CPU step
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                            ips=f"{seen * world / (time.time() - t0):.0f}")
+            if step >= total_steps:
+                break
+        epoch_time = time.time() - t0
+        train_time += epoch_time
+        train_seen += seen * world
+        # Every rank evaluates the full val split, so all ranks take the same early-stopping decision.
+        logits, labels, _ = predict(model, val_loader, device, channels_last=cfg.channels_last, autocast=autocast)
+        val_f1 = macro_f1(labels, logits.argmax(1), len(classes))
+        val_acc = float((logits.argmax(1) == labels).mean())
+        improved = val_f1 > best_f1
+        if improved:
+            best_f1, best_epoch = val_f1, epoch
+        if master:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
+                     "best_val_f1": best_f1, "best_epoch": best_epoch, "train_time_s": train_time,
+                     "config": asdict(cfg), "model_args": {"name": cfg.model, "num_classes": len(classes)},
+                     "classes": classes, "card": card.to_dict(), "split_sha256": split_sha}
+            atomic_save(state, out / "ckpt_last.pt")
+            if improved:
+                atomic_save(state, out / "ckpt_best.pt")
+        say(f"epoch {epoch + 1}/{cfg.epochs} | loss {loss_sum / max(seen, 1):.4f} | val macro-F1 {val_f1:.4f} "
+            f"acc {val_acc:.4f}{' *best, saved' if improved else ''} | {seen * world / epoch_time:.1f} img/s | "
+            f"{epoch_time / 60:.1f} min")
+        if cfg.epochs_this_run and epoch + 1 - start_epoch >= cfg.epochs_this_run:
+            say(f"stopping after {cfg.epochs_this_run} epoch(s) this run: continue with --resume true")
+            break
+        if epoch - best_epoch >= cfg.patience:
+            say(f"early stop: no val macro-F1 gain for {cfg.patience} epochs")
+            break
+
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+    return {"best_val_f1": best_f1, "best_epoch": best_epoch + 1, "ckpt": str(out / "ckpt_best.pt"),
+            "train_time_s": train_time, "params": n_params, "split_sha256": split_sha,
+            "train_images_per_s": train_seen / max(train_time, 1e-9)}
+
+
+def _seed_worker(worker_id: int) -> None:
+    # Each worker's python/numpy RNG (used by the augmentation) derives from torch's per-worker seed.
+    import random
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+if __name__ == "__main__":
+    try:
+        summary = main(resolve_config())
+    except (models.WeightsError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary))
