@@ -28,3 +28,25 @@ test: install-dev
 bench: install-dev
 	$(BIN)/python scripts/bench_run.py
 	$(BIN)/python scripts/bench_ray.py
+	$(BIN)/python scripts/bench_watch.py
+	$(BIN)/python scripts/bench_engines.py
+
+engine: install-dev  ## fastest engine this machine allows, beside $(MODEL)'s card: TensorRT plan on an NVIDIA GPU, else CPU optimized + INT8 (kept only if macro-F1 holds); more flags via ENGINE_ARGS="--val-dir DIR"
+	@if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q -e '.[tensorrt]' || echo "tensorrt is not installable here: the build falls back to CPU engines"; fi
+	$(BIN)/batchcls engine build --model $(MODEL) $(ENGINE_ARGS)
+
+# --- training (train/): `make train` builds the shipped bundle; MODELS/PRETRAINED/OUT/EXPORT/BUDGET override ---
+# OUT here is the run folder (the `run` target's OUT is its CSV), hence target-specific defaults.
+train: OUT = runs/train
+train: MODELS ?= efficientnet_lite0 efficientnet_lite2
+train: PRETRAINED ?= offline
+train: EXPORT ?= engines/simpsons
+train: BUDGET ?= 60
+train:  ## split -> search -> train -> evaluate + calibrate -> export to $(EXPORT); reference pair: MODELS="vgg16 efficientnetv2_b0" PRETRAINED=hub
+	BATCHCLS_TRAIN_COMMAND='make train DATA=$(DATA) MODELS="$(MODELS)" PRETRAINED=$(PRETRAINED) OUT=$(OUT) EXPORT=$(EXPORT) BUDGET=$(BUDGET)' \
+	$(BIN)/python -m train --data $(DATA) --models "$(MODELS)" --pretrained $(PRETRAINED) --out $(OUT) --export $(EXPORT) --budget-min $(BUDGET)
+
+train-smoke: SMOKE_OUT ?= /tmp/batchcls-train-smoke
+train-smoke:  ## the whole training pipeline on samples/simpsons at tiny size (< 3 min); exports to a tmp dir
+	rm -rf $(SMOKE_OUT)
+	$(BIN)/python -m train --smoke --data samples/simpsons --out $(SMOKE_OUT)/run --export $(SMOKE_OUT)/engine
