@@ -131,7 +131,37 @@ def evaluate(labelled_dir, model, batch_size, workers, backend) -> None:
 # --- engine commands ---
 
 
-# --- watch command ---
+@cli.command("watch")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Ledger CSV/JSONL: rows are appended as files are labelled; a restart continues it.")
+@model_option
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True, help="Output format (parquet can't be appended live).")
+@click.option("--polling", is_flag=True, help="Poll the folder instead of inotify: for network mounts, where events don't arrive.")
+@click.option("--stable-seconds", type=click.FloatRange(0.1), default=2.0, show_default=True, help="Without a close event (--polling, catch-up): ready once size and mtime held this long.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True, help="Most images per inference batch.")
+@click.option("--max-wait", type=click.FloatRange(0), default=0.25, show_default=True, help="Seconds a partial batch waits for more arrivals.")
+@click.option("--workers", type=click.IntRange(0), default=None, help="Decode processes (0 = in-process). Default: one per core.")
+@click.option("--move-to", type=click.Path(file_okay=False), help="Move labelled files to DIR/<label>/ (same filesystem; never overwrites).")
+@click.option("--errors-to", type=click.Path(file_okay=False), help="Move files that could not be classified to DIR/.")
+@click.option("--recursive/--no-recursive", default=True, show_default=True, help="Watch sub-folders too.")
+@click.option("--top-k", type=click.IntRange(1, 100), default=1, show_default=True, help="Also write the next K-1 labels and confidences.")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="Label rows below this confidence as 'unknown'.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: cpu.")
+@click.option("--quiet", "-q", is_flag=True, help="Log warnings only, not one line per batch.")
+def watch(folder, out, model, fmt, polling, stable_seconds, batch_size, max_wait, workers, move_to, errors_to,
+          recursive, top_k, threshold, device, quiet) -> None:
+    """Label images as they arrive in FOLDER until SIGINT/SIGTERM; a restart catches up first.
+
+    Example: batchcls watch ./inbox --out labels.csv --move-to ./sorted
+    """
+    from batchcls.pipeline import RunOptions
+    from batchcls.watch import WatchConfig, log_to_stderr, watch as watch_folder
+
+    log_to_stderr(quiet)
+    options = RunOptions(batch_size=batch_size, workers=workers, top_k=top_k, threshold=threshold)
+    watch_folder(WatchConfig(folder=folder, out=out, model=model, device=device, fmt=fmt, recursive=recursive,
+                             polling=polling, stable_s=stable_seconds, max_wait_s=max_wait, move_to=move_to,
+                             errors_to=errors_to, options=options))
 
 
 images_option = click.option("--images", type=click.Path(exists=True, file_okay=False), default=None,

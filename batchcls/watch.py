@@ -191,7 +191,8 @@ class Watcher:
 
     def __init__(self, config: WatchConfig, classifier: Classifier | None = None) -> None:
         self.config = config
-        self.root = os.path.abspath(config.folder)
+        # Real paths throughout: events, the ledger and the move targets must be spelled alike.
+        self.root = os.path.realpath(config.folder)
         self.stats = WatchStats()
         self._classifier = classifier
         self._events: queue.SimpleQueue = queue.SimpleQueue()
@@ -231,7 +232,7 @@ class Watcher:
             card = load_card(cfg.model)
             self._classifier = Classifier(card, load_backend(card, cfg.backend, device=cfg.device))
         self.writer = RowWriter(cfg.out, fmt=cfg.fmt, columns=columns_for(cfg.options.top_k), resume=True, in_place=True)
-        self._excluded_files = {os.path.abspath(p) for p in (self.writer.out, self.writer.partial)}
+        self._excluded_files = {os.path.realpath(p) for p in (self.writer.out, self.writer.partial)}
         self._excluded_dirs = [str(p) + os.sep for p in self._targets.values()]
         workers = default_threads() if cfg.options.workers is None else cfg.options.workers
         self._window = workers + 1  # decode this many batches ahead, like pipeline.decoded_batches
@@ -262,7 +263,7 @@ class Watcher:
     def _new_pool(self) -> ProcessPoolExecutor:
         methods = multiprocessing.get_all_start_methods()
         ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-        return ProcessPoolExecutor(max_workers=self._workers, mp_context=ctx)
+        return ProcessPoolExecutor(max_workers=self._workers, mp_context=ctx, initializer=_leave_signals_to_parent)
 
     def _prepare_target(self, folder: str, flag: str) -> Path:
         path = Path(folder).resolve()
@@ -465,7 +466,7 @@ class Watcher:
         if unmoved:
             self._finish_moves(unmoved)
         if startup or queued:
-            log.info("%s: %d files to label", "catch-up" if startup else "re-scan", queued)
+            log.info("%s: %d file(s) to label", "catch-up" if startup else "re-scan", queued)
 
     def _finish_moves(self, files: list[InputFile]) -> None:
         from batchcls.output import read_rows
@@ -500,7 +501,6 @@ class Watcher:
 
     def _work(self) -> None:
         window: deque[tuple[list[InputFile], Future | DecodedBatch]] = deque()
-        preset, max_pixels = self._classifier.preset, self.config.options.max_pixels
         while True:
             files = []
             for f in self._take(block=not window):
@@ -509,9 +509,7 @@ class Watcher:
                 else:  # deleted after it was ready: no longer an input
                     self._drop(f)
             if files:
-                job = (self._pool.submit(load_images, files, preset, max_pixels) if self._pool is not None
-                       else load_images(files, preset, max_pixels))
-                window.append((files, job))
+                window.append((files, self._submit(files)))
             if window and (len(window) >= self._window or not files):
                 self._label(*window.popleft())
             elif not window and self._stopping:
@@ -521,22 +519,37 @@ class Watcher:
         with self._cond:
             self._inflight.discard(f.rel)
 
+    def _submit(self, files: list[InputFile]) -> Future | DecodedBatch:
+        """Decode ahead in the pool (or here, with no workers)."""
+        args = (files, self._classifier.preset, self.config.options.max_pixels)
+        if self._pool is None:
+            return load_images(*args)
+        try:
+            return self._pool.submit(load_images, *args)
+        except RuntimeError:  # BrokenProcessPool: a worker died since the last batch
+            self._restart_pool()
+            return self._pool.submit(load_images, *args)
+
     def _decoded(self, files: list[InputFile], job: Future | DecodedBatch) -> DecodedBatch:
         if isinstance(job, DecodedBatch):
             return job
         try:
             return job.result()
-        except Exception as e:  # a worker died (e.g. a decoder crash): these files get error rows
-            log.error("decode worker failed on a batch of %d files: %s", len(files), e)
+        except Exception as e:  # a worker died (killed, out of memory, a decoder crash): retry once
+            log.error("decode worker failed on a batch of %d files (%s): retrying in a fresh one", len(files), e)
+        self._restart_pool()
+        try:
+            return self._submit(files).result()
+        except Exception as e:  # twice: one of these files kills the decoder; they get error rows
             self._restart_pool()
-            reason = f"decode worker crashed: {type(e).__name__}"
+            reason = f"decode worker crashed twice on this batch: {type(e).__name__}"
             return DecodedBatch(files, load_images([], self._classifier.preset).images, [reason] * len(files))
 
     def _restart_pool(self) -> None:
-        from concurrent.futures.process import BrokenProcessPool
+        """Replace the pool if it is broken; a healthy one (already replaced) is kept."""
         try:
             self._pool.submit(os.getpid).result()
-        except BrokenProcessPool:
+        except Exception:  # BrokenProcessPool, or shut down after a failure
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = self._new_pool()
 
@@ -581,6 +594,13 @@ class Watcher:
         except OSError as e:  # the row is written; the move is retried on the next start
             log.warning("could not move %s into %s: %s", f.rel, folder, e.strerror or e)
             return False
+
+
+def _leave_signals_to_parent() -> None:
+    """Decode workers ignore SIGINT/SIGTERM: Ctrl-C (whole process group) or a group-wide stop must
+    not break the batch in flight; the daemon finishes it and then shuts the pool down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def log_to_stderr(quiet: bool = False) -> None:

@@ -194,6 +194,20 @@ def test_corrupt_files_error_rows_and_moves_without_overwrite(inbox, tmp_path, d
     assert list(inbox.iterdir()) == []
 
 
+def test_ledger_and_move_targets_inside_the_folder_are_not_inputs(inbox, tmp_path, colour_bundle):
+    out = inbox / "labels.csv"
+    cfg = dict(folder=str(inbox), out=str(out), model=str(colour_bundle), stable_s=0.3, max_wait_s=0.05,
+               move_to=str(inbox / "sorted"), errors_to=str(inbox / "failed"), options=RunOptions(workers=0))
+    (inbox / "a.jpg").write_bytes(jpeg("red"))
+    for _ in range(2):  # the second start scans everything again, sorted/ and failed/ included
+        with Watcher(WatchConfig(**cfg)) as w:
+            (inbox / f"sentinel{_}.txt").write_text("not an image")
+            wait_for(has_rows(out, "a.jpg", f"sentinel{_}.txt"), "the rows")
+            wait_for(lambda: not w.waiting(), "nothing left waiting")
+    assert sorted(paths(out)) == ["a.jpg", "sentinel0.txt", "sentinel1.txt"]
+    assert (inbox / "sorted" / "red" / "a.jpg").is_file() and (inbox / "failed" / "sentinel1.txt").is_file()
+
+
 def test_restart_finishes_cut_moves_and_relabels_a_cut_row(inbox, tmp_path, daemon):
     """The two states a kill -9 can leave behind, built exactly: a row whose move never happened,
     and a last row cut mid-write."""
@@ -211,6 +225,34 @@ def test_restart_finishes_cut_moves_and_relabels_a_cut_row(inbox, tmp_path, daem
     assert sorted(paths(out)) == ["cut_row.jpg", "moved_not.jpg"]
     assert (sorted_ / "red" / "moved_not.jpg").is_file() and (sorted_ / "green" / "cut_row.jpg").is_file()
     assert list(inbox.iterdir()) == []
+
+
+def _grandchildren() -> list[int]:
+    """The decode workers: children of the forkserver, which is a child of this process."""
+    def children(pid: int) -> list[int]:
+        out = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            out += [int(c) for c in (task / "children").read_text().split()]
+        return out
+    return [g for c in children(os.getpid()) for g in children(c)]
+
+
+def test_a_killed_decode_worker_costs_no_file(inbox, tmp_path, daemon):
+    out = tmp_path / "labels.csv"
+    tiny = jpeg("green", size=(8, 8))
+    with daemon(inbox, options=RunOptions(workers=1, batch_size=8)) as w:
+        for i in range(100):
+            (inbox / f"{i:03d}.jpg").write_bytes(tiny)
+        wait_for(lambda: paths(out), "the first rows")
+        victims = wait_for(_grandchildren, "a decode worker")
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        for i in range(100, 200):
+            (inbox / f"{i:03d}.jpg").write_bytes(tiny)
+        wait_for(lambda: len(paths(out)) >= 200, "all 200 rows")
+        wait_for(lambda: not w.waiting(), "nothing left waiting")
+    assert Counter(paths(out)) == Counter(f"{i:03d}.jpg" for i in range(200))
+    assert {r["status"] for r in rows(out)} == {"ok"}
 
 
 def test_move_into_never_overwrites_and_finishes_a_half_done_link_move(tmp_path):
@@ -260,8 +302,9 @@ class Daemon:
     """`batchcls watch` as a subprocess, its stderr collected line by line."""
 
     def __init__(self, *args: str) -> None:
+        # Its own process group, as in a terminal: Ctrl-C reaches the decode workers too.
         self.proc = subprocess.Popen([sys.executable, "-m", "batchcls.cli", "watch", *args],
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=subprocess.PIPE, text=True, start_new_session=True)
         self.lines: queue.Queue[str] = queue.Queue()
         self.log: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -290,7 +333,7 @@ def watch_args(inbox, tmp_path, bundle):
             "--move-to", str(tmp_path / "sorted"), "--stable-seconds", "0.3", "--batch-size", "8", "--workers", "1"]
 
 
-def test_sigterm_finishes_the_batch_flushes_and_exits_0(inbox, tmp_path, colour_bundle):
+def test_sigterm_or_ctrl_c_finishes_the_batch_flushes_and_exits_0(inbox, tmp_path, colour_bundle):
     out = tmp_path / "labels.csv"
     d = Daemon(*watch_args(inbox, tmp_path, colour_bundle))
     for i in range(40):
@@ -303,9 +346,17 @@ def test_sigterm_finishes_the_batch_flushes_and_exits_0(inbox, tmp_path, colour_
     assert labelled and {p.name for p in (tmp_path / "sorted" / "blue").iterdir()} == labelled
     d = Daemon(*watch_args(inbox, tmp_path, colour_bundle))  # the rest on restart
     wait_for(lambda: len(paths(out)) >= 40, "all 40 rows")
-    d.proc.send_signal(signal.SIGINT)
+    for i in range(40, 80):
+        (inbox / f"{i:02d}.jpg").write_bytes(jpeg("blue", size=(8, 8)))
+    wait_for(lambda: len(paths(out)) > 40, "rows of the second wave")
+    os.killpg(d.proc.pid, signal.SIGINT)  # Ctrl-C: the whole group, decode workers included
     assert d.proc.wait(timeout=DEADLINE) == 0
-    assert Counter(paths(out)) == Counter(f"{i:02d}.jpg" for i in range(40))
+    d = Daemon(*watch_args(inbox, tmp_path, colour_bundle))
+    wait_for(lambda: len(paths(out)) >= 80, "all 80 rows")
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(timeout=DEADLINE) == 0
+    assert Counter(paths(out)) == Counter(f"{i:02d}.jpg" for i in range(80))
+    assert {r["status"] for r in rows(out)} == {"ok"}  # no batch was broken by the signals
 
 
 def test_kill_9_at_any_moment_then_restart_loses_and_duplicates_nothing(inbox, tmp_path, colour_bundle):
