@@ -29,7 +29,6 @@ bench: install-dev
 	$(BIN)/python scripts/bench_run.py
 	$(BIN)/python scripts/bench_ray.py
 	$(BIN)/python scripts/bench_watch.py
-	$(BIN)/python scripts/bench_watch.py
 	$(BIN)/python scripts/bench_engines.py
 
 engine: install-dev  ## fastest engine this machine allows, beside $(MODEL)'s card: TensorRT plan on an NVIDIA GPU, else CPU optimized + INT8 (kept only if macro-F1 holds); more flags via ENGINE_ARGS="--val-dir DIR"
