@@ -183,7 +183,7 @@ def connect(address: str | None) -> bool:
     return True
 
 
-class _quiet_ray_data:
+class _QuietRayData:
     """Ray Data's per-run INFO logs off, its progress bars only on a terminal; restore() puts both back."""
 
     def __init__(self, ray, *, progress: bool) -> None:  # noqa: ANN001 - ray module
@@ -244,6 +244,13 @@ def _classify(ray, files: list[InputFile], card: ModelCard, job: RunJob,  # noqa
         raise RayEngineError(f"Ray returned rows for {next_idx} of {len(files)} files: rerun with --resume to finish")
 
 
+def _abandon(writer: RowWriter) -> None:
+    """A failed run keeps its rows for --resume; one that wrote nothing leaves no stray OUT.partial behind."""
+    writer.close(complete=False)
+    if not writer.to_stdout and writer.rows_written == 0 and not writer.done:
+        writer.partial.unlink(missing_ok=True)
+
+
 def run_ray_job(job: RunJob, *, address: str | None = None, actors: int | None = None) -> RunSummary:
     """``batchcls run --engine ray``: the same job, rows and output file as ``runner.run_job``.
 
@@ -257,8 +264,12 @@ def run_ray_job(job: RunJob, *, address: str | None = None, actors: int | None =
     files = list(_pending(scan(job.source, recursive=job.recursive, files_from=job.files_from, exclude=exclude),
                           writer.done))
     ray = _import_ray()
-    started = connect(address)
-    quiet_ray = _quiet_ray_data(ray, progress=not job.quiet and sys.stderr.isatty())
+    try:
+        started = connect(address)
+    except BatchclsError:
+        _abandon(writer)
+        raise
+    quiet_ray = _QuietRayData(ray, progress=not job.quiet and sys.stderr.isatty())
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     summary = RunSummary()
     start = time.perf_counter()
@@ -275,10 +286,10 @@ def run_ray_job(job: RunJob, *, address: str | None = None, actors: int | None =
         writer.close(complete=False)
         raise Interrupted(writer.rows_written, "stdout" if writer.to_stdout else str(writer.partial)) from None
     except BatchclsError:
-        writer.close(complete=False)
+        _abandon(writer)
         raise
     except Exception as e:  # a Ray failure (actor died, task error): keep the rows so far, say so in one line
-        writer.close(complete=False)
+        _abandon(writer)
         cause = getattr(e, "cause", None)
         if isinstance(cause, BatchclsError):  # e.g. the actor could not load the model
             raise cause from e

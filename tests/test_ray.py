@@ -158,6 +158,7 @@ def test_ray_errors_are_one_line(ray_cluster, colour_images, colour_bundle, tmp_
     r = invoke("run", colour_images, "--out", tmp_path / "x.csv", "--model", colour_bundle, "--engine", "ray", *args)
     assert r.exit_code == 1
     assert message in r.output and "Traceback" not in r.output
+    assert not list(tmp_path.glob("x.csv*"))  # nothing to resume, so no stray x.csv.partial
 
 
 def test_address_needs_ray_engine(colour_images, colour_bundle, tmp_path):
