@@ -122,7 +122,7 @@ def bundle_files(card: ModelCard) -> dict[str, bytes]:
 class ModelActor:
     """Ray actor: unpacks the bundle and loads card + backend once, then turns decoded batches into rows."""
 
-    def __init__(self, bundle: Any, *, backend: str | None, device: str, threads: int | None,
+    def __init__(self, bundle: Any, *, backend: str | None, device: str | None, threads: int | None,
                  top_k: int, threshold: float | None) -> None:
         import ray
 
@@ -222,8 +222,9 @@ def _classify(ray, files: list[InputFile], card: ModelCard, job: RunJob,  # noqa
                         compute=ray.data.TaskPoolStrategy(size=decode_tasks))
     ds = ds.map_batches(ModelActor, batch_size=options.batch_size, batch_format="numpy",
                         fn_constructor_kwargs={"bundle": bundle, "backend": job.backend,
-                                               # Ray sets CUDA_VISIBLE_DEVICES per actor: "cuda" is its own GPU
-                                               "device": "cuda" if on_gpu else "cpu",
+                                               # Ray sets CUDA_VISIBLE_DEVICES per actor: "cuda" is its own GPU.
+                                               # On CPU, None picks the backend exactly as a local run would.
+                                               "device": "cuda" if on_gpu else job.device,
                                                "threads": None if on_gpu else 1,
                                                "top_k": options.top_k, "threshold": options.threshold},
                         compute=ray.data.ActorPoolStrategy(size=pool), num_cpus=1, num_gpus=1 if on_gpu else 0)
