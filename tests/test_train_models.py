@@ -85,3 +85,18 @@ def test_metrics_and_temperature():
     t = fit_temperature(over, labels)
     assert t == pytest.approx(4.0, rel=0.15)
     assert ece(softmax(over, t), labels) < ece(softmax(over), labels)
+
+
+def test_budget_cuts_epochs_only_when_the_measured_speed_needs_it():
+    from train.pipeline import RECIPES, fit_budget
+    from train.train import TrainConfig
+
+    def config(name):
+        return TrainConfig(model=name, **RECIPES[name])
+    names = ["efficientnet_lite0", "efficientnet_lite2"]
+    fast, slow, logs = {}, {}, []
+    fit_budget(names, config, 90.0, 14461, 3102, 55 * 60, fast, logs.append)
+    assert fast == {}  # the brief's 90 img/s: 5 + 2 epochs fit
+    fit_budget(names, config, 25.0, 14461, 3102, 53 * 60, slow, logs.append)
+    assert slow["per_model_epochs"] == {"efficientnet_lite0": 2, "efficientnet_lite2": 1}
+    assert "epochs cut" in logs[-1]
