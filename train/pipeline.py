@@ -65,6 +65,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, log=print) -> dict:
     t_start = time.time()
+    commit = _git_commit()  # at start: the code that actually ran, even if HEAD moves during the run
     names = args.models.split()
     for name in names:  # fail in one line before any work: unknown names, missing weights, no network
         models.check_weights(name, args.pretrained)
@@ -127,7 +128,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
                "test_ece": best["test"]["ece"], "test_ece_calibrated": best["test"]["ece_calibrated"],
                "test_downscaled_ece": best["test_downscaled"]["ece"],
                "test_downscaled_ece_calibrated": best["test_downscaled"]["ece_calibrated"]}
-    training = {"git_commit": _git_commit(), "command": _command(), "dataset": str(args.data),
+    training = {"git_commit": commit, "command": _command(), "dataset": str(args.data),
                 "split_manifest_sha256": split_sha, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "epochs": best["epochs"], "train_time_s": round(best["train_time_s"], 1), **best_point}
     files = {"results.md": out / "results.md", "results.csv": out / "results.csv"}
