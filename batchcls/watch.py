@@ -199,7 +199,7 @@ class Watcher:
         self._cond = threading.Condition()
         self._ready: dict[str, tuple[InputFile, float]] = {}  # rel -> (file, when ready); insertion order
         self._inflight: set[str] = set()
-        self._pending: dict[str, _Pending] = {}  # owned by the intake thread
+        self._pending: dict[str, _Pending] = {}  # rel -> stability watch; the intake thread checks it
         self._stopping = False
         self._failure: BaseException | None = None
         self._threads: list[threading.Thread] = []
@@ -318,7 +318,7 @@ class Watcher:
         def run() -> None:
             try:
                 target()
-            except BaseException as e:  # noqa: BLE001 - handed to the main thread via check()/close()
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread: failed, then close()
                 log.error("watch %s thread failed: %s", target.__name__.strip("_"), e)
                 self._failure = e
                 with self._cond:
@@ -364,7 +364,10 @@ class Watcher:
                 self._check_pending(now)
                 next_check = now + tick
             if cfg.rescan_s > 0 and now >= next_rescan:
-                self._scan(startup=False)
+                try:
+                    self._scan(startup=False)
+                except (OSError, InputError) as e:  # e.g. a sub-folder made unreadable: keep watching
+                    log.warning("re-scan of %s failed: %s", self.root, e)
                 next_rescan = now + cfg.rescan_s
 
     def _on_event(self, kind: str, path: str) -> None:
