@@ -202,6 +202,10 @@ class RowWriter:
 
     def _load_previous(self) -> bool:
         """Collect the paths already written; returns True when nothing was (a fresh file)."""
+        if not self.in_place and self.out.exists() and self.partial.exists():
+            # Which one is current can't be known; merging could drop or repeat rows.
+            raise OutputError(f"both {self.out} and {self.partial} exist: keep the one you trust, "
+                              "remove the other, then --resume")
         for p in (self.partial, self.out):
             if not p.exists() or p.stat().st_size == 0:  # 0 bytes: a crash before the header
                 continue
@@ -220,10 +224,7 @@ class RowWriter:
             os.replace(self.out, self._previous_parquet)
         elif self.out.exists():
             # A finished output being resumed (new files since): its rows continue in the partial.
-            if self.partial.exists():
-                self.out.unlink()
-            else:
-                os.replace(self.out, self.partial)
+            os.replace(self.out, self.partial)
         target = self.out if self.in_place else self.partial
         return not (target.exists() and target.stat().st_size > 0)
 

@@ -230,3 +230,13 @@ def test_a_file_listed_twice_gets_one_row(colour_images, colour_bundle):
     listing = f"{colour_images / 'a_red.jpg'}\n{colour_images / 'a_red.jpg'}\n"
     r = invoke("run", "--files-from", "-", "--out", "-", "--model", colour_bundle, "-q", input=listing)
     assert r.exit_code == 0 and len(r.stdout.strip().splitlines()) == 2  # header + one row
+
+
+def test_resume_refuses_when_both_output_and_partial_exist(colour_images, colour_bundle, tmp_path):
+    out = tmp_path / "labels.csv"
+    assert invoke("run", colour_images, "--out", out, "--model", colour_bundle).exit_code == 0
+    Path(str(out) + ".partial").write_text("path,label,confidence,status,error\n")
+    before = out.read_text()
+    r = invoke("run", colour_images, "--out", out, "--model", colour_bundle, "--resume")
+    assert r.exit_code == 1 and "both" in r.output
+    assert out.read_text() == before
