@@ -52,8 +52,8 @@ model_option = click.option("--model", type=click.Path(), default=None,
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl", "parquet"]), default="csv", show_default=True, help="Output format.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True, help="Images per inference batch.")
 @click.option("--workers", type=click.IntRange(0), default=None, help="Decode processes (0 = decode in-process). Default: one per core.")
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "torch"]), default="auto", show_default=True, help="Inference backend.")
-@click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: cpu.")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt", "cuda", "torch"]), default="auto", show_default=True, help="Inference backend; auto: TensorRT plan, else CUDA, else CPU (INT8 if `make engine` kept it).")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: the backend's (a GPU for tensorrt/cuda, else cpu); cpu keeps auto off the GPU.")
 @click.option("--top-k", type=click.IntRange(1, 100), default=1, show_default=True, help="Also write the next K-1 labels and confidences.")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="Label rows below this confidence as 'unknown'.")
 @click.option("--max-pixels", type=click.IntRange(1), default=None, help="Refuse images larger than this many pixels (bomb guard).")
@@ -114,7 +114,7 @@ def info(model) -> None:
 @model_option
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True, help="Images per inference batch.")
 @click.option("--workers", type=click.IntRange(0), default=None, help="Decode processes. Default: one per core.")
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "torch"]), default="auto", show_default=True, help="Inference backend.")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt", "cuda", "torch"]), default="auto", show_default=True, help="Inference backend; auto: TensorRT plan, else CUDA, else CPU (INT8 if `make engine` kept it).")
 def evaluate(labelled_dir, model, batch_size, workers, backend) -> None:
     """Score a model on LABELLED_DIR/<class>/*: accuracy, macro/micro-F1, per-class table.
 
@@ -129,6 +129,32 @@ def evaluate(labelled_dir, model, batch_size, workers, backend) -> None:
 
 
 # --- engine commands ---
+@cli.group()
+def engine() -> None:
+    """Build faster engines for a model bundle: a TensorRT plan on NVIDIA GPUs, INT8/optimized ONNX on CPU.
+
+    Example: batchcls engine build --model engines/simpsons
+    """
+
+
+@engine.command("build")
+@model_option
+@click.option("--target", type=click.Choice(["auto", "tensorrt", "cpu"]), default="auto", show_default=True, help="auto: TensorRT when the tensorrt package and a GPU are here, else CPU engines.")
+@click.option("--fp16/--no-fp16", default=True, show_default=True, help="TensorRT: allow FP16 kernels.")
+@click.option("--max-batch", type=click.IntRange(1, 4096), default=256, show_default=True, help="TensorRT: largest batch the plan accepts (profile min 1, opt half of this).")
+@click.option("--val-dir", type=click.Path(exists=True, file_okay=False), default=None, help="CPU: labelled DIR/<class>/* that decides whether INT8 is kept. Default: the card's split manifest (val).")
+@click.option("--calib-dir", type=click.Path(exists=True, file_okay=False), default=None, help="CPU: images to calibrate INT8 on. Default: the card's split manifest (train).")
+@click.option("--calib-images", type=click.IntRange(1), default=300, show_default=True, help="CPU: how many calibration images to use.")
+def engine_build(model, target, fp16, max_batch, val_dir, calib_dir, calib_images) -> None:
+    """Build the fastest engine this machine allows and store it beside the bundle's card.
+
+    Example: batchcls engine build --model engines/simpsons --val-dir data/val
+    """
+    from batchcls.engines import build_engines
+
+    built = build_engines(model, target=target, fp16=fp16, max_batch=max_batch, val_dir=val_dir,
+                          calib_dir=calib_dir, calib_images=calib_images, log=lambda m: click.echo(m, err=True))
+    click.echo(f"built {built} engine; `batchcls run` picks it up with --backend auto", err=True)
 
 
 @cli.command("watch")

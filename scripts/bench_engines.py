@@ -1,0 +1,202 @@
+"""Benchmark every engine this machine can run on the same real JPEGs, against PyTorch eager.
+
+Baseline: PyTorch eager, fp32, on the CPU, running the bundle's own graph (measured in this run).
+For each available backend it prints images/s for
+- infer: preprocessed batches through ``Classifier.probabilities`` (normalize + model + softmax),
+  which is what an engine changes;
+- end to end: files -> rows through the run pipeline (decode workers included), and for GPU
+  backends also through nvJPEG (``classify_gpu``), which is what a user sees;
+and each one's parity with the ONNX FP32 reference (identical top-1 share, max confidence diff).
+Medians of --repeats. Targets: CPU INT8 >= 1.5x the CPU FP32 ONNX engine (infer); on an
+H100/H200-class GPU >= 10,000 images/s end to end with the CUDA or TensorRT backend.
+
+    python scripts/bench_engines.py [--model BUNDLE] [--data ROOT/<class>/*.jpg] [-n 1000]
+    python scripts/bench_engines.py --stage tmp/bench_jpegs   # copy the -n images for a GPU machine
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from batchcls.scan import InputFile  # noqa: E402
+
+
+def dataset_files(data: Path, n: int) -> list[InputFile]:
+    """n JPEGs spread over the classes (every k-th in sorted order); a small folder is cycled."""
+    paths = sorted(data.glob("*/*.jpg")) or sorted(data.glob("*.jpg"))
+    if not paths:
+        sys.exit(f"bench: no JPEGs under {data}: pass --data ROOT/<class>/*.jpg")
+    if len(paths) < n:
+        print(f"bench: only {len(paths)} JPEGs under {data}: cycling them to {n}")
+        paths = (paths * (n // len(paths) + 1))[:n]
+    step = max(1, len(paths) // n)
+    chosen = paths[::step][:n]
+    return [InputFile(str(p), f"{i:05d}/{p.parent.name}/{p.name}") for i, p in enumerate(chosen)]
+
+
+def median_rate(n: int, fn: Callable[[], object], repeats: int, warmup: bool = True) -> float:
+    if warmup:
+        fn()  # lazy init, autotuning, page cache
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return n / statistics.median(times)
+
+
+def candidates(card, gpu: bool) -> list[tuple[str, Callable[[], object]]]:
+    """(label, backend factory) for every engine this machine has, baseline first."""
+    from batchcls.backends import OnnxRuntimeBackend
+    from batchcls.engines.cpu import int8_path, opt_path
+    from batchcls.engines.cuda import CudaBackend
+
+    out: list[tuple[str, Callable[[], object]]] = [
+        ("torch-eager fp32 cpu (baseline)", lambda: CudaBackend(card, device="cpu")),
+        ("onnxruntime fp32 cpu", lambda: OnnxRuntimeBackend(card.onnx_path)),
+    ]
+    if opt_path(card).is_file():
+        out.append(("onnxruntime optimized cpu", lambda: OnnxRuntimeBackend(opt_path(card))))
+    if int8_path(card).is_file():
+        out.append(("onnxruntime int8 cpu", lambda: OnnxRuntimeBackend(int8_path(card))))
+    if gpu:
+        out.append(("cuda fp16", lambda: CudaBackend(card, device="cuda")))
+        from batchcls.engines.tensorrt import TensorRTBackend, current_facts, plan_problem, read_meta
+        from batchcls.engines import onnx_sha256
+
+        meta = read_meta(card)
+        problem = "no plan (run `make engine`)" if meta is None else plan_problem(meta, current_facts(), onnx_sha256(card))
+        if problem is None:
+            out.append(("tensorrt", lambda: TensorRTBackend(card)))
+        else:
+            print(f"bench: skipping TensorRT: {problem}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=os.environ.get("MODEL", str(REPO / "engines" / "simpsons")))
+    ap.add_argument("--data", type=Path, default=Path(os.environ.get("DATA", REPO.parent / "shared/data/simpsons/train")))
+    ap.add_argument("-n", type=int, default=1000, help="images (at most 1,000 are read from the folder)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=64, help="CPU batch size")
+    ap.add_argument("--gpu-batch-size", type=int, default=256)
+    ap.add_argument("--workers", type=int, default=None, help="decode processes (default: one per core)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--stage", type=Path, help="copy the chosen JPEGs to DIR/<class>/ and exit")
+    args = ap.parse_args()
+
+    files = dataset_files(args.data, min(args.n, 1000))
+    if args.stage:
+        for f in files:
+            dest = args.stage / Path(f.rel).parent.name / Path(f.path).name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f.path, dest)
+        sys.exit(f"staged {len(files)} JPEGs in {args.stage}")
+
+    import torch
+
+    from batchcls.backends import default_threads
+    from batchcls.card import load_card
+    from batchcls.engines.cuda import GpuClassifier, GpuJpegLoader, classify_gpu
+    from batchcls.engines.parity import compare_rows
+    from batchcls.pipeline import Classifier, RunOptions, classify, load_images
+    from batchcls.presets import EvalPreset
+
+    card = load_card(args.model)
+    threads = default_threads()
+    torch.set_num_threads(threads)
+    gpu = torch.cuda.is_available()
+    n = len(files)
+    print(f"bench: {n} JPEGs from {args.data}, model {card.name} ({card.architecture}, {card.input_size}px), "
+          f"{threads} CPU threads, GPU: {torch.cuda.get_device_name() if gpu else 'none'}, medians of {args.repeats}")
+
+    decoded = load_images(files, EvalPreset.from_card(card))
+    images = decoded.images
+    good = [f for f, e in zip(files, decoded.errors) if e is None]
+    results, reference = [], None
+    for label, make in candidates(card, gpu):
+        backend = make()
+        classifier = Classifier(card, backend)
+        on_gpu = "cuda" in label or "tensorrt" in label
+        bs = args.gpu_batch_size if on_gpu else args.batch_size
+
+        def infer() -> None:
+            for i in range(0, len(images), bs):
+                classifier.probabilities(images[i:i + bs])
+
+        row: dict = {"backend": label, "infer_ips": median_rate(len(images), infer, args.repeats)}
+        opts = RunOptions(batch_size=bs, workers=args.workers)
+        rows: list[dict] = []
+
+        def e2e() -> None:
+            rows.clear()
+            for r in classify(good, classifier, opts):
+                rows.extend(r)
+
+        row["e2e_ips"] = median_rate(len(good), e2e, args.repeats, warmup=False)  # warmed up by infer
+        if label.startswith("onnxruntime fp32"):
+            reference = list(rows)
+        if on_gpu:
+            loader = GpuJpegLoader(card, device="cuda")
+            gclassifier = GpuClassifier(card, backend)
+            gpu_rows: list[dict] = []
+
+            def e2e_nvjpeg() -> None:
+                gpu_rows.clear()
+                for r in classify_gpu(good, gclassifier, RunOptions(batch_size=bs), loader=loader):
+                    gpu_rows.extend(r)
+                torch.cuda.synchronize()
+
+            row["e2e_nvjpeg_ips"] = median_rate(len(good), e2e_nvjpeg, args.repeats)  # warm-up: nvJPEG init
+            row["nvjpeg_rows"] = gpu_rows
+        row["rows"] = rows
+        results.append(row)
+        print(f"  {label:34s} infer {row['infer_ips']:9.1f} img/s" +
+              f"   end to end {row['e2e_ips']:9.1f} img/s" +
+              (f"   nvJPEG end to end {row['e2e_nvjpeg_ips']:9.1f} img/s" if "e2e_nvjpeg_ips" in row else ""),
+              flush=True)
+
+    base = results[0]
+    print("\nratios to the PyTorch-eager baseline, and parity with ONNX FP32 (top-1 agreement, max confidence diff):")
+    report = []
+    for r in results:
+        entry = {k: v for k, v in r.items() if not k.endswith("rows")}
+        entry["infer_ratio"] = r["infer_ips"] / base["infer_ips"]
+        entry["e2e_ratio"] = r["e2e_ips"] / base["e2e_ips"]
+        parity = []
+        for key in ("rows", "nvjpeg_rows"):
+            if reference and r.get(key):
+                cmp = compare_rows(reference, r[key])
+                entry[f"parity_{key}"] = cmp.to_dict()
+                parity.append(f"{'nvJPEG ' if key == 'nvjpeg_rows' else ''}{cmp.agreement:.4f}/{cmp.max_conf_diff:.4f}")
+        report.append(entry)
+        print(f"  {r['backend']:34s} infer {entry['infer_ratio']:6.2f}x  end to end {entry['e2e_ratio']:6.2f}x"
+              f"   parity {', '.join(parity) or '-'}")
+
+    by = {r["backend"]: r for r in report}
+    fp32, int8 = by.get("onnxruntime fp32 cpu"), by.get("onnxruntime int8 cpu")
+    if fp32 and int8:
+        print(f"\nCPU INT8 vs CPU FP32 ONNX (infer): {int8['infer_ips'] / fp32['infer_ips']:.2f}x (target >= 1.5x)")
+    gpu_e2e = [v for r in report for k, v in r.items() if k in ("e2e_ips", "e2e_nvjpeg_ips")
+               and ("cuda" in r["backend"] or "tensorrt" in r["backend"])]
+    if gpu_e2e:
+        print(f"GPU best end to end (decode included): {max(gpu_e2e):.0f} images/s (target >= 10,000 on H100/H200)")
+    if args.json:
+        args.json.write_text(json.dumps({"images": n, "threads": threads, "model": str(card.bundle_dir),
+                                         "gpu": torch.cuda.get_device_name() if gpu else None,
+                                         "results": report}, indent=2, default=float) + "\n")
+
+
+if __name__ == "__main__":
+    main()

