@@ -100,3 +100,18 @@ def test_budget_cuts_epochs_only_when_the_measured_speed_needs_it():
     fit_budget(names, config, 25.0, 14461, 3102, 53 * 60, slow, logs.append)
     assert slow["per_model_epochs"] == {"efficientnet_lite0": 2, "efficientnet_lite2": 1}
     assert "epochs cut" in logs[-1]
+
+
+def test_remaining_budget_replans_the_next_model():
+    from train.pipeline import RECIPES, fit_remaining
+    from train.train import TrainConfig
+
+    def config(name):
+        return TrainConfig(model=name, **RECIPES[name])
+    logs = []
+    args = (["efficientnet_lite2"], config)
+    assert fit_remaining(*args, 90.0, 14461, 3102, 40 * 60, logs.append) == {}
+    assert fit_remaining(*args, 40.0, 14461, 3102, 25 * 60, logs.append) == {"epochs": 1}
+    short = fit_remaining(*args, 16.0, 14461, 3102, 30 * 60, logs.append)
+    assert short["epochs"] == 1 and 40 <= short["max_steps"] < 226 and "one-cycle" in logs[-1]
+    assert fit_remaining(*args, 16.0, 14461, 3102, 10 * 60, logs.append) is None and "SKIPPING" in logs[-1]

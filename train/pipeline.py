@@ -98,8 +98,16 @@ def run(args: argparse.Namespace, log=print) -> dict:
     if args.search:
         grid, subset = (SMOKE_GRID, 0) if args.smoke else (GRID, SEARCH_SUBSET)
         t0 = time.time()
-        best_point, rows = search(config(names[0], progress=False), out / "search", grid=grid, subset=subset,
-                                  val_subset=0 if args.smoke else SEARCH_VAL_SUBSET, log=log)
+        key = {"grid": grid, "subset": subset, "model": names[0], "split_sha256": split_sha, "overrides": overrides}
+        cached = out / "search" / "search.json"
+        if cached.is_file() and json.loads(cached.read_text())["key"] == key:  # same search already run here
+            rows = json.loads(cached.read_text())["rows"]
+            best_point = {k: max(rows, key=lambda r: r["val_macro_f1"])[k] for k in grid}
+            log(f"search: reusing {cached}")
+        else:
+            best_point, rows = search(config(names[0], progress=False), out / "search", grid=grid, subset=subset,
+                                      val_subset=0 if args.smoke else SEARCH_VAL_SUBSET, log=log)
+            cached.write_text(json.dumps({"key": key, "rows": rows}, indent=1) + "\n")
         log(f"search: best {best_point} by val macro-F1 ({(time.time() - t0) / 60:.1f} min); "
             f"grid {grid}, 1 epoch on {subset or 'all'} train images, model {names[0]}")
         if args.budget_min and not args.smoke:
@@ -108,10 +116,17 @@ def run(args: argparse.Namespace, log=print) -> dict:
                        args.budget_min * 60 - (time.time() - t_start), overrides, log)
 
     # 3. train, then 4. evaluate + calibrate (the only test pass) each model
-    results = []
-    for name in names:
-        cfg = config(name, **best_point, out_dir=str(out / name))
+    results, ref_ips = [], None
+    for i, name in enumerate(names):
+        extra = {}
+        if ref_ips and args.budget_min and not args.smoke:  # re-plan with the speed measured on the last model
+            extra = fit_remaining(names[i:], config, ref_ips, len(manifest["train"]), len(manifest["val"]),
+                                  args.budget_min * 60 - (time.time() - t_start), log)
+            if extra is None:
+                continue
+        cfg = config(name, **best_point, **extra, out_dir=str(out / name))
         summary = train_main(cfg, log=log)
+        ref_ips = summary["train_images_per_s"] * COST.get(name, 2.0) * (cfg.input_size / 144) ** 2
         m = evaluate(summary["ckpt"], out / name, num_workers=cfg.num_workers, log=log)
         results.append({**m, "ckpt": summary["ckpt"], "dir": str(out / name)})
     write_table(results, out)
@@ -158,6 +173,29 @@ def fit_budget(names, config, ips: float, n_train: int, n_val: int, remaining_s:
     plan = {n: max(1, int(config(n).epochs * scale)) for n in names}
     log(f"budget: CPU slower than planned, epochs cut to {plan} to fit --budget-min")
     overrides.setdefault("per_model_epochs", {}).update(plan)
+
+
+def fit_remaining(pending: list[str], config, ref_ips: float, n_train: int, n_val: int, remaining_s: float,
+                  log) -> dict | None:
+    """Before each later model: {} if its recipe fits its share of the time left, else fewer epochs, else a
+    shorter one-cycle schedule (max_steps, samples still drawn from all of train), else None = skip it."""
+    name, cfg = pending[0], config(pending[0])
+    per_image = COST.get(name, 2.0) * (cfg.input_size / 144) ** 2 / ref_ips
+    reserve = sum(COST.get(n, 2.0) * (config(n).input_size / 144) ** 2 / ref_ips * n_val for n in pending) + 120
+    share = (remaining_s - reserve) / len(pending)  # this model's share of the training time left
+    epoch_s = per_image * (n_train + n_val / 3)
+    if cfg.epochs * epoch_s <= share:
+        return {}
+    if epoch_s <= share:
+        log(f"budget: {name} gets {int(share // epoch_s)} epoch(s) instead of {cfg.epochs} ({share / 60:.0f} min left for it)")
+        return {"epochs": int(share // epoch_s)}
+    steps = int((share / per_image - n_val / 3) / cfg.batch_size)
+    if steps < 40:
+        log(f"budget: SKIPPING {name}: 1 epoch needs {epoch_s / 60:.0f} min, {max(share, 0) / 60:.0f} min left for it")
+        return None
+    log(f"budget: {name} gets a {steps}-step one-cycle schedule ({steps * cfg.batch_size} sampled images, "
+        f"{steps * cfg.batch_size / n_train:.2f} epoch) to fit {share / 60:.0f} min")
+    return {"epochs": 1, "max_steps": steps}
 
 
 COLUMNS = ["model", "params_M", "input_size", "epochs", "train_min", "val_macro_f1", "test_macro_f1", "test_acc",

@@ -245,7 +245,7 @@ def main(cfg: TrainConfig, log=print) -> dict:
             seen += x.shape[0]
             loss_sum += loss.item() * x.shape[0]  # .item() syncs; cheap next to a CPU step
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                            ips=f"{seen * world / (time.time() - t0):.0f}")
+                            ips=f"{seen * world / (time.time() - t0):.0f}", refresh=False)  # bar prints at mininterval
             if step >= total_steps:
                 break
         epoch_time = time.time() - t0
