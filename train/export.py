@@ -1,5 +1,8 @@
 """Export a trained checkpoint as the bundle the runtime reads: model.onnx + card.json (+ results/).
 
+``model.pt`` (the plain state_dict) rides along for ``--backend torch``/``cuda`` and the PyTorch baseline
+of ``make bench``; the CPU runtime never reads it.
+
 The ONNX graph outputs RAW logits; the runtime applies softmax(logits / card.temperature).
 ONNX Runtime must match PyTorch probabilities on >= 64 real images (max abs diff < 1e-4) or export fails.
 """
@@ -60,6 +63,9 @@ def export(ckpt_path: str | os.PathLike, bundle_dir: str | os.PathLike, *, tempe
     export_onnx(model, card.input_size, onnx_path)
     card = dataclasses.replace(card, temperature=float(temperature), metrics=metrics, training=training,
                                onnx_sha256=hashlib.sha256(onnx_path.read_bytes()).hexdigest())
+    tmp = bundle / "model.pt.tmp"
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, bundle / "model.pt")
     worst = parity(model, onnx_path, card, parity_images)
     log(f"export: ONNX Runtime vs PyTorch max |dprob| {worst:.2e} on {len(parity_images)} images (limit {PARITY_TOL:.0e})")
     card.save(bundle)  # written last: a bundle with a card always has a verified model next to it

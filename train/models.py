@@ -177,3 +177,13 @@ def check_weights(name: str, pretrained: str) -> None:
                            f"use --pretrained offline or a local file")
     elif pretrained not in ("offline", "hub", "none") and not Path(pretrained).is_file():
         raise ValueError(f"unknown weight source {pretrained!r}: choose one of {', '.join(SOURCES)}")
+
+
+def load_for_inference(card) -> nn.Module:
+    """A bundle's network in PyTorch (``model.pt`` beside its card), for the torch/CUDA backends and benchmarks."""
+    weights = card.bundle_dir / "model.pt"
+    if not weights.is_file():
+        raise WeightsError(f"{weights} is missing: re-export the bundle with `make train` to use PyTorch backends")
+    model = create_model(card.architecture, card.num_classes, pretrained="none")
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model.eval()
