@@ -95,10 +95,10 @@ def test_budget_cuts_epochs_only_when_the_measured_speed_needs_it():
         return TrainConfig(model=name, **RECIPES[name])
     names = ["efficientnet_lite0", "efficientnet_lite2"]
     fast, slow, logs = {}, {}, []
-    fit_budget(names, config, 90.0, 14461, 3102, 55 * 60, fast, logs.append)
-    assert fast == {}  # the brief's 90 img/s: 5 + 2 epochs fit
-    fit_budget(names, config, 25.0, 14461, 3102, 53 * 60, slow, logs.append)
-    assert slow["per_model_epochs"] == {"efficientnet_lite0": 2, "efficientnet_lite2": 1}
+    fit_budget(names, config, 24.0, 14461, 3102, 51 * 60, fast, logs.append)
+    assert fast == {}  # the CI machine's ~24 img/s at 128 px: lite0's 3 epochs fit; lite2 is re-planned later
+    fit_budget(names, config, 10.0, 14461, 3102, 53 * 60, slow, logs.append)
+    assert slow["per_model_epochs"] == {"efficientnet_lite0": 1}  # only the first model is cut here
     assert "epochs cut" in logs[-1]
 
 

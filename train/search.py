@@ -13,8 +13,8 @@ from pathlib import Path
 from train.train import TrainConfig, main as train_main
 
 GRID = {"lr": [1e-3, 3e-3], "head_epochs": [0.0, 0.25]}  # 4 trials
-SEARCH_SUBSET = 1500  # train images per trial (fixed seeded subset)
-SEARCH_VAL_SUBSET = 1000  # val images per trial (fixed seeded subset); the final models use all of val
+SEARCH_SUBSET = 800  # train images per trial (fixed seeded subset)
+SEARCH_VAL_SUBSET = 600  # val images per trial (fixed seeded subset); the final models use all of val
 
 
 def search(base: TrainConfig, out_dir: str | os.PathLike, *, grid: dict = GRID, subset: int = SEARCH_SUBSET,
