@@ -12,6 +12,7 @@
 #            DATA=tmp/bench_jpegs bash scripts/gpu_check.sh             (there, carry tmp/bench_jpegs)
 #          Default: tmp/bench_jpegs if present, else ../shared/data/simpsons/train, else the samples.
 #   OUT    where logs and bench.json go (default tmp/gpu_check)
+#   BENCH_N images for the benchmark (default 1000)
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -43,7 +44,7 @@ $PY -m pytest -m gpu tests/test_engines.py -q -rs -p no:cacheprovider 2>&1 | tee
 tests_rc=${PIPESTATUS[0]}
 
 echo "== benchmark ($DATA, model $MODEL)"
-bench_args=(--model "$MODEL" --data "$DATA" -n 1000 --json "$OUT/bench.json")
+bench_args=(--model "$MODEL" --data "$DATA" -n "${BENCH_N:-1000}" --cpu-n 200 --json "$OUT/bench.json")
 if [ ! -f "$MODEL/card.json" ]; then
   echo "no bundle at $MODEL: set MODEL=<bundle folder>" | tee "$OUT/bench.log"; bench_rc=1
 else

@@ -205,7 +205,7 @@ class OnnxModule(torch.nn.Module):
         used = {i for _, inputs, _, _ in self.nodes for i in inputs}
         self.host = {k: v for k, v in host.items() if k in used}
         for i, (name, arr) in enumerate(self.host.items()):
-            if arr.dtype.kind == "f" and arr.size > 1:  # weights: to the device with the module
+            if arr.dtype.kind == "f":  # weights and float constants live on the device with the module
                 self.register_buffer(f"w{i}", torch.from_numpy(arr.copy()))
                 self.weights[name] = f"w{i}"
         inits = {t.name for t in graph.initializer}
