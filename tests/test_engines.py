@@ -342,6 +342,34 @@ def test_onnx_to_torch_matches_onnxruntime(colour_bundle):
 
 
 @needs_torch
+def test_onnx_to_torch_asymmetric_conv_pads(tmp_path):
+    """torch.export-style graphs pad TF "same" convs asymmetrically inside Conv itself."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from batchcls.engines.cuda import onnx_to_torch
+
+    rng = np.random.default_rng(1)
+    w = numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
+    dw = numpy_helper.from_array(rng.normal(size=(4, 1, 3, 3)).astype(np.float32), "dw")
+    lo = numpy_helper.from_array(np.array(0.0, np.float32), "lo")
+    hi = numpy_helper.from_array(np.array(6.0, np.float32), "hi")
+    axes = numpy_helper.from_array(np.array([2, 3], np.int64), "axes")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], pads=[0, 0, 1, 1], strides=[2, 2]),
+             helper.make_node("Clip", ["a", "lo", "hi"], ["b"]),
+             helper.make_node("Conv", ["b", "dw"], ["c"], pads=[1, 1, 1, 1], group=4),
+             helper.make_node("ReduceMean", ["c", "axes"], ["y"], keepdims=0)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 9, 9])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], [w, dw, lo, hi, axes])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "m.onnx"))
+    x = rng.normal(size=(2, 3, 9, 9)).astype(np.float32)
+    ref = OnnxRuntimeBackend(tmp_path / "m.onnx").infer(x)
+    with torch.inference_mode():
+        got = onnx_to_torch(tmp_path / "m.onnx")(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_torch
 def test_onnx_to_torch_refuses_unknown_ops(tmp_path):
     from onnx import TensorProto, helper
 

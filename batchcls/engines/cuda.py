@@ -121,6 +121,13 @@ def _unsqueeze(x, axes=None, **attrs):
     return x
 
 
+def _squeeze(x, axes):  # noqa: ANN001, ANN202 - tensor or array; axes from the input (opset 13+) or attribute
+    if axes is None:
+        return x.squeeze()
+    dims = tuple(_ints(axes))
+    return x.squeeze(dims) if torch.is_tensor(x) else np.squeeze(x, dims)
+
+
 def _np_div(a, b):
     a, b = np.asarray(a), np.asarray(b)
     return (np.trunc(a / b).astype(a.dtype)) if a.dtype.kind in "iu" and b.dtype.kind in "iu" else a / b
@@ -151,7 +158,7 @@ OPS: dict[str, Callable[..., Any]] = {
     "Transpose": lambda x, perm=None: x.permute(*(perm or reversed(range(x.dim())))),
     "Concat": lambda *xs, axis: torch.cat(xs, dim=axis),
     "Unsqueeze": _unsqueeze,
-    "Squeeze": lambda x, axes=None, **a: x.squeeze(tuple(_ints(a.get("axes", axes)))) if (a.get("axes", axes) is not None) else x.squeeze(),
+    "Squeeze": lambda x, axes=None, **a: _squeeze(x, a.get("axes", axes)),
 }
 # Parameters that stay host values even next to device data (shapes, axes, pads, bounds).
 _HOST_INPUTS = {"Reshape": (1,), "ReduceMean": (1,), "Clip": (1, 2), "Pad": (1, 2, 3), "Slice": (1, 2, 3, 4),
@@ -167,7 +174,7 @@ NP_OPS: dict[str, Callable[..., Any]] = {
     "Cast": lambda x, to, **_: np.asarray(x).astype(onnx.helper.tensor_dtype_to_np_dtype(to)),
     "Gather": lambda x, i, axis=0: np.take(x, np.asarray(i), axis=axis),
     "Unsqueeze": _unsqueeze,
-    "Squeeze": lambda x, axes=None, **a: np.squeeze(x, tuple(_ints(a.get("axes", axes)))) if a.get("axes", axes) is not None else np.squeeze(x),
+    "Squeeze": lambda x, axes=None, **a: _squeeze(np.asarray(x), a.get("axes", axes)),
     "Concat": lambda *xs, axis: np.concatenate([np.atleast_1d(x) for x in xs], axis=axis),
     "ConstantOfShape": lambda s, value=None: np.full(_ints(s), 0 if value is None else value.reshape(-1)[0],
                                                      dtype=np.float32 if value is None else value.dtype),
