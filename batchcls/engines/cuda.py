@@ -253,10 +253,6 @@ def onnx_to_torch(path: str | os.PathLike) -> OnnxModule:
 
 # --- backend ---------------------------------------------------------------------------------
 
-def cuda_available() -> bool:
-    return torch.cuda.is_available()
-
-
 class DeviceNormalize:
     """uint8 NCHW on the device -> float32 normalized: the GPU twin of presets.normalize."""
 
