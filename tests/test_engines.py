@@ -478,7 +478,13 @@ def test_torch_eager_parity_with_fp32(lite0_engines, lite0_reference):
     from batchcls.engines.cuda import CudaBackend
 
     card = load_card(lite0_engines)
-    assert_parity(lite0_reference, rows_for(card, CudaBackend(card, device="cpu"), sample_files()), "torch eager")
+    backend = CudaBackend(card, device="cpu")
+    assert_parity(lite0_reference, rows_for(card, backend, sample_files()), "torch eager")
+    from batchcls.engines.cuda import GpuClassifier, GpuJpegLoader, classify_gpu
+
+    got = [r for rows in classify_gpu(sample_files(), GpuClassifier(card, backend), RunOptions(batch_size=16),
+                                      loader=GpuJpegLoader(card, device="cpu")) for r in rows]
+    assert_parity(lite0_reference, got, "decode + centre crop + bicubic resize on the device (run on the CPU here)")
 
 
 def gpu_bundle(request) -> Path:
