@@ -8,7 +8,9 @@ and both scores go to ``engines.json``, which ``backends.cpu_model_path`` reads 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import random
@@ -150,13 +152,14 @@ def quantize_int8(card: ModelCard, calib_files: list[InputFile], settings: dict)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(card.onnx_path), str(pre))  # shape inference + the fusions quantization expects
-        quantize_static(str(pre), str(Path(tmp) / "int8.onnx"), reader, quant_format=QuantFormat.QDQ,
-                        per_channel=settings["per_channel"], reduce_range=settings["reduce_range"],
-                        activation_type=types[settings["activation"]], weight_type=types[settings["weight"]],
-                        nodes_to_exclude=fp32_nodes(onnx.load(str(pre))),
-                        calibrate_method=CalibrationMethod.Percentile,
-                        # one batch per pass, histograms merged: memory holds one batch's activations
-                        extra_options={"CalibStridedMinMax": 1, "CalibPercentile": settings["percentile"]})
+        with contextlib.redirect_stdout(io.StringIO()):  # ORT prints a line per calibration pass
+            quantize_static(str(pre), str(Path(tmp) / "int8.onnx"), reader, quant_format=QuantFormat.QDQ,
+                            per_channel=settings["per_channel"], reduce_range=settings["reduce_range"],
+                            activation_type=types[settings["activation"]], weight_type=types[settings["weight"]],
+                            nodes_to_exclude=fp32_nodes(onnx.load(str(pre))),
+                            calibrate_method=CalibrationMethod.Percentile,
+                            # one batch per pass, histograms merged: memory holds one batch's activations
+                            extra_options={"CalibStridedMinMax": 1, "CalibPercentile": settings["percentile"]})
         if reader.images == 0:
             raise InputError("none of the calibration images could be decoded")
         os.replace(Path(tmp) / "int8.onnx", out)
