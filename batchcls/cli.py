@@ -172,7 +172,7 @@ def engine_build(model, target, fp16, max_batch, val_dir, calib_dir, calib_image
 @click.option("--recursive/--no-recursive", default=True, show_default=True, help="Watch sub-folders too.")
 @click.option("--top-k", type=click.IntRange(1, 100), default=1, show_default=True, help="Also write the next K-1 labels and confidences.")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="Label rows below this confidence as 'unknown'.")
-@click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: cpu.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: the auto backend's (a GPU when there is one, else cpu).")
 @click.option("--quiet", "-q", is_flag=True, help="Log warnings only, not one line per batch.")
 def watch(folder, out, model, fmt, polling, stable_seconds, batch_size, max_wait, workers, move_to, errors_to,
           recursive, top_k, threshold, device, quiet) -> None:

@@ -43,6 +43,7 @@ log = logging.getLogger("batchcls.watch")
 # Names that are still being written by convention; they count once renamed to their real name.
 TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", ".filepart", ".swp", "~")
 WATCH_FORMATS = ("csv", "jsonl")  # parquet can't be appended row by row
+DECODE_TIMEOUT_S = 60.0  # a decode batch of 64 small frames takes well under a second
 
 
 class WatchError(BatchclsError):
@@ -537,12 +538,15 @@ class Watcher:
         if isinstance(job, DecodedBatch):
             return job
         try:
-            return job.result()
+            # A worker killed at the wrong moment can leave its future pending forever instead of
+            # breaking the pool (seen with SIGKILL under load): a daemon must not hang on it.
+            return job.result(timeout=DECODE_TIMEOUT_S)
         except Exception as e:  # a worker died (killed, out of memory, a decoder crash): retry once
-            log.error("decode worker failed on a batch of %d files (%s): retrying in a fresh one", len(files), e)
+            log.error("decode worker failed on a batch of %d files (%s): retrying in a fresh one",
+                      len(files), type(e).__name__ if isinstance(e, TimeoutError) else e)
         self._restart_pool()
         try:
-            return self._submit(files).result()
+            return self._submit(files).result(timeout=DECODE_TIMEOUT_S)
         except Exception as e:  # twice: one of these files kills the decoder; they get error rows
             self._restart_pool()
             reason = f"decode worker crashed twice on this batch: {type(e).__name__}"
