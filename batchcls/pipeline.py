@@ -155,8 +155,21 @@ class RunOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
 
+def _on_gpu(backend: Backend) -> bool:
+    """Backends that take uint8 images on a CUDA device (TensorRT, CUDA) are fed by nvJPEG instead."""
+    device = getattr(backend, "device", None)
+    return hasattr(backend, "infer_images") and getattr(device, "type", None) == "cuda"
+
+
 def classify(files: Iterable[InputFile], classifier: Classifier, options: RunOptions) -> Iterator[list[dict]]:
     """Rows for every file, batch by batch, in input order."""
+    if _on_gpu(classifier.backend):
+        from batchcls.engines.cuda import GpuClassifier, GpuJpegLoader, classify_gpu
+
+        card, backend = classifier.card, classifier.backend
+        loader = GpuJpegLoader(card, device=str(backend.device), max_pixels=options.max_pixels)  # type: ignore[attr-defined]
+        yield from classify_gpu(files, GpuClassifier(card, backend), options, loader=loader)
+        return
     workers = default_threads() if options.workers is None else options.workers
     for batch in decoded_batches(files, classifier.preset, batch_size=options.batch_size,
                                  workers=workers, max_pixels=options.max_pixels):

@@ -511,6 +511,22 @@ def test_cuda_backend_parity(request):
     assert_parity(ref, got, "cuda fp16 + nvJPEG")
 
 
+@pytest.mark.gpu
+@gpu
+def test_pipeline_feeds_a_cuda_backend_through_nvjpeg(request):
+    """pipeline.classify (what run/watch/eval call) routes a CUDA-device backend to the nvJPEG loader."""
+    from batchcls.engines import cuda as cuda_engine
+    from batchcls.pipeline import Classifier, _on_gpu, classify
+
+    card = load_card(gpu_bundle(request))
+    backend = cuda_engine.CudaBackend(card, device="cuda")
+    assert _on_gpu(backend) and not _on_gpu(OnnxRuntimeBackend(card.onnx_path))
+    files = sample_files()
+    ref = rows_for(card, OnnxRuntimeBackend(card.onnx_path), files)
+    got = [r for rows in classify(files, Classifier(card, backend), RunOptions(batch_size=16)) for r in rows]
+    assert_parity(ref, got, "pipeline -> cuda + nvJPEG")
+
+
 @pytest.fixture(scope="session")
 def trt_bundle(request, tmp_path_factory) -> Path:
     pytest.importorskip("tensorrt", reason="TensorRT is not installed here (pip install 'batchcls[tensorrt]')")
