@@ -141,6 +141,14 @@ class RunSummary:
     skipped: int = 0  # already in the output of a resumed run
     labels: dict[str, int] = field(default_factory=dict)
 
+    def add(self, rows: list[dict]) -> None:
+        self.files += len(rows)
+        for r in rows:
+            if r["status"] == "ok":
+                self.labels[r["label"]] = self.labels.get(r["label"], 0) + 1
+            else:
+                self.errors += 1
+
     @property
     def images_per_s(self) -> float:
         return self.files / self.seconds if self.seconds > 0 else 0.0
@@ -183,12 +191,7 @@ def run(files: Iterable[InputFile], classifier: Classifier, write: Callable[[lis
     start = time.perf_counter()
     for rows in classify(files, classifier, options):
         write(rows)
-        summary.files += len(rows)
-        for r in rows:
-            if r["status"] == "ok":
-                summary.labels[r["label"]] = summary.labels.get(r["label"], 0) + 1
-            else:
-                summary.errors += 1
+        summary.add(rows)
         if on_batch is not None:
             on_batch(len(rows))
     summary.seconds = time.perf_counter() - start

@@ -277,12 +277,7 @@ def run_ray_job(job: RunJob, *, address: str | None = None, actors: int | None =
     try:
         for rows in _classify(ray, files, card, job, actors) if files else ():
             writer.write(rows)
-            summary.files += len(rows)
-            for r in rows:
-                if r["status"] == "ok":
-                    summary.labels[r["label"]] = summary.labels.get(r["label"], 0) + 1
-                else:
-                    summary.errors += 1
+            summary.add(rows)
     except KeyboardInterrupt:
         writer.close(complete=False)
         raise Interrupted(writer.rows_written, "stdout" if writer.to_stdout else str(writer.partial)) from None

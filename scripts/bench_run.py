@@ -159,7 +159,7 @@ def main() -> None:
             peaks[size] = peak_rss_mb(batchcls_cmd("run", "--files-from", str(lst), "--out", str(tmp / "m.csv"),
                                                    "--model", args.model, "--overwrite", "-q"))
         sizes = sorted(peaks)
-        print(f"  peak memory: " + ", ".join(f"{s} files {peaks[s]:.0f} MB" for s in sizes)
+        print("  peak memory: " + ", ".join(f"{s} files {peaks[s]:.0f} MB" for s in sizes)
               + f"; ratio {peaks[sizes[-1]] / peaks[sizes[0]]:.3f} (target <= 1.10)")
 
 

@@ -30,14 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-
-
-def dataset_files(data: Path, n: int) -> list[Path]:
-    files = sorted(data.glob("*/*.jpg"))
-    if not files:
-        sys.exit(f"bench: no JPEGs under {data}: pass --data ROOT/<class>/*.jpg")
-    step = max(1, len(files) // n)
-    return files[::step][:n]
+from bench_run import dataset_files  # noqa: E402 - scripts/ is on sys.path when run as a script
 
 
 def cli(*args: str) -> list[str]:

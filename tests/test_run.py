@@ -1,7 +1,6 @@
 """`batchcls run` end to end through the real CLI, real images and real ONNX Runtime."""
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from batchcls.decode import decode_image
 from batchcls.presets import EvalPreset, normalize

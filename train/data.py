@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from batchcls.decode import decode_image
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SAMPLERS = ("sqrt", "inverse", "none")
