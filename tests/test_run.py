@@ -125,13 +125,17 @@ def _many_images(root: Path, n: int) -> None:
         Image.new("RGB", (48, 48), colours[i % 3]).save(root / f"{i:05d}.png")
 
 
-def test_resume_after_kill_has_no_duplicates_and_no_gaps(tmp_path, colour_bundle):
-    root = tmp_path / "many"
+def _slow_run(tmp_path: Path, bundle: Path, out_name: str, *extra: str) -> tuple[Path, Path, Path, list[str]]:
+    """1,500 images classified two at a time in a subprocess: slow enough to interrupt mid-run."""
+    root, out = tmp_path / "many", tmp_path / out_name
     _many_images(root, 1500)
-    out = tmp_path / "labels.csv"
-    partial = Path(str(out) + ".partial")
-    cmd = [sys.executable, "-m", "batchcls.cli", "run", str(root), "--out", str(out), "--model", str(colour_bundle),
-           "--batch-size", "2", "--workers", "0", "-q"]
+    cmd = [sys.executable, "-m", "batchcls.cli", "run", str(root), "--out", str(out), "--model", str(bundle),
+           "--batch-size", "2", "--workers", "0", "-q", *extra]
+    return root, out, Path(str(out) + ".partial"), cmd
+
+
+def test_resume_after_kill_has_no_duplicates_and_no_gaps(tmp_path, colour_bundle):
+    root, out, partial, cmd = _slow_run(tmp_path, colour_bundle, "labels.csv")
     proc = subprocess.Popen(cmd)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
@@ -153,12 +157,7 @@ def test_resume_after_kill_has_no_duplicates_and_no_gaps(tmp_path, colour_bundle
 
 
 def test_sigint_keeps_partial_then_resume(tmp_path, colour_bundle):
-    root = tmp_path / "many"
-    _many_images(root, 1500)
-    out = tmp_path / "labels.jsonl"
-    partial = Path(str(out) + ".partial")
-    cmd = [sys.executable, "-m", "batchcls.cli", "run", str(root), "--out", str(out), "--model", str(colour_bundle),
-           "--batch-size", "2", "--workers", "0", "--format", "jsonl", "-q"]
+    root, out, partial, cmd = _slow_run(tmp_path, colour_bundle, "labels.jsonl", "--format", "jsonl")
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (partial.exists() and partial.stat().st_size > 500):
