@@ -102,6 +102,14 @@ def _batched(files: Iterable[InputFile], size: int) -> Iterator[list[InputFile]]
         yield chunk
 
 
+def decode_pool(workers: int, initializer: Callable[[], None] | None = None) -> ProcessPoolExecutor:
+    """Decode worker processes, started by a forkserver: a fork of this process could copy a lock
+    held by one of ONNX Runtime's threads."""
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=initializer)
+
+
 def decoded_batches(files: Iterable[InputFile], preset: EvalPreset, *, batch_size: int,
                     workers: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[DecodedBatch]:
     """Decoded batches in input order; with workers > 0 they are decoded ahead in processes.
@@ -118,9 +126,8 @@ def decoded_batches(files: Iterable[InputFile], preset: EvalPreset, *, batch_siz
         for b in batches:
             yield load_images(b, preset, max_pixels)
         return
-    ctx = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
     window: deque[Future] = deque()
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    with decode_pool(workers) as pool:
         try:
             for b in itertools.chain([first], batches):
                 window.append(pool.submit(load_images, b, preset, max_pixels))

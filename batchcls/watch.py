@@ -22,7 +22,6 @@ import ctypes
 import ctypes.util
 import errno
 import logging
-import multiprocessing
 import os
 import queue
 import signal
@@ -35,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batchcls.errors import BatchclsError, InputError, OutputError
-from batchcls.pipeline import Classifier, DecodedBatch, RunOptions, load_images
+from batchcls.pipeline import Classifier, DecodedBatch, RunOptions, decode_pool, load_images
 from batchcls.scan import InputFile, scan_dir
 
 log = logging.getLogger("batchcls.watch")
@@ -262,9 +261,7 @@ class Watcher:
         return self
 
     def _new_pool(self) -> ProcessPoolExecutor:
-        methods = multiprocessing.get_all_start_methods()
-        ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-        return ProcessPoolExecutor(max_workers=self._workers, mp_context=ctx, initializer=_leave_signals_to_parent)
+        return decode_pool(self._workers, initializer=_leave_signals_to_parent)
 
     def _prepare_target(self, folder: str, flag: str) -> Path:
         path = Path(folder).resolve()
