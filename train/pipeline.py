@@ -4,11 +4,12 @@
     python -m train --data ... --models "vgg16 efficientnetv2_b0" --pretrained hub
     python -m train --smoke --data samples/simpsons --out /tmp/s --export /tmp/s/engine
 
-Default budget (2 CPU cores, <= 75 min; --budget-min 55): a 4-trial search on efficientnet_lite0 (1 epoch on 800
-train images, validated on 600 val images; ~4 min; the winning lr/head stage is reused by every model),
-efficientnet_lite0 for 3 epochs at 128 px (~33 min at the ~24 img/s measured on the CI machine), then
-efficientnet_lite2 at 128 px with whatever the budget leaves (re-planned from lite0's measured speed: fewer
-epochs or a shorter one-cycle schedule, or skipped), then evaluation and export (~5 min). The log says what
+Default budget (2 CPU cores, <= 75 min; make train passes --budget-min 62): a 4-trial search on
+efficientnet_lite0 (learning rate x frozen stem depth, 1 epoch on 1,600 train images, validated on 600 val
+images; ~3 min; the winner is reused by every model), efficientnet_lite0 for 6 epochs at 128 px with the stem
+and first stages frozen (~36 min at the ~45 img/s measured on the CI machine), then efficientnet_lite2 at
+128 px with whatever the budget leaves (re-planned from lite0's measured speed: fewer epochs or a shorter
+one-cycle schedule, or skipped), then evaluation and export (~5 min). The log says what
 was cut and why.
 """
 from __future__ import annotations
@@ -33,9 +34,10 @@ from train.train import TrainConfig, main as train_main
 
 # Per-model recipe sized for the CPU budget above; anything in --config overrides it for every model.
 RECIPES = {
-    # Measured on the 2-core AMD EPYC (AVX2) CI machine: lite0 trains ~19 img/s at 144 px, ~24 at 128 px, so the
-    # default is 128 px (users' frames are ~120x160 anyway) and lite0, the likely winner, gets its epochs first.
-    "efficientnet_lite0": {"epochs": 3, "input_size": 128},
+    # Measured on the 2-core AMD EPYC (AVX2) CI machine: lite0 trains ~19 img/s at 144 px, ~24 at 128 px, ~45
+    # at 128 px with stem + 2 stages frozen, so the default is 128 px (users' frames are ~120x160 anyway) and
+    # lite0, the likely winner, gets its epochs first.
+    "efficientnet_lite0": {"epochs": 6, "input_size": 128},
     "efficientnet_lite2": {"epochs": 2, "input_size": 128},  # ~2.5x slower per image than lite0
     "efficientnetv2_b0": {"epochs": 3, "input_size": 144},
     "vgg16": {"epochs": 2, "input_size": 128},  # backbone frozen on CPU (freeze_backbone="auto")

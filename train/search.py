@@ -12,8 +12,8 @@ from pathlib import Path
 
 from train.train import TrainConfig, main as train_main
 
-GRID = {"lr": [1e-3, 3e-3], "head_epochs": [0.0, 0.25]}  # 4 trials
-SEARCH_SUBSET = 800  # train images per trial (fixed seeded subset)
+GRID = {"lr": [1e-3, 3e-3], "freeze_stages": [2, 3]}  # 4 trials: learning rate x how deep the frozen stem is
+SEARCH_SUBSET = 1600  # train images per trial (fixed seeded subset)
 SEARCH_VAL_SUBSET = 600  # val images per trial (fixed seeded subset); the final models use all of val
 
 

@@ -52,6 +52,7 @@ class TrainConfig:
     label_smoothing: float = 0.1  # cross-entropy label smoothing
     head_epochs: float = 0.0  # head-only stage length in epochs (may be fractional), then all layers train
     freeze_backbone: str = "auto"  # "auto" (= yes for vgg16 on CPU), "yes" (head only throughout), "no"
+    freeze_stages: int = 2  # stem + this many first stages never train (0 = none): CPU speed, little accuracy
     patience: int = 2  # early stop after this many epochs without a better val macro-F1
     epochs_this_run: int = 0  # stop this invocation after N epochs (0 = all); continue later with --resume
     # system
@@ -118,10 +119,13 @@ def predict(model, loader, device, *, channels_last: bool, autocast, progress: b
     return torch.cat(logits).numpy(), torch.cat(labels).numpy(), time.time() - t0
 
 
-def set_backbone_trainable(model, name: str, trainable: bool) -> None:
+def set_backbone_trainable(model, name: str, trainable: bool, frozen_stages: int = 0) -> None:
+    """Head-only (False) or all layers (True); the stem + ``frozen_stages`` first stages stay frozen either way."""
     head_params = {id(p) for p in models.head(name, model).parameters()}
     for p in model.parameters():
         p.requires_grad_(trainable or id(p) in head_params)
+    for layer in models.early_layers(name, model, frozen_stages):
+        layer.requires_grad_(False)
 
 
 def main(cfg: TrainConfig, log=print) -> dict:
@@ -188,8 +192,8 @@ def main(cfg: TrainConfig, log=print) -> dict:
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
-    if freeze:
-        set_backbone_trainable(model, cfg.model, False)  # before DDP, so DDP only syncs the head
+    # Before DDP, so DDP never registers the frozen layers (their BN statistics still adapt in train mode).
+    set_backbone_trainable(model, cfg.model, not freeze, cfg.freeze_stages)
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -215,7 +219,7 @@ def main(cfg: TrainConfig, log=print) -> dict:
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     say(f"model {cfg.model} ({n_params / 1e6:.2f} M params, weights: {cfg.pretrained}), input {cfg.input_size}px, "
         f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs = {total_steps} steps, head-only for {head_steps}, "
-        f"sampler {cfg.sampler}, train {len(train_items)} / val {len(val_ds)} images")
+        f"frozen: stem + {cfg.freeze_stages} stages, sampler {cfg.sampler}, train {len(train_items)} / val {len(val_ds)} images")
 
     # --- the loop: train an epoch, evaluate, checkpoint, maybe stop -----------------------------------
     for epoch in range(start_epoch, cfg.epochs):
@@ -228,9 +232,9 @@ def main(cfg: TrainConfig, log=print) -> dict:
                    mininterval=5 if sys.stderr.isatty() else 60)
         for x, y in bar:
             if step < head_steps:
-                set_backbone_trainable(model, cfg.model, False)
+                set_backbone_trainable(model, cfg.model, False, cfg.freeze_stages)
             elif step == head_steps:
-                set_backbone_trainable(model, cfg.model, True)  # stage 2: all layers
+                set_backbone_trainable(model, cfg.model, True, cfg.freeze_stages)  # stage 2: all but the frozen stem
             x = x.to(device, non_blocking=True, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
             y = y.to(device, non_blocking=True)
             with autocast:
