@@ -50,10 +50,11 @@ model_option = click.option("--model", type=click.Path(), default=None,
 @click.option("--files-from", type=click.Path(allow_dash=True), help="Read paths to classify, one per line ('-' = stdin).")
 @click.option("--recursive/--no-recursive", default=True, show_default=True, help="Descend into sub-folders.")
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl", "parquet"]), default="csv", show_default=True, help="Output format.")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True, help="Images per inference batch.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=None, help="Images per inference batch.  [default: 64; 512 on a GPU]")
 @click.option("--workers", type=click.IntRange(0), default=None, help="Decode processes (0 = decode in-process). Default: one per core.")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt", "cuda", "torch"]), default="auto", show_default=True, help="Inference backend; auto: TensorRT plan, else CUDA, else CPU (INT8 if `make engine` kept it).")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: the backend's (a GPU for tensorrt/cuda, else cpu); cpu keeps auto off the GPU.")
+@click.option("--cpu-decode", is_flag=True, help="With a GPU backend, decode with Pillow instead of nvJPEG: slower, but the CPU path's exact pixels (nvJPEG moves confidences by up to ~0.06).")
 @click.option("--top-k", type=click.IntRange(1, 100), default=1, show_default=True, help="Also write the next K-1 labels and confidences.")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="Label rows below this confidence as 'unknown'.")
 @click.option("--max-pixels", type=click.IntRange(1), default=None, help="Refuse images larger than this many pixels (bomb guard).")
@@ -63,7 +64,7 @@ model_option = click.option("--model", type=click.Path(), default=None,
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="Run here, or on Ray Data across a cluster (needs the ray extra).")
 @click.option("--address", default=None, help="With --engine ray: 'auto' or 'ray://HEAD:10001'. Default: $RAY_ADDRESS, else Ray on this machine.")
-def run(source, out, model, files_from, recursive, fmt, batch_size, workers, backend, device, top_k,
+def run(source, out, model, files_from, recursive, fmt, batch_size, workers, backend, device, cpu_decode, top_k,
         threshold, max_pixels, resume, overwrite, strict, quiet, engine, address) -> None:
     """Classify every image in SOURCE (a folder or a file) and write one row per file.
 
@@ -74,7 +75,7 @@ def run(source, out, model, files_from, recursive, fmt, batch_size, workers, bac
     from batchcls.runner import Interrupted, RunJob, describe, run_job
 
     options = RunOptions(batch_size=batch_size, workers=workers, top_k=top_k, threshold=threshold,
-                         max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+                         max_pixels=max_pixels or DEFAULT_MAX_PIXELS, gpu_decode=not cpu_decode)
     job = RunJob(source=source, out=out, model=model, backend=backend, device=device, recursive=recursive,
                  files_from=files_from, fmt=fmt, resume=resume, overwrite=overwrite, quiet=quiet, options=options)
     if address and engine != "ray":
@@ -112,7 +113,7 @@ def info(model) -> None:
 @cli.command("eval")
 @click.argument("labelled_dir", type=click.Path(exists=True, file_okay=False))
 @model_option
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True, help="Images per inference batch.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=None, help="Images per inference batch.  [default: 64; 512 on a GPU]")
 @click.option("--workers", type=click.IntRange(0), default=None, help="Decode processes. Default: one per core.")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt", "cuda", "torch"]), default="auto", show_default=True, help="Inference backend; auto: TensorRT plan, else CUDA, else CPU (INT8 if `make engine` kept it).")
 def evaluate(labelled_dir, model, batch_size, workers, backend) -> None:
@@ -164,7 +165,7 @@ def engine_build(model, target, fp16, max_batch, val_dir, calib_dir, calib_image
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True, help="Output format (parquet can't be appended live).")
 @click.option("--polling", is_flag=True, help="Poll the folder instead of inotify: for network mounts, where events don't arrive.")
 @click.option("--stable-seconds", type=click.FloatRange(0.1), default=2.0, show_default=True, help="Without a close event (--polling, catch-up): ready once size and mtime held this long.")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True, help="Most images per inference batch.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=None, help="Most images per inference batch.  [default: 64; 512 on a GPU]")
 @click.option("--max-wait", type=click.FloatRange(0), default=0.25, show_default=True, help="Seconds a partial batch waits for more arrivals.")
 @click.option("--workers", type=click.IntRange(0), default=None, help="Decode processes (0 = in-process). Default: one per core.")
 @click.option("--move-to", type=click.Path(file_okay=False), help="Move labelled files to DIR/<label>/ (same filesystem; never overwrites).")

@@ -9,6 +9,7 @@ import numpy as np
 from batchcls.backends import load_backend
 from batchcls.card import load_card
 from batchcls.errors import InputError
+from batchcls.metrics import confusion, macro_f1_of, per_class
 from batchcls.pipeline import Classifier, RunOptions, classify
 from batchcls.scan import InputFile, scan_dir
 
@@ -28,22 +29,15 @@ class EvalReport:
 
 
 def f1_table(y_true: list[str], y_pred: list[str]) -> tuple[float, float, list[dict]]:
-    """(macro-F1, micro-F1, per-class rows) over every label seen in truth or prediction."""
+    """(macro-F1, micro-F1, per-class rows for every label seen in truth or prediction)."""
     labels = sorted(set(y_true) | set(y_pred))
-    t, p = np.asarray(y_true, dtype=object), np.asarray(y_pred, dtype=object)
-    rows = []
-    for lab in labels:
-        tp = int(np.sum((t == lab) & (p == lab)))
-        fp = int(np.sum((t != lab) & (p == lab)))
-        fn = int(np.sum((t == lab) & (p != lab)))
-        prec = tp / (tp + fp) if tp + fp else 0.0
-        rec = tp / (tp + fn) if tp + fn else 0.0
-        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
-        rows.append({"label": lab, "precision": prec, "recall": rec, "f1": f1, "support": tp + fn})
-    scored = [r for r in rows if r["support"] > 0]  # a label never true (e.g. "<error>") has no recall to judge
-    macro = float(np.mean([r["f1"] for r in scored])) if scored else 0.0
-    micro = float(np.mean(t == p)) if len(t) else 0.0
-    return macro, micro, rows
+    index = {lab: i for i, lab in enumerate(labels)}
+    cm = confusion([index[t] for t in y_true], [index[p] for p in y_pred], len(labels))
+    scores = per_class(cm)
+    rows = [{"label": lab, "precision": float(scores["precision"][i]), "recall": float(scores["recall"][i]),
+             "f1": float(scores["f1"][i]), "support": int(scores["support"][i])} for i, lab in enumerate(labels)]
+    micro = float(np.trace(cm) / cm.sum()) if len(y_true) else 0.0
+    return macro_f1_of(cm), micro, rows
 
 
 def labelled_files(root: str | os.PathLike) -> list[tuple[InputFile, str]]:

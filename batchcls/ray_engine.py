@@ -212,15 +212,15 @@ def _classify(ray, files: list[InputFile], card: ModelCard, job: RunJob,  # noqa
     # Decode may use every CPU: Ray only runs a task where a CPU is free. Sizing it unlike the actor
     # pool also keeps Ray Data from fusing decode into the actors, so the two stages scale apart.
     options = job.options
-    blocks = max(1, math.ceil(len(files) / options.batch_size))  # one input block per batch
+    blocks = max(1, math.ceil(len(files) / options.batch()))  # one input block per batch
     decode_tasks = min(options.workers or cpus, blocks)
     bundle = ray.put(bundle_files(card))  # kept referenced here until the run ends
     items = [{"idx": i, "path": _b(f.path), "rel": _b(f.rel)} for i, f in enumerate(files)]
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     ds = ds.map_batches(decode_batch, fn_kwargs={"preset": EvalPreset.from_card(card), "max_pixels": options.max_pixels},
-                        batch_size=options.batch_size, batch_format="numpy", num_cpus=1,
+                        batch_size=options.batch(), batch_format="numpy", num_cpus=1,
                         compute=ray.data.TaskPoolStrategy(size=decode_tasks))
-    ds = ds.map_batches(ModelActor, batch_size=options.batch_size, batch_format="numpy",
+    ds = ds.map_batches(ModelActor, batch_size=options.batch(), batch_format="numpy",
                         fn_constructor_kwargs={"bundle": bundle, "backend": job.backend,
                                                # Ray sets CUDA_VISIBLE_DEVICES per actor: "cuda" is its own GPU.
                                                # On CPU, None picks the backend exactly as a local run would.

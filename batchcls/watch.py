@@ -482,7 +482,7 @@ class Watcher:
     def _take(self, block: bool) -> list[InputFile]:
         """The next batch when one is due (full, or its oldest file waited max_wait_s); [] otherwise."""
         cfg = self.config
-        size = cfg.options.batch_size
+        size = cfg.options.batch()
         with self._cond:
             while not self._stopping:
                 if self._ready:

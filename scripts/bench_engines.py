@@ -4,8 +4,8 @@ Baseline: PyTorch eager, fp32, on the CPU, running the bundle's own graph (measu
 For each available backend it prints images/s for
 - infer: preprocessed batches through ``Classifier.probabilities`` (normalize + model + softmax),
   which is what an engine changes;
-- end to end: files -> rows through the run pipeline (decode workers included), and for GPU
-  backends also through nvJPEG (``classify_gpu``), which is what a user sees;
+- end to end: files -> rows through the run pipeline with Pillow decode workers (``--cpu-decode`` for
+  GPU backends), and for GPU backends also through nvJPEG (``classify_gpu``, the default there);
 and each one's parity with the ONNX FP32 reference (identical top-1 share, max confidence diff).
 Medians of --repeats. Targets: CPU INT8 >= 1.5x the CPU FP32 ONNX engine (infer); on an
 H100/H200-class GPU >= 10,000 images/s end to end with the CUDA or TensorRT backend.
@@ -28,6 +28,7 @@ from typing import Callable
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from batchcls.pipeline import GPU_BATCH  # noqa: E402
 from batchcls.scan import InputFile  # noqa: E402
 
 
@@ -55,7 +56,7 @@ def median_rate(n: int, fn: Callable[[], object], repeats: int, warmup: bool = T
     return n / statistics.median(times)
 
 
-def candidates(card, gpu: bool) -> list[tuple[str, Callable[[], object]]]:
+def candidates(card, gpu: bool, variants: bool = False) -> list[tuple[str, Callable[[], object]]]:
     """(label, backend factory) for every engine this machine has, baseline first."""
     from batchcls.backends import OnnxRuntimeBackend
     from batchcls.engines.cpu import int8_path, opt_path
@@ -71,6 +72,9 @@ def candidates(card, gpu: bool) -> list[tuple[str, Callable[[], object]]]:
         out.append(("onnxruntime int8 cpu", lambda: OnnxRuntimeBackend(int8_path(card))))
     if gpu:
         out.append(("cuda fp16", lambda: CudaBackend(card, device="cuda")))
+        if variants:
+            out.append(("cuda fp16 eager (no graphs)", lambda: CudaBackend(card, device="cuda", cuda_graphs=False)))
+            out.append(("cuda fp32", lambda: CudaBackend(card, device="cuda", fp16=False)))
         from batchcls.engines.tensorrt import TensorRTBackend, current_facts, plan_problem, read_meta
         from batchcls.engines import onnx_sha256
 
@@ -87,10 +91,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=os.environ.get("MODEL", str(REPO / "engines" / "simpsons")))
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("DATA", REPO.parent / "shared/data/simpsons/train")))
-    ap.add_argument("-n", type=int, default=1000, help="images (at most 1,000 are read from the folder)")
+    ap.add_argument("-n", type=int, default=1000,
+                    help="images; a folder with fewer is cycled (GPU runs need many to get past start-up costs)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=64, help="CPU batch size")
-    ap.add_argument("--gpu-batch-size", type=int, default=256)
+    ap.add_argument("--gpu-batch-size", type=int, default=GPU_BATCH)
+    ap.add_argument("--gpu-variants", action="store_true", help="also time cuda fp32 and fp16 without CUDA graphs")
     ap.add_argument("--workers", type=int, default=None, help="decode processes (default: one per core)")
     ap.add_argument("--cpu-n", type=int, default=None, help="time CPU backends on the first N images only "
                                                               "(rates stay comparable; saves GPU-machine time)")
@@ -98,14 +104,15 @@ def main() -> None:
     ap.add_argument("--stage", type=Path, help="copy the chosen JPEGs to DIR/<class>/ and exit")
     args = ap.parse_args()
 
-    files = dataset_files(args.data, min(args.n, 1000))
+    files = dataset_files(args.data, args.n)
     if args.stage:
-        for f in files:
+        for f in files[:1000]:  # a GPU run cycles these
             dest = args.stage / Path(f.rel).parent.name / Path(f.path).name
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(f.path, dest)
-        sys.exit(f"staged {len(files)} JPEGs in {args.stage}")
+        sys.exit(f"staged {len(files[:1000])} JPEGs in {args.stage}")
 
+    import numpy as np
     import torch
 
     from batchcls.backends import default_threads
@@ -126,20 +133,24 @@ def main() -> None:
     decoded = load_images(files, EvalPreset.from_card(card))
     images = decoded.images
     good = [f for f, e in zip(files, decoded.errors) if e is None]
-    results, reference = [], None
-    for label, make in candidates(card, gpu):
+    results, reference, ref_probs = [], None, None
+    for label, make in candidates(card, gpu, args.gpu_variants):
         backend = make()
         classifier = Classifier(card, backend)
         on_gpu = "cuda" in label or "tensorrt" in label
         bs = args.gpu_batch_size if on_gpu else args.batch_size
         some_images, some_files = (images, good) if on_gpu else (images[:args.cpu_n], good[:args.cpu_n])
 
+        probs: list = []
+
         def infer() -> None:
+            probs.clear()
             for i in range(0, len(some_images), bs):
-                classifier.probabilities(some_images[i:i + bs])
+                probs.append(classifier.probabilities(some_images[i:i + bs]))
 
         row: dict = {"backend": label, "infer_ips": median_rate(len(some_images), infer, args.repeats)}
-        opts = RunOptions(batch_size=bs, workers=args.workers)
+        row["probs"] = np.concatenate(probs)  # CPU-decoded input: parity here is the engine's alone
+        opts = RunOptions(batch_size=bs, workers=args.workers, gpu_decode=False)  # Pillow workers; nvJPEG below
         rows: list[dict] = []
 
         def e2e() -> None:
@@ -149,7 +160,7 @@ def main() -> None:
 
         row["e2e_ips"] = median_rate(len(some_files), e2e, args.repeats, warmup=False)  # warmed up by infer
         if label.startswith("onnxruntime fp32"):
-            reference = list(rows)
+            reference, ref_probs = list(rows), row["probs"]
         if on_gpu:
             loader = GpuJpegLoader(card, device="cuda")
             gclassifier = GpuClassifier(card, backend)
@@ -163,6 +174,15 @@ def main() -> None:
 
             row["e2e_nvjpeg_ips"] = median_rate(len(good), e2e_nvjpeg, args.repeats)  # warm-up: nvJPEG init
             row["nvjpeg_rows"] = gpu_rows
+            if label == "cuda fp16":  # nvJPEG + device resize vs Pillow, pixel by pixel, on the distinct files
+                distinct = good[:min(len(good), 1000)]
+                dev = loader.load(distinct, [Path(f.path).read_bytes() for f in distinct]).images
+                diff = (dev.permute(0, 2, 3, 1).cpu().numpy().astype(np.int16) - images[:len(distinct)].astype(np.int16))
+                row["nvjpeg_pixels"] = {"mean_abs": float(np.abs(diff).mean()), "max_abs": int(np.abs(diff).max()),
+                                        "share_over_8": float((np.abs(diff) > 8).mean())}
+                print(f"  nvJPEG + device resize vs Pillow on {len(distinct)} images: mean |diff| "
+                      f"{row['nvjpeg_pixels']['mean_abs']:.2f}, max {row['nvjpeg_pixels']['max_abs']}, "
+                      f"share > 8 levels {row['nvjpeg_pixels']['share_over_8']:.4f}")
         row["rows"] = rows
         results.append(row)
         print(f"  {label:34s} infer {row['infer_ips']:9.1f} img/s" +
@@ -174,7 +194,16 @@ def main() -> None:
     print("\nratios to the PyTorch-eager baseline, and parity with ONNX FP32 (top-1 agreement, max confidence diff):")
     report = []
     for r in results:
-        entry = {k: v for k, v in r.items() if not k.endswith("rows")}
+        entry = {k: v for k, v in r.items() if not k.endswith("rows") and k != "probs"}
+        if ref_probs is not None:  # engine alone, same CPU-decoded input: top-1 agreement, max |d top-1 conf|
+            m = min(len(ref_probs), len(r["probs"]))
+            a, b = ref_probs[:m], r["probs"][:m]
+            entry["parity_infer"] = {"agreement": float((a.argmax(1) == b.argmax(1)).mean()),
+                                     "max_conf_diff": float(np.abs(a.max(1) - b.max(1)).max()),
+                                     "max_prob_diff": float(np.abs(a - b).max())}
+            parity_engine = f"engine {entry['parity_infer']['agreement']:.4f}/{entry['parity_infer']['max_conf_diff']:.4f}"
+        else:
+            parity_engine = ""
         entry["infer_ratio"] = r["infer_ips"] / base["infer_ips"]
         entry["e2e_ratio"] = r["e2e_ips"] / base["e2e_ips"]
         parity = []
@@ -185,7 +214,7 @@ def main() -> None:
                 parity.append(f"{'nvJPEG ' if key == 'nvjpeg_rows' else ''}{cmp.agreement:.4f}/{cmp.max_conf_diff:.4f}")
         report.append(entry)
         print(f"  {r['backend']:34s} infer {entry['infer_ratio']:6.2f}x  end to end {entry['e2e_ratio']:6.2f}x"
-              f"   parity {', '.join(parity) or '-'}")
+              f"   parity {', '.join([parity_engine, *parity]).strip(', ') or '-'}")
 
     by = {r["backend"]: r for r in report}
     fp32, int8 = by.get("onnxruntime fp32 cpu"), by.get("onnxruntime int8 cpu")

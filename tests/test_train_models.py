@@ -9,7 +9,9 @@ import timm
 import torch
 
 from train import models
-from train.metrics import ece, fit_temperature, macro_f1, softmax
+from batchcls.metrics import macro_f1
+from batchcls.pipeline import softmax
+from train.metrics import ece, fit_temperature
 
 
 def test_offline_weights_map_in_order_onto_timm_keys():
@@ -139,3 +141,17 @@ def test_frozen_stages_get_no_gradient_and_keep_their_weights(name):
     trained = [p for p in model.parameters() if id(p) not in frozen]
     assert all(p.requires_grad for p in trained) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
     assert models.early_layers(name, model, 0) == []
+
+
+def test_eval_and_training_report_the_same_macro_f1():
+    from batchcls.evaluate import f1_table
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 6, 300)
+    p = np.where(rng.random(300) < 0.7, y, rng.integers(0, 6, 300))
+    names = [f"c{i}" for i in range(6)]
+    macro, micro, rows = f1_table([names[i] for i in y], [names[i] for i in p])
+    assert 0.5 < macro < 0.9 and macro == pytest.approx(macro_f1(y, p, 6)) and micro == pytest.approx((y == p).mean())
+    assert [r["support"] for r in rows] == np.bincount(y, minlength=6).tolist()
+    macro, _, rows = f1_table(["a", "b"], ["a", "<error>"])  # an unreadable file: listed, never averaged
+    assert macro == 0.5 and {r["label"] for r in rows} == {"a", "b", "<error>"}

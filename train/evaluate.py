@@ -17,7 +17,9 @@ from torch.utils.data import DataLoader
 from batchcls.card import ModelCard
 from train import data as D
 from train import models
-from train.metrics import confusion, ece, fit_temperature, macro_f1, per_class, reliability, softmax
+from batchcls.metrics import confusion, macro_f1, per_class
+from batchcls.pipeline import softmax
+from train.metrics import ece, fit_temperature, reliability
 from train.presets import EvalTransform
 from train.train import predict
 

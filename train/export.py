@@ -39,7 +39,7 @@ def export_onnx(model: torch.nn.Module, input_size: int, path: Path) -> None:
 def parity(model: torch.nn.Module, onnx_path: Path, card, images: list[Path], *, tol: float = PARITY_TOL) -> float:
     """Max |p_torch - p_ort| over images, p = softmax(logits / T); raises ParityError above tol."""
     import onnxruntime as ort
-    from train.metrics import softmax
+    from batchcls.pipeline import softmax
     tf = EvalTransform(card)
     x = np.stack([tf(p) for p in images]).astype(np.float32)
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])

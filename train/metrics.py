@@ -1,32 +1,10 @@
-"""Classification metrics and temperature calibration, NumPy only (no sklearn)."""
+"""Calibration metrics and temperature fitting; F1 and softmax come from the runtime (batchcls.metrics,
+batchcls.pipeline) so training measures what users get and `batchcls eval` reports."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from batchcls.pipeline import softmax  # noqa: F401 - the runtime's own, so training measures what users get
-
-
-def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """cm[true, pred] counts."""
-    return np.bincount(np.asarray(y_true) * num_classes + np.asarray(y_pred),
-                       minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def per_class(cm: np.ndarray) -> dict[str, np.ndarray]:
-    tp = np.diag(cm).astype(np.float64)
-    support, predicted = cm.sum(1), cm.sum(0)
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=precision + recall > 0)
-    return {"precision": precision, "recall": recall, "f1": f1, "support": support}
-
-
-def macro_f1(y_true, y_pred, num_classes: int) -> float:
-    """Mean F1 over the classes present in y_true or y_pred (as sklearn's average="macro")."""
-    cm = confusion(y_true, y_pred, num_classes)
-    present = (cm.sum(0) + cm.sum(1)) > 0
-    return float(per_class(cm)["f1"][present].mean()) if present.any() else 0.0
 
 
 def ece(probs: np.ndarray, y_true: np.ndarray, bins: int = 15) -> float:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from train import data as D
 from train import models
-from train.metrics import macro_f1
+from batchcls.metrics import macro_f1
 from train.presets import EvalTransform, TrainTransform, preprocessing_card
 
 

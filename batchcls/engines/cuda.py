@@ -14,7 +14,6 @@ import itertools
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -265,8 +264,58 @@ class DeviceNormalize:
         return (images.float() - self.shift) / self.scale
 
 
+class GraphedForward:
+    """The model's forward captured once as a CUDA graph and replayed per batch.
+
+    The ONNX interpreter launches a few hundred small kernels from Python per batch; a replay
+    launches them all at once. One graph, for the first batch size seen: smaller batches are
+    padded to it, larger ones split. If capture fails (an op that syncs the host, say), it
+    says so once and runs eagerly.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.failed = False
+
+    def _capture(self, like: torch.Tensor) -> None:
+        self.static_in = torch.zeros_like(like)
+        side = torch.cuda.Stream(like.device)
+        side.wait_stream(torch.cuda.current_stream(like.device))
+        with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graphs advises
+            for _ in range(3):
+                self.model(self.static_in)
+        torch.cuda.current_stream(like.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.static_out = self.model(self.static_in)
+        self.graph = graph
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.failed or (self.graph is not None and x.shape[1:] != self.static_in.shape[1:]):
+            return self.model(x)
+        if self.graph is None:
+            try:
+                self._capture(x)
+            except Exception as e:  # noqa: BLE001 - fall back, never fail a run over an optimisation
+                warnings.warn(f"CUDA graph capture failed, running eagerly: {type(e).__name__}: {e}")
+                self.failed = True
+                return self.model(x)
+        size = self.static_in.shape[0]
+        outs = []
+        for start in range(0, x.shape[0], size):
+            part = x[start:start + size]
+            n = part.shape[0]
+            self.static_in[:n].copy_(part)
+            if n < size:
+                self.static_in[n:].zero_()
+            self.graph.replay()
+            outs.append(self.static_out[:n].clone())
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
 class CudaBackend:
-    """PyTorch on the bundle's graph: fp16 + channels_last on a GPU, plain fp32 on a CPU.
+    """PyTorch on the bundle's graph: fp16 + channels_last + CUDA graphs on a GPU, plain fp32 on a CPU.
 
     ``infer`` takes the pipeline's float32 NCHW batch; ``infer_images`` takes uint8 NCHW
     images already on the device and normalizes there (the nvJPEG path never leaves the GPU).
@@ -275,7 +324,7 @@ class CudaBackend:
     name = "cuda"
 
     def __init__(self, card: ModelCard, *, device: str = "cuda", fp16: bool | None = None,
-                 channels_last: bool | None = None, compile: bool = False) -> None:
+                 channels_last: bool | None = None, compile: bool = False, cuda_graphs: bool | None = None) -> None:
         self.device = torch.device(device)
         on_gpu = self.device.type == "cuda"
         if on_gpu and not torch.cuda.is_available():
@@ -286,6 +335,8 @@ class CudaBackend:
         self.card = card
         model = onnx_to_torch(card.onnx_path).to(self.device, self.dtype)
         self.model = torch.compile(model, mode="max-autotune-no-cudagraphs") if compile else model
+        if on_gpu and (not compile if cuda_graphs is None else cuda_graphs):
+            self.model = GraphedForward(self.model)
         self.normalize = DeviceNormalize(card, self.device)
         if not on_gpu:
             self.name = "torch-eager"
@@ -297,9 +348,8 @@ class CudaBackend:
             return self.model(x).float()
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        pinned = self.device.type == "cuda"
-        x = torch.from_numpy(batch)
-        return self.infer_device(x.pin_memory() if pinned else x).cpu().numpy()
+        # A plain copy: pinning a fresh host buffer per batch costs more than the pageable copy it saves.
+        return self.infer_device(torch.from_numpy(batch)).cpu().numpy()
 
     def infer_images(self, images: torch.Tensor) -> torch.Tensor:
         return self.infer_device(self.normalize(images))
@@ -420,7 +470,8 @@ class GpuJpegLoader:
 
 def _read(f: InputFile) -> bytes | None:
     try:
-        return Path(f.path).read_bytes()
+        with open(f.path, "rb") as fh:
+            return fh.read()
     except OSError:
         return None  # the CPU decoder then writes the precise reason
 
@@ -428,32 +479,52 @@ def _read(f: InputFile) -> bytes | None:
 class GpuClassifier(Classifier):
     """A Classifier whose batches are device tensors: normalize and infer without leaving the GPU."""
 
-    def probabilities(self, images) -> np.ndarray:  # noqa: ANN001 - torch uint8 NCHW on the device
+    def launch(self, images) -> Callable[[], np.ndarray]:  # noqa: ANN001 - torch uint8 NCHW on the device
+        """Queue the batch on the GPU now; the returned callable waits for it and gives probabilities."""
         if len(images) == 0:
-            return np.empty((0, self.card.num_classes), np.float32)
-        logits = self.backend.infer_images(images)  # type: ignore[attr-defined]
-        return softmax(logits.cpu().numpy(), self.card.temperature)
+            return lambda: np.empty((0, self.card.num_classes), np.float32)
+        try:
+            logits = self.backend.infer_images(images)  # type: ignore[attr-defined]  # async: no sync here
+        except Exception as e:  # noqa: BLE001 - raised again inside rows(), which turns it into error rows
+            error = e
+
+            def fail() -> np.ndarray:
+                raise error
+            return fail
+        return lambda: softmax(logits.cpu().numpy(), self.card.temperature)
+
+    def probabilities(self, images) -> np.ndarray:  # noqa: ANN001
+        return self.launch(images)()
 
 
 def classify_gpu(files: Iterable[InputFile], classifier: GpuClassifier, options: RunOptions, *,
-                 loader: GpuJpegLoader, readers: int = 8) -> Iterator[list[dict]]:
+                 loader: GpuJpegLoader, readers: int = 4) -> Iterator[list[dict]]:
     """``pipeline.classify`` with nvJPEG decoding: rows for every file, batch by batch, in order.
 
-    File bytes are read by a thread pool one batch ahead, so disk and GPU work overlap.
+    Three batches are in flight: file bytes for batch k+1 are read by a thread pool while batch k
+    is decoded and queued on the GPU, and only then are batch k-1's results collected and turned
+    into rows, so the GPU never waits on Python's row building.
     """
     it = iter(files)
+    size = options.batch(gpu=True)
     with ThreadPoolExecutor(max_workers=readers) as pool:
-        pending = None
-        while chunk := list(itertools.islice(it, options.batch_size)):
-            ahead = (chunk, pool.map(_read, chunk))
-            if pending is not None:
-                yield _rows(pending, classifier, loader, options)
-            pending = ahead
-        if pending is not None:
-            yield _rows(pending, classifier, loader, options)
+        def read_ahead():  # noqa: ANN202
+            chunk = list(itertools.islice(it, size))
+            return (chunk, pool.map(_read, chunk)) if chunk else None
+
+        ahead, queued = read_ahead(), None
+        while ahead is not None:
+            chunk, blobs = ahead
+            ahead = read_ahead()
+            batch = loader.load(chunk, list(blobs))
+            launched = (batch, classifier.launch(batch.images))
+            if queued is not None:
+                yield _rows(queued, classifier, options)
+            queued = launched
+        if queued is not None:
+            yield _rows(queued, classifier, options)
 
 
-def _rows(pending, classifier: GpuClassifier, loader: GpuJpegLoader, options: RunOptions) -> list[dict]:
-    chunk, blobs = pending
-    batch = loader.load(chunk, list(blobs))
-    return classifier.rows(batch, top_k=options.top_k, threshold=options.threshold)
+def _rows(queued, classifier: GpuClassifier, options: RunOptions) -> list[dict]:
+    batch, collect = queued
+    return classifier.rows(batch, top_k=options.top_k, threshold=options.threshold, probabilities=collect)

@@ -1,0 +1,3 @@
+from batchcls.cli import main
+
+main()
