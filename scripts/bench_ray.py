@@ -99,7 +99,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--node-cpus", type=int, default=96, help="vCPUs of one 8-GPU node, for the estimate")
     ap.add_argument("--gpu-rate", type=float, default=None,
-                    help="images/s one GPU actor sustains (measure with bench_run on a GPU); default: an assumption")
+                    help="images/s one GPU actor sustains; default 2,490: the CUDA backend on an H200 (scripts/gpu_check.sh)")
     args = ap.parse_args()
 
     import ray
@@ -153,7 +153,7 @@ def main() -> None:
     # job runs at the slowest stage's (workers x per-worker rate), and it scales with nodes until the
     # one thing that does not - the driver, which re-orders rows and writes the single output file.
     nodes, gpus_per_node = 8, 8
-    gpu_rate = args.gpu_rate or 3000.0
+    gpu_rate = args.gpu_rate or 2490.0  # CUDA backend on decoded host arrays, measured on a lent H200
     decode_cpus = args.node_cpus - gpus_per_node  # each GPU actor reserves one CPU
     decode = nodes * decode_cpus * rates["decode"]
     infer = nodes * gpus_per_node * gpu_rate
@@ -162,7 +162,7 @@ def main() -> None:
     print(f"  estimate, {nodes} nodes x {gpus_per_node} GPUs ({args.node_cpus} vCPUs per node):")
     print(f"    decode  {nodes} x {decode_cpus} CPUs x {rates['decode']:.0f} = {decode:10.0f} images/s")
     print(f"    infer   {nodes * gpus_per_node} GPUs x {gpu_rate:.0f} = {infer:10.0f} images/s"
-          + ("" if args.gpu_rate else "  (GPU rate assumed, not measured here: pass --gpu-rate)"))
+          + ("" if args.gpu_rate else "  (GPU rate measured on an H200, not here: pass --gpu-rate)"))
     print(f"    driver  {rates['writer']:10.0f} rows/s (measured: re-order + one output file, does not scale with nodes)")
     print(f"    => about {bound:.0f} images/s, limited by {limit}: {1e6 / bound:.0f} s per million images, "
           f"plus ~{startup:.0f} s of Ray start-up per job (measured here)")
