@@ -7,7 +7,7 @@ IMAGES ?= samples/simpsons
 OUT ?= labels.csv
 MODEL ?= engines/simpsons
 
-.PHONY: install install-dev run test bench train train-smoke engine
+.PHONY: install install-dev run test bench train train-more train-smoke engine
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,18 @@ train: BUDGET ?= 62
 train:  ## split -> search -> train -> evaluate + calibrate -> export to $(EXPORT); reference pair: MODELS="vgg16 efficientnetv2_b0" PRETRAINED=hub
 	BATCHCLS_TRAIN_COMMAND='make train DATA=$(DATA) MODELS="$(MODELS)" PRETRAINED=$(PRETRAINED) OUT=$(OUT) EXPORT=$(EXPORT) BUDGET=$(BUDGET)' \
 	$(BIN)/python -m train --data $(DATA) --models "$(MODELS)" --pretrained $(PRETRAINED) --out $(OUT) --export $(EXPORT) --budget-min $(BUDGET)
+
+# A second stage for CPUs that fit only ~6 epochs in the budget: the same split, the Lite0 checkpoint of
+# `make train` (backbone and head) trained on with a fresh one-cycle (jobs/train-more.json), evaluated once on
+# test, calibrated and exported. No search: lr 1e-3 is fixed, a third of the first stage's peak.
+train-more: OUT = runs/train-more
+train-more: FROM ?= runs/train
+train-more: EXPORT ?= engines/simpsons
+train-more:  ## continue make train's Lite0 for jobs/train-more.json's epochs, then evaluate + calibrate + export
+	mkdir -p $(OUT) && cp -n $(FROM)/split.json $(OUT)/split.json
+	BATCHCLS_TRAIN_COMMAND='make train-more DATA=$(DATA) FROM=$(FROM) OUT=$(OUT) EXPORT=$(EXPORT)' \
+	$(BIN)/python -m train --data $(DATA) --models efficientnet_lite0 --pretrained $(FROM)/efficientnet_lite0/ckpt_best.pt \
+	  --no-search --config jobs/train-more.json --out $(OUT) --export $(EXPORT) --budget-min 0
 
 train-smoke: SMOKE_OUT ?= /tmp/batchcls-train-smoke
 train-smoke:  ## the whole training pipeline on samples/simpsons at tiny size (< 3 min); exports to a tmp dir

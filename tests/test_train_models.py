@@ -37,6 +37,13 @@ def test_path_source_loads_state_dict_and_checkpoint(tmp_path):
                 assert torch.equal(m.state_dict()[k], v), k
     # a different head size keeps the backbone and gets a fresh head
     assert models.create_model("efficientnet_lite0", 3, pretrained=str(tmp_path / "sd.pt")).classifier.out_features == 3
+    # our checkpoint of the same classes keeps its head too (training goes on from it); other classes don't
+    names = list("abcde")
+    torch.save({"model": ref.state_dict(), "classes": names}, tmp_path / "ours.pt")
+    same = models.create_model("efficientnet_lite0", 5, pretrained=str(tmp_path / "ours.pt"), classes=names)
+    assert torch.equal(same.classifier.weight, ref.classifier.weight)
+    other = models.create_model("efficientnet_lite0", 5, pretrained=str(tmp_path / "ours.pt"), classes=names[::-1])
+    assert not torch.equal(other.classifier.weight, ref.classifier.weight)
 
 
 def test_path_source_rejects_weights_of_another_architecture(tmp_path):

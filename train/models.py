@@ -130,6 +130,12 @@ def hub_state_dict(name: str) -> dict[str, torch.Tensor]:
                            f"{str(e).splitlines()[0] if str(e) else ''}): use --pretrained offline or a local file") from None
 
 
+def checkpoint_classes(path: str | os.PathLike) -> list[str] | None:
+    """The class list a checkpoint of ours was trained on (None for a plain state_dict)."""
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    return obj.get("classes") if isinstance(obj, dict) else None
+
+
 def file_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A plain state_dict or one of our checkpoints ({"model": ...}); DDP/compile prefixes stripped."""
     try:
@@ -144,8 +150,12 @@ def file_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return sd
 
 
-def create_model(name: str, num_classes: int, pretrained: str = "offline") -> nn.Module:
-    """Build ``name`` with a fresh ``num_classes`` head, backbone weights from ``pretrained``."""
+def create_model(name: str, num_classes: int, pretrained: str = "offline", classes: list[str] | None = None) -> nn.Module:
+    """Build ``name`` with a fresh ``num_classes`` head, backbone weights from ``pretrained``.
+
+    A checkpoint of ours trained on exactly ``classes`` (same names, same order) keeps its head too, so
+    training can go on from it with a new schedule.
+    """
     s = spec(name)
     if pretrained == "none":
         return _build(s, num_classes)
@@ -166,9 +176,12 @@ def create_model(name: str, num_classes: int, pretrained: str = "offline") -> nn
     if bad or missing:
         raise WeightsError(f"weights from {pretrained} do not fit {name}: "
                            f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(bad)} shape mismatches (e.g. {bad[:2]})")
-    fits = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape and k not in head_keys}
+    keep_head = classes is not None and Path(pretrained).is_file() and checkpoint_classes(pretrained) == list(classes)
+    fits = {k: v for k, v in sd.items()
+            if k in own and own[k].shape == v.shape and (keep_head or k not in head_keys)}
     model.load_state_dict(fits, strict=False)
-    _init_head(name, model)
+    if not keep_head:
+        _init_head(name, model)
     return model
 
 

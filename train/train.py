@@ -188,7 +188,7 @@ def main(cfg: TrainConfig, log=print) -> dict:
 
     # --- model, optimizer, schedule ----------------------------------------------------------------------
     freeze = cfg.freeze_backbone == "yes" or (cfg.freeze_backbone == "auto" and cfg.model == "vgg16" and not use_cuda)
-    model = models.create_model(cfg.model, len(classes), pretrained="none" if ckpt else cfg.pretrained)
+    model = models.create_model(cfg.model, len(classes), pretrained="none" if ckpt else cfg.pretrained, classes=classes)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
