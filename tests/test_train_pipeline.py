@@ -93,3 +93,17 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     sess = ort.InferenceSession(str(card.onnx_path), providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == ["input"] and sess.get_outputs()[0].name == "logits"
     assert sess.run(None, {"input": x})[0].shape == (3, card.num_classes)
+
+    # A second stage from that checkpoint (make train-more): keeps the head, and exports only if validation
+    # improves on where it started. Here the checkpoint claims a perfect score, so nothing is exported.
+    ckpt_path = run / "efficientnet_lite0" / "ckpt_best.pt"
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    ckpt["best_val_f1"] = 1.0
+    torch.save(ckpt, tmp_path / "perfect.pt")
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "split.json").write_bytes((run / "split.json").read_bytes())
+    r = _run([sys.executable, "-m", "train", "--smoke", "--no-search", "--data", str(SAMPLES), "--models", "efficientnet_lite0",
+              "--pretrained", str(tmp_path / "perfect.pt"), "--out", str(tmp_path / "more"), "--export", str(tmp_path / "engine2")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "NOT exported" in r.stdout and not (tmp_path / "engine2").exists()
+    assert (tmp_path / "more" / "efficientnet_lite0" / "metrics.json").is_file()

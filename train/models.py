@@ -130,10 +130,10 @@ def hub_state_dict(name: str) -> dict[str, torch.Tensor]:
                            f"{str(e).splitlines()[0] if str(e) else ''}): use --pretrained offline or a local file") from None
 
 
-def checkpoint_classes(path: str | os.PathLike) -> list[str] | None:
-    """The class list a checkpoint of ours was trained on (None for a plain state_dict)."""
+def checkpoint_info(path: str | os.PathLike) -> dict:
+    """What a checkpoint of ours says about itself: classes, best_val_f1, split_sha256 ({} for a state_dict)."""
     obj = torch.load(path, map_location="cpu", weights_only=False)
-    return obj.get("classes") if isinstance(obj, dict) else None
+    return {k: obj[k] for k in ("classes", "best_val_f1", "split_sha256") if isinstance(obj, dict) and k in obj}
 
 
 def file_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -176,7 +176,7 @@ def create_model(name: str, num_classes: int, pretrained: str = "offline", class
     if bad or missing:
         raise WeightsError(f"weights from {pretrained} do not fit {name}: "
                            f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(bad)} shape mismatches (e.g. {bad[:2]})")
-    keep_head = classes is not None and Path(pretrained).is_file() and checkpoint_classes(pretrained) == list(classes)
+    keep_head = classes is not None and Path(pretrained).is_file() and checkpoint_info(pretrained).get("classes") == list(classes)
     fits = {k: v for k, v in sd.items()
             if k in own and own[k].shape == v.shape and (keep_head or k not in head_keys)}
     model.load_state_dict(fits, strict=False)

@@ -154,6 +154,11 @@ def run(args: argparse.Namespace, log=print) -> dict:
     for r in results:
         for png in ("confusion.png", "reliability.png"):
             files[f"{r['model']}_{png}"] = Path(r["dir"]) / png
+    start = models.checkpoint_info(args.pretrained) if Path(args.pretrained).is_file() else {}
+    if start.get("split_sha256") == split_sha and best["val"]["macro_f1"] <= start.get("best_val_f1", -1.0):
+        log(f"NOT exported: val macro-F1 {best['val']['macro_f1']:.4f} does not beat {start['best_val_f1']:.4f}, "
+            f"the checkpoint this run started from ({args.pretrained}); {args.export} is unchanged")
+        return {"best": best["model"], "results": results, "export": None}
     export(best["ckpt"], args.export, temperature=best["temperature"], metrics=metrics, training=training,
            parity_images=[root / rel for rel, _ in parity_items], results=files, log=log)
     log(f"pipeline done in {(time.time() - t_start) / 60:.1f} min")
