@@ -18,6 +18,7 @@ not in the ledger (labelled again on restart) or in it (and moved on restart if 
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -550,11 +551,20 @@ class Watcher:
             return DecodedBatch(files, load_images([], self._classifier.preset).images, [reason] * len(files))
 
     def _restart_pool(self) -> None:
-        """Replace the pool if it is broken; a healthy one (already replaced) is kept."""
+        """Replace the pool if it is broken or stuck; a healthy one (already replaced) is kept.
+
+        Stuck: a worker SIGKILLed halfway through sending a result leaves the pool's reader thread
+        waiting forever for the rest, so the health check itself must time out.
+        """
         try:
-            self._pool.submit(os.getpid).result()
-        except Exception:  # BrokenProcessPool, or shut down after a failure
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.submit(os.getpid).result(timeout=DECODE_TIMEOUT_S)
+        except Exception:  # BrokenProcessPool, shut down after a failure, or TimeoutError: stuck
+            old = self._pool
+            procs = list((getattr(old, "_processes", None) or {}).values())  # no public kill before 3.14
+            old.shutdown(wait=False, cancel_futures=True)
+            for proc in procs:
+                with contextlib.suppress(Exception):
+                    proc.kill()
             self._pool = self._new_pool()
 
     def _label(self, files: list[InputFile], job: Future | DecodedBatch) -> None:

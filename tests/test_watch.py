@@ -258,6 +258,21 @@ def test_a_killed_decode_worker_costs_no_file(inbox, tmp_path, daemon, monkeypat
     assert {r["status"] for r in rows(out)} == {"ok"}
 
 
+def test_a_stuck_decode_pool_is_replaced_not_waited_on(inbox, tmp_path, daemon, monkeypatch):
+    # A worker SIGKILLed halfway through sending its result leaves the pool waiting forever (seen in CI):
+    # the health check must give up after the decode timeout and start a fresh pool.
+    monkeypatch.setattr("batchcls.watch.DECODE_TIMEOUT_S", 1.0)
+    with daemon(inbox, options=RunOptions(workers=1, batch_size=8)) as w:
+        stuck = w._pool
+        stuck.submit(time.sleep, 600)  # its only worker never answers again
+        start = time.monotonic()
+        w._restart_pool()
+        assert time.monotonic() - start < 10 and w._pool is not stuck
+        assert w._pool.submit(os.getpid).result(timeout=30) > 0
+        (inbox / "a.jpg").write_bytes(jpeg("green", size=(8, 8)))
+        wait_for(has_rows(tmp_path / "labels.csv", "a.jpg"), "a row from the fresh pool")
+
+
 def test_move_into_never_overwrites_and_finishes_a_half_done_link_move(tmp_path):
     src, dst_dir = tmp_path / "a.jpg", tmp_path / "out"
     src.write_bytes(b"one")
