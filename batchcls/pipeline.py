@@ -196,7 +196,8 @@ def classify(files: Iterable[InputFile], classifier: Classifier, options: RunOpt
         yield from classify_gpu(files, GpuClassifier(card, backend), options, loader=loader)
         return
     workers = default_threads() if options.workers is None else options.workers
-    for batch in decoded_batches(files, classifier.preset, batch_size=options.batch(),
+    # --cpu-decode with a GPU backend: Pillow workers, but the GPU's batch size
+    for batch in decoded_batches(files, classifier.preset, batch_size=options.batch(_on_gpu(classifier.backend)),
                                  workers=workers, max_pixels=options.max_pixels):
         yield classifier.rows(batch, top_k=options.top_k, threshold=options.threshold)
 
