@@ -130,18 +130,24 @@ def hub_state_dict(name: str) -> dict[str, torch.Tensor]:
                            f"{str(e).splitlines()[0] if str(e) else ''}): use --pretrained offline or a local file") from None
 
 
-def checkpoint_info(path: str | os.PathLike) -> dict:
-    """What a checkpoint of ours says about itself: classes, best_val_f1, split_sha256 ({} for a state_dict)."""
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+def _read_file(path: str | os.PathLike):  # noqa: ANN202 - whatever torch.save wrote
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise WeightsError(f"cannot read weights file {path}: {e}") from None
+
+
+def _info(obj) -> dict:  # noqa: ANN001
     return {k: obj[k] for k in ("classes", "best_val_f1", "split_sha256") if isinstance(obj, dict) and k in obj}
 
 
-def file_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def checkpoint_info(path: str | os.PathLike) -> dict:
+    """What a checkpoint of ours says about itself: classes, best_val_f1, split_sha256 ({} for a state_dict)."""
+    return _info(_read_file(path))
+
+
+def _state_dict(obj, path: str | os.PathLike) -> dict[str, torch.Tensor]:  # noqa: ANN001
     """A plain state_dict or one of our checkpoints ({"model": ...}); DDP/compile prefixes stripped."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001
-        raise WeightsError(f"cannot read weights file {path}: {e}") from None
     sd = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise WeightsError(f"{path} is neither a state_dict nor a checkpoint with a 'model' state_dict")
@@ -159,12 +165,14 @@ def create_model(name: str, num_classes: int, pretrained: str = "offline", class
     s = spec(name)
     if pretrained == "none":
         return _build(s, num_classes)
+    file_classes = None
     if pretrained == "offline":
         sd = offline_state_dict(name)
     elif pretrained == "hub":
         sd = hub_state_dict(name)
     elif Path(pretrained).is_file():
-        sd = file_state_dict(pretrained)
+        obj = _read_file(pretrained)  # read once: weights, and the classes a checkpoint of ours was trained on
+        sd, file_classes = _state_dict(obj, pretrained), _info(obj).get("classes")
     else:
         raise ValueError(f"unknown weight source {pretrained!r}: choose one of {', '.join(SOURCES)}")
     model = _build(s, num_classes)
@@ -176,7 +184,7 @@ def create_model(name: str, num_classes: int, pretrained: str = "offline", class
     if bad or missing:
         raise WeightsError(f"weights from {pretrained} do not fit {name}: "
                            f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(bad)} shape mismatches (e.g. {bad[:2]})")
-    keep_head = classes is not None and Path(pretrained).is_file() and checkpoint_info(pretrained).get("classes") == list(classes)
+    keep_head = classes is not None and file_classes == list(classes)
     fits = {k: v for k, v in sd.items()
             if k in own and own[k].shape == v.shape and (keep_head or k not in head_keys)}
     model.load_state_dict(fits, strict=False)
