@@ -41,7 +41,7 @@ train: OUT = runs/train
 train: MODELS ?= efficientnet_lite0 efficientnet_lite2
 train: PRETRAINED ?= offline
 train: EXPORT ?= engines/simpsons
-train: BUDGET ?= 62
+train: BUDGET ?= 66
 train:  ## split -> search -> train -> evaluate + calibrate -> export to $(EXPORT); reference pair: MODELS="vgg16 efficientnetv2_b0" PRETRAINED=hub
 	BATCHCLS_TRAIN_COMMAND='make train DATA=$(DATA) MODELS="$(MODELS)" PRETRAINED=$(PRETRAINED) OUT=$(OUT) EXPORT=$(EXPORT) BUDGET=$(BUDGET)' \
 	$(BIN)/python -m train --data $(DATA) --models "$(MODELS)" --pretrained $(PRETRAINED) --out $(OUT) --export $(EXPORT) --budget-min $(BUDGET)

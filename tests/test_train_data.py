@@ -10,7 +10,9 @@ import pytest
 from batchcls.decode import decode_image
 from batchcls.presets import EvalPreset, normalize
 from train import data as D
-from train.presets import EvalTransform, TrainTransform, preprocessing_card
+import torch
+
+from train.presets import BatchAugment, EvalTransform, cache_preset, cache_side, preprocessing_card
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "simpsons"
 IMAGES = sorted(SAMPLES.glob("*/*.jpg"))
@@ -83,23 +85,52 @@ def test_eval_transform_equals_runtime_preprocessing(kw):
         np.testing.assert_array_equal(tf(path), runtime)
 
 
-def test_downscaled_eval_and_train_transform_shapes():
-    c = card(size=64)
-    x = EvalTransform(c, downscale=0.5)(IMAGES[0])
+def _eval_pixels(c, paths):
+    preset = EvalPreset.from_card(c)
+    return np.stack([preset(decode_image(p)) for p in paths])
+
+
+def test_downscaled_eval_transform_shape():
+    x = EvalTransform(card(size=64), downscale=0.5)(IMAGES[0])
     assert x.shape == (3, 64, 64) and x.dtype == np.float32
-    tt = TrainTransform(c, p_downscale=1.0, p_blur=1.0, p_jpeg=1.0)
-    for path in IMAGES[:3]:
-        y = tt(path)
-        assert y.shape == (3, 64, 64) and y.dtype == np.float32 and -1.0 <= y.min() and y.max() <= 1.0
 
 
-def test_train_transform_ends_with_the_eval_resize_and_normalize(monkeypatch):
-    """With every augmentation disabled the train preset IS the eval preset (on an undrafted decode)."""
+def test_batch_augment_without_augmentation_is_the_eval_preset():
+    """No crop, rotation, flip or downscale: the train batch IS the runtime's preprocessing of those pixels."""
     c = card(size=64)
-    tt = TrainTransform(c, scale=(1.0, 1.0), rotation=0.0, p_downscale=0, p_blur=0, p_jpeg=0)
-    tt.geometry.transforms = [t for t in tt.geometry.transforms if type(t).__name__ == "_Crop"]
-    monkeypatch.setattr("torchvision.transforms.RandomResizedCrop.get_params",
-                        lambda img, s, r: (0, 0, img.height, img.width))
-    img = decode_image(IMAGES[0])
-    expected = normalize(EvalPreset.from_card(c)(img)[None], c.mean, c.std)[0]
-    np.testing.assert_array_equal(tt(IMAGES[0]), expected)
+    pixels = _eval_pixels(c, IMAGES[:6])
+    plain = BatchAugment(c, scale=(1, 1), ratio=(1, 1), rotation=0, flip=False, p_downscale=0)
+    out = plain(torch.from_numpy(pixels)).numpy()
+    np.testing.assert_allclose(out, normalize(pixels, c.mean, c.std), atol=1e-5)
+
+
+def test_batch_augment_flips_mirror_and_augmentation_changes_pixels():
+    c = card(size=64)
+    pixels = torch.from_numpy(_eval_pixels(c, IMAGES[:1]).repeat(32, axis=0))
+    expected = normalize(pixels.numpy()[:1], c.mean, c.std)[0]
+    flips = BatchAugment(c, scale=(1, 1), ratio=(1, 1), rotation=0, p_downscale=0)(pixels, torch.Generator().manual_seed(0))
+    mirrored = [np.allclose(x, expected[:, :, ::-1], atol=1e-5) for x in flips.numpy()]
+    same = [np.allclose(x, expected, atol=1e-5) for x in flips.numpy()]
+    assert all(m or s for m, s in zip(mirrored, same)) and 0 < sum(mirrored) < 32
+    full = BatchAugment(c, p_downscale=1.0)(pixels, torch.Generator().manual_seed(0))
+    assert full.shape == (32, 3, 64, 64) and full.dtype == torch.float32 and torch.isfinite(full).all()
+    assert full.min() >= -1.0 - 1e-5 and full.max() <= 1.0 + 1e-5  # mean=std=0.5: pixels map into [-1, 1]
+    assert all(not np.allclose(x, expected, atol=1e-2) for x in full.numpy())  # every image was changed
+    again = BatchAugment(c, p_downscale=1.0)(pixels, torch.Generator().manual_seed(0))
+    assert torch.equal(full, again)  # seeded: a resumed epoch augments identically
+
+
+def test_pixel_cache_decodes_every_item_once_and_is_reused(tmp_path):
+    c = card(size=64)
+    preset = cache_preset(c, cache_side(c))
+    items = [[p.relative_to(SAMPLES).as_posix(), 0] for p in IMAGES[:9]]
+    rows = D.pixel_cache(SAMPLES, items, preset, tmp_path, workers=2, log=lambda *a: None)  # real spawn workers
+    assert rows.shape == (9, 80, 80, 3) and rows.dtype == np.uint8
+    for (rel, _), row in zip(items, rows):
+        np.testing.assert_array_equal(row, preset(decode_image(SAMPLES / rel)))
+    (path,) = tmp_path.glob("pixels-80-*.npy")
+    mtime = path.stat().st_mtime_ns
+    assert D.pixel_cache(SAMPLES, items, preset, tmp_path, workers=0, log=lambda *a: None).shape == rows.shape
+    assert path.stat().st_mtime_ns == mtime  # reused, not rebuilt
+    D.pixel_cache(SAMPLES, items[:4], preset, tmp_path, workers=0, log=lambda *a: None)
+    assert len(list(tmp_path.glob("pixels-80-*.npy"))) == 2 and not list(tmp_path.glob("*.tmp.npy"))

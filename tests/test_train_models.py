@@ -105,10 +105,23 @@ def test_budget_cuts_epochs_only_when_the_measured_speed_needs_it():
     names = ["efficientnet_lite0", "efficientnet_lite2"]
     fast, slow, logs = {}, {}, []
     fit_budget(names, config, 48.0, 14461, 3102, 51 * 60, fast, logs.append)
-    assert fast == {}  # the CI machine's ~48 img/s (128 px, stem frozen): lite0's 6 epochs fit; lite2 is re-planned later
+    assert fast == {}  # the CI machine's ~48 img/s (128 px, stem frozen): lite0's 9 epochs fit; lite2 is re-planned later
     fit_budget(names, config, 10.0, 14461, 3102, 53 * 60, slow, logs.append)
     assert slow["per_model_epochs"] == {"efficientnet_lite0": 1}  # only the first model is cut here
     assert "epochs cut" in logs[-1]
+
+
+def test_progressive_resizing_grows_then_trains_the_served_size():
+    from train.train import TrainConfig, epoch_input_size, schedule_cost
+
+    cfg = TrainConfig(epochs=9, input_size=128, start_size=96)
+    sizes = [epoch_input_size(e, cfg) for e in range(9)]
+    assert sizes[0] == 96 and sizes == sorted(sizes) and all(s % 16 == 0 for s in sizes)
+    assert sizes[4:] == [128] * 5  # the second half (and the last epoch) at the size the card serves
+    assert schedule_cost(cfg) == pytest.approx(sum((s / 128) ** 2 for s in sizes)) and schedule_cost(cfg) < 8
+    search_trial = TrainConfig(epochs=1, input_size=128, start_size=96)
+    assert epoch_input_size(0, search_trial) == 128 and schedule_cost(search_trial) == 1.0
+    assert [epoch_input_size(e, TrainConfig(epochs=9, input_size=128)) for e in range(9)] == [128] * 9
 
 
 def test_remaining_budget_replans_the_next_model():
@@ -120,9 +133,10 @@ def test_remaining_budget_replans_the_next_model():
     logs = []
     args = (["efficientnet_lite2"], config)
     assert fit_remaining(*args, 90.0, 14461, 3102, 40 * 60, logs.append) == {}
-    assert fit_remaining(*args, 40.0, 14461, 3102, 25 * 60, logs.append) == {"epochs": 1}
+    assert fit_remaining(*args, 40.0, 14461, 3102, 20 * 60, logs.append) == {"epochs": 1, "start_size": 0}
     short = fit_remaining(*args, 16.0, 14461, 3102, 30 * 60, logs.append)
     assert short["epochs"] == 1 and 40 <= short["max_steps"] < 226 and "one-cycle" in logs[-1]
+    assert short["start_size"] == 0  # a cut schedule trains at the served size throughout
     assert fit_remaining(*args, 16.0, 14461, 3102, 10 * 60, logs.append) is None and "SKIPPING" in logs[-1]
 
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import random
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Iterator
@@ -16,6 +18,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
+
+from batchcls.decode import decode_image
 
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -127,6 +131,47 @@ def seeded_subset(items: list, n: int, seed: int) -> list:
         return list(items)
     keep = sorted(random.Random(seed).sample(range(len(items)), n))
     return [items[i] for i in keep]
+
+
+def pixel_cache(root: str | os.PathLike, items: list, preset, cache_dir: str | os.PathLike, *,
+                workers: int = 2, log: Callable[[str], None] = print) -> np.ndarray:
+    """Every item decoded ONCE through ``preset`` (path -> uint8 HWC) into an (N, H, W, 3) uint8 .npy.
+
+    Training then augments batches from memory instead of decoding JPEGs every epoch in loader processes
+    that compete with the network for the same cores. The file is keyed by the items and the preset, so
+    search trials, models of the same input size, ``--resume`` and DDP ranks share it; it is returned
+    memory-mapped (ranks share the page cache).
+    """
+    side = preset.input_size
+    key = json.dumps([str(Path(root).resolve()), items, side, preset.resize_mode, preset.crop_pct,
+                      int(preset.resample)]).encode()
+    path = Path(cache_dir) / f"pixels-{side}-{hashlib.sha256(key).hexdigest()[:16]}.npy"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(items), side, side, 3)).flush()
+        t0 = time.time()
+        paths = [str(Path(root) / rel) for rel, _ in items]
+        chunks = [(str(tmp), preset, paths[i:i + 256], i) for i in range(0, len(paths), 256)]
+        if workers > 0:
+            ctx = multiprocessing.get_context("spawn")  # no fork of a process that already runs torch threads
+            with ctx.Pool(workers) as pool:
+                for _ in pool.imap_unordered(_fill_rows, chunks):
+                    pass
+        else:
+            for chunk in chunks:
+                _fill_rows(chunk)
+        os.replace(tmp, path)  # complete or absent: a killed build leaves only a .tmp.npy
+        log(f"pixel cache: decoded {len(items)} images to {side}x{side} in {time.time() - t0:.0f} s -> {path}")
+    return np.load(path, mmap_mode="r")
+
+
+def _fill_rows(job) -> None:
+    npy, preset, paths, start = job
+    rows = np.load(npy, mmap_mode="r+")
+    for i, p in enumerate(paths):
+        rows[start + i] = preset(decode_image(p))
+    rows.flush()
 
 
 class ImageDataset(Dataset):

@@ -4,10 +4,11 @@
     python -m train --data ... --models "vgg16 efficientnetv2_b0" --pretrained hub
     python -m train --smoke --data samples/simpsons --out /tmp/s --export /tmp/s/engine
 
-Default budget (2 CPU cores, <= 75 min; make train passes --budget-min 62): a 4-trial search on
-efficientnet_lite0 (learning rate x frozen stem depth, 1 epoch on 1,600 train images, validated on 600 val
-images; ~3 min; the winner is reused by every model), efficientnet_lite0 for 6 epochs at 128 px with the stem
-and first stages frozen (~36 min at the ~45 img/s measured on the CI machine), then efficientnet_lite2 at
+Default budget (2 CPU cores, <= 75 min; make train passes --budget-min 66): the train split decoded once into a
+uint8 pixel cache (~15 s), a 4-trial search on efficientnet_lite0 (learning rate x frozen stem depth, 1 epoch on
+1,600 train images, validated on 600 val images; ~3 min; the winner is reused by every model),
+efficientnet_lite0 for 9 epochs at 128 px with the stem and first stages frozen and progressive resizing from
+96 px (~48 min at the ~42 img/s measured at 128 px on the CI machine), then efficientnet_lite2 at
 128 px with whatever the budget leaves (re-planned from lite0's measured speed: fewer epochs or a shorter
 one-cycle schedule, or skipped), then evaluation and export (~5 min). The log says what
 was cut and why.
@@ -30,15 +31,15 @@ from train import models
 from train.evaluate import evaluate
 from train.export import export
 from train.search import GRID, SEARCH_SUBSET, SEARCH_VAL_SUBSET, search
-from train.train import TrainConfig, main as train_main
+from train.train import TrainConfig, main as train_main, schedule_cost
 
 # Per-model recipe sized for the CPU budget above; anything in --config overrides it for every model.
 RECIPES = {
-    # Measured on the 2-core AMD EPYC (AVX2) CI machine: lite0 trains ~19 img/s at 144 px, ~24 at 128 px, ~45
-    # at 128 px with stem + 2 stages frozen, so the default is 128 px (users' frames are ~120x160 anyway) and
-    # lite0, the likely winner, gets its epochs first.
-    "efficientnet_lite0": {"epochs": 6, "input_size": 128},
-    "efficientnet_lite2": {"epochs": 2, "input_size": 128},  # ~2.5x slower per image than lite0
+    # Measured on the 2-core AMD EPYC (AVX2) CI machine: lite0 trains ~19 img/s at 144 px, ~24 at 128 px, ~42
+    # at 128 px with stem + 3 stages frozen (network ~49, 96 px ~86), so the default is 128 px (users' frames are
+    # ~120x160 anyway) with progressive resizing from 96 px, and lite0, the likely winner, gets its epochs first.
+    "efficientnet_lite0": {"epochs": 9, "input_size": 128, "start_size": 96},
+    "efficientnet_lite2": {"epochs": 2, "input_size": 128, "start_size": 96},  # ~2.5x slower per image
     "efficientnetv2_b0": {"epochs": 3, "input_size": 144},
     "vgg16": {"epochs": 2, "input_size": 128},  # backbone frozen on CPU (freeze_backbone="auto")
 }
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
                 continue
         cfg = config(name, **best_point, **extra, out_dir=str(out / name))
         summary = train_main(cfg, log=log)
-        ref_ips = summary["train_images_per_s"] * COST.get(name, 2.0) * (cfg.input_size / 144) ** 2
+        ref_ips = summary["full_size_images_per_s"] * COST.get(name, 2.0) * (cfg.input_size / 144) ** 2
         m = evaluate(summary["ckpt"], out / name, num_workers=cfg.num_workers, log=log)
         results.append({**m, "ckpt": summary["ckpt"], "dir": str(out / name)})
     write_table(results, out)
@@ -171,12 +172,12 @@ def fit_budget(names, config, ips: float, n_train: int, n_val: int, remaining_s:
     def per_image_s(name):
         return COST.get(name, 2.0) * (config(name).input_size / 144) ** 2 / ref
     # per epoch: train + a val pass (inference ~3x faster); after training: val + test + 2x-down test, export
-    epoch_s = {n: per_image_s(n) * (n_train + n_val / 3) for n in names}
     fixed_s = sum(per_image_s(n) * n_val for n in names) + 120
     # The first model (the cheapest, searched one) keeps its recipe if it fits alone; later models are re-planned
     # from its measured speed just before they start (fit_remaining), so a slow CPU shortens them, not it.
     first = names[0]
-    want = config(first).epochs * epoch_s[first]
+    cfg = config(first)
+    want = per_image_s(first) * (schedule_cost(cfg) * n_train + cfg.epochs * n_val / 3)
     log(f"budget: measured {ips:.0f} train img/s; {first} needs {want / 60:.0f} min + eval/export "
         f"{fixed_s / 60:.0f} min vs {remaining_s / 60:.0f} min left of the budget")
     if want + fixed_s <= remaining_s or "epochs" in overrides:
@@ -194,19 +195,19 @@ def fit_remaining(pending: list[str], config, ref_ips: float, n_train: int, n_va
     per_image = COST.get(name, 2.0) * (cfg.input_size / 144) ** 2 / ref_ips
     reserve = sum(COST.get(n, 2.0) * (config(n).input_size / 144) ** 2 / ref_ips * n_val for n in pending) + 120
     share = (remaining_s - reserve) / len(pending)  # this model's share of the training time left
-    epoch_s = per_image * (n_train + n_val / 3)
-    if cfg.epochs * epoch_s <= share:
+    epoch_s = per_image * (n_train + n_val / 3)  # a full-size epoch
+    if per_image * (schedule_cost(cfg) * n_train + cfg.epochs * n_val / 3) <= share:
         return {}
     if epoch_s <= share:
         log(f"budget: {name} gets {int(share // epoch_s)} epoch(s) instead of {cfg.epochs} ({share / 60:.0f} min left for it)")
-        return {"epochs": int(share // epoch_s)}
+        return {"epochs": int(share // epoch_s), "start_size": 0}
     steps = int((share / per_image - n_val / 3) / cfg.batch_size)
     if steps < 40:
         log(f"budget: SKIPPING {name}: 1 epoch needs {epoch_s / 60:.0f} min, {max(share, 0) / 60:.0f} min left for it")
         return None
     log(f"budget: {name} gets a {steps}-step one-cycle schedule ({steps * cfg.batch_size} sampled images, "
         f"{steps * cfg.batch_size / n_train:.2f} epoch) to fit {share / 60:.0f} min")
-    return {"epochs": 1, "max_steps": steps}
+    return {"epochs": 1, "max_steps": steps, "start_size": 0}
 
 
 COLUMNS = ["model", "params_M", "input_size", "epochs", "train_min", "val_macro_f1", "test_macro_f1", "test_acc",

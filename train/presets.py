@@ -1,17 +1,18 @@
 """Train and eval presets. Eval is the runtime's own ``batchcls.presets.EvalPreset`` + ``normalize``;
-the train preset only adds augmentation IN FRONT of that same resize and normalize.
+the train preset decodes once into a uint8 pixel cache (the eval preset at 1.25x the side) and augments
+whole batches from it with torch (``BatchAugment``).
 
 Both presets are built from a ``ModelCard`` (``preprocessing_card``), the single source of truth.
 """
 from __future__ import annotations
 
-import io
+import math
 import os
-import random
 
 import numpy as np
-import torchvision.transforms as T
-from PIL import Image, ImageFilter
+import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from batchcls.card import ModelCard
 from batchcls.decode import decode_image
@@ -47,54 +48,66 @@ class EvalTransform:
         return normalize(self.preset(img)[None], self.mean, self.std)[0]
 
 
-class TrainTransform:
-    """path -> float32 CHW with augmentation, then the eval preset's resize and the same normalize.
+def cache_preset(card: ModelCard, side: int) -> EvalPreset:
+    """The eval preset at a larger ``side``: what the training pixel cache stores (decoded once, uint8).
 
-    Augmentation: rotation +-15 deg, random-resized crop (scale 0.6-1), h-flip, light colour jitter, and
-    -- because users send small ~120x160 frames -- a random downscale to 0.35-1.0 of the size
-    (with a random resampler) plus occasional blur and JPEG re-encoding.
+    Augmentation then crops/rotates from it down to the card's input size, so a crop at scale 1 with no
+    rotation is the eval preset (up to one extra bilinear resample).
+    """
+    return EvalPreset(input_size=side, resize_mode=card.resize_mode, crop_pct=card.crop_pct,
+                      interpolation=card.interpolation)
+
+
+def cache_side(card: ModelCard) -> int:
+    """Cached pixels are 1.25x the input side: random crops down to ~64% of the area still downsample."""
+    return int(round(card.input_size * 1.25))
+
+
+class BatchAugment:
+    """uint8 NHWC batch (cached pixels) -> normalized float NCHW of the card's input size, augmented.
+
+    The reference system's augmentation -- random rotation (+-``rotation`` deg), scale (random-resized crop:
+    area ``scale``, aspect ``ratio``) and horizontal flips -- as ONE affine resample per batch (grid_sample),
+    plus, because users send small ~120x160 frames, a random downscale-and-back of ``p_downscale`` of the
+    images to ``downscale`` of the side. Runs in the training process on whole batches (on the GPU when
+    training there): no per-image PIL work, so the CPU cores go to the network.
+    Normalization happens first, so the zero padding of rotated corners is the mean colour.
     """
 
-    def __init__(self, card: ModelCard, *, scale=(0.6, 1.0), rotation: float = 15.0,
-                 downscale=(0.35, 1.0), p_downscale: float = 0.5, p_blur: float = 0.2, p_jpeg: float = 0.3):
-        self.preset = EvalPreset.from_card(card)
-        self.mean, self.std = card.mean, card.std
-        fill = tuple(int(m * 255) for m in card.mean)
-        self.geometry = T.Compose([
-            T.RandomRotation(rotation, interpolation=T.InterpolationMode.BILINEAR, fill=fill),
-            _Crop(scale, (3 / 4, 4 / 3)),  # RandomResizedCrop's box only: the eval preset resizes
-            T.RandomHorizontalFlip(),
-            T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
-        ])
-        self.downscale, self.p_downscale, self.p_blur, self.p_jpeg = downscale, p_downscale, p_blur, p_jpeg
+    def __init__(self, card: ModelCard, *, scale=(0.65, 1.0), ratio=(3 / 4, 4 / 3), rotation: float = 10.0,
+                 flip: bool = True, p_downscale: float = 0.3, downscale=(0.5, 1.0)):
+        self.size, self.mean, self.std = card.input_size, card.mean, card.std
+        self.scale, self.ratio, self.rotation, self.flip = scale, ratio, rotation, flip
+        self.p_downscale, self.downscale = p_downscale, downscale
 
-    def degrade(self, img: Image.Image) -> Image.Image:
-        if random.random() < self.p_downscale:
-            f = random.uniform(*self.downscale)
-            w, h = img.size
-            resample = random.choice([Image.Resampling.BILINEAR, Image.Resampling.BICUBIC,
-                                      Image.Resampling.LANCZOS, Image.Resampling.BOX])
-            img = img.resize((max(8, round(w * f)), max(8, round(h * f))), resample)
-        if random.random() < self.p_blur:
-            img = img.filter(ImageFilter.GaussianBlur(random.uniform(0.3, 1.0)))
-        if random.random() < self.p_jpeg:
-            buf = io.BytesIO()
-            img.save(buf, "JPEG", quality=random.randint(30, 85))
-            img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-        return img
+    def __call__(self, pixels: torch.Tensor, generator: torch.Generator | None = None, *,
+                 size: int = 0) -> torch.Tensor:
+        """``size`` overrides the card's input side (progressive resizing trains early epochs smaller)."""
+        n, dev, size = pixels.shape[0], pixels.device, size or self.size
+        mean = torch.tensor(self.mean, device=dev).view(1, 3, 1, 1) * 255
+        std = torch.tensor(self.std, device=dev).view(1, 3, 1, 1) * 255
+        x = (pixels.permute(0, 3, 1, 2).float() - mean) / std
 
-    def __call__(self, path: str | os.PathLike) -> np.ndarray:
-        img = decode_image(path)
-        img = self.degrade(self.geometry(img))
-        return normalize(self.preset(img)[None], self.mean, self.std)[0]
+        def uniform(lo, hi):
+            return lo + (hi - lo) * torch.rand(n, generator=generator, device=dev)
 
-
-class _Crop:
-    """The crop box of RandomResizedCrop without its resize (the eval preset resizes afterwards)."""
-
-    def __init__(self, scale, ratio):
-        self.scale, self.ratio = scale, ratio
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        top, left, h, w = T.RandomResizedCrop.get_params(img, self.scale, self.ratio)
-        return img.crop((left, top, left + w, top + h))
+        area = uniform(*self.scale)
+        aspect = torch.exp(uniform(math.log(self.ratio[0]), math.log(self.ratio[1])))
+        w, h = (area * aspect).sqrt().clamp(max=1.0), (area / aspect).sqrt().clamp(max=1.0)  # crop, 1 = full side
+        cx, cy = uniform(-1, 1) * (1 - w), uniform(-1, 1) * (1 - h)  # crop centre, inside the image
+        angle = uniform(-self.rotation, self.rotation) * (math.pi / 180)
+        sign = torch.where(torch.rand(n, generator=generator, device=dev) < 0.5, -1.0, 1.0) if self.flip \
+            else torch.ones(n, device=dev)
+        cos, sin = angle.cos(), angle.sin()
+        # output (u, v) in [-1, 1]^2 -> input centre + R(angle) @ diag(sign * w, h) @ (u, v)
+        theta = torch.stack([torch.stack([sign * w * cos, -h * sin, cx], 1),
+                             torch.stack([sign * w * sin, h * cos, cy], 1)], 1)
+        grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)
+        out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        small = torch.rand(n, generator=generator, device=dev) < self.p_downscale
+        factors = uniform(*self.downscale)
+        for i in small.nonzero().flatten().tolist():
+            side = max(8, round(size * float(factors[i])))
+            shrunk = F.interpolate(out[i:i + 1], size=(side, side), mode="bilinear", antialias=True)
+            out[i:i + 1] = F.interpolate(shrunk, size=(size, size), mode="bilinear")
+        return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -26,7 +27,7 @@ from tqdm import tqdm
 from train import data as D
 from train import models
 from batchcls.metrics import macro_f1
-from train.presets import EvalTransform, TrainTransform, preprocessing_card
+from train.presets import BatchAugment, EvalTransform, cache_preset, cache_side, preprocessing_card
 
 
 @dataclass
@@ -42,6 +43,7 @@ class TrainConfig:
     model: str = "efficientnet_lite0"  # one of train.models.MODELS
     pretrained: str = "offline"  # offline | hub | none | path to a state_dict/checkpoint
     input_size: int = 144  # square input side in px (the card's input_size); frames are ~120x160
+    start_size: int = 0  # progressive resizing: first epoch at this side, growing to input_size (0 = off)
     # optimisation
     epochs: int = 5  # passes over the (sampled) train split
     max_steps: int = 0  # hard cap on optimizer steps in total (0 = none); for smoke runs
@@ -58,14 +60,15 @@ class TrainConfig:
     # system
     out_dir: str = "runs/train/model"  # checkpoints, config.json, split.json (if created here)
     device: str = "auto"  # auto | cpu | cuda
-    num_workers: int = 2  # DataLoader worker processes (decode + augmentation)
+    num_workers: int = 2  # decode processes: building the pixel cache, validation loading
+    cache_dir: str = ""  # where the decoded train pixels live; "" = <split manifest folder>/cache
     channels_last: bool = True  # NHWC memory format: faster convolutions on CPU and tensor cores
     amp: bool = False  # autocast switch (bf16); one code path either way
     resume: bool = False  # continue from <out_dir>/ckpt_last.pt (architecture comes from the checkpoint)
     progress: bool = True  # tqdm progress bar (stderr)
 
 
-RUN_LOCAL = ("resume", "progress", "num_workers", "device", "epochs_this_run", "out_dir")  # not restored on resume
+RUN_LOCAL = ("resume", "progress", "num_workers", "device", "epochs_this_run", "out_dir", "cache_dir")  # not restored on resume
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -128,6 +131,22 @@ def set_backbone_trainable(model, name: str, trainable: bool, frozen_stages: int
         layer.requires_grad_(False)
 
 
+def epoch_input_size(epoch: int, cfg: TrainConfig) -> int:
+    """Progressive resizing (as in FFCV's ResNet recipes): the first half of the epochs grow from
+    ``start_size`` in 16 px steps (a 96 px epoch costs ~0.55 of a 128 px one here), the second half train at
+    ``input_size``, the size that is served, so BatchNorm statistics and the head end up fitted to it."""
+    ramp = cfg.epochs - math.ceil(cfg.epochs / 2)  # epochs below full size; 0 for 1-epoch runs (the search)
+    if not cfg.start_size or cfg.start_size >= cfg.input_size or epoch >= ramp:
+        return cfg.input_size
+    size = cfg.start_size + (cfg.input_size - cfg.start_size) * epoch / ramp
+    return min(cfg.input_size, int(round(size / 16)) * 16)
+
+
+def schedule_cost(cfg: TrainConfig) -> float:
+    """Training compute of the whole schedule in full-size epochs (pixels ~ cost)."""
+    return sum((epoch_input_size(e, cfg) / cfg.input_size) ** 2 for e in range(cfg.epochs))
+
+
 def main(cfg: TrainConfig, log=print) -> dict:
     # --- derived setup: DDP, device, seeds, threads --------------------------------------------------
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -174,15 +193,23 @@ def main(cfg: TrainConfig, log=print) -> dict:
     card = preprocessing_card(architecture=cfg.model, classes=classes, input_size=cfg.input_size,
                               **models.data_config(cfg.model))
     train_items = D.seeded_subset(manifest["train"], cfg.train_subset, cfg.seed)
-    train_ds = D.ImageDataset(manifest["root"], train_items, TrainTransform(card))
+    # Train images are decoded once into uint8 pixels (rank 0 builds, the others map the same file) and
+    # augmented a batch at a time on the training device; validation reads files exactly as the runtime.
+    cache_dir = cfg.cache_dir or split_path.parent / "cache"
+    preset = cache_preset(card, cache_side(card))
+    if master:
+        D.pixel_cache(manifest["root"], train_items, preset, cache_dir, workers=cfg.num_workers, log=say)
+    if ddp:
+        dist.barrier()
+    train_pixels = D.pixel_cache(manifest["root"], train_items, preset, cache_dir, workers=0)
+    train_labels = torch.tensor([y for _, y in train_items])
+    augment = BatchAugment(card)
     val_ds = D.ImageDataset(manifest["root"], D.seeded_subset(manifest["val"], cfg.val_subset, cfg.seed),
                             EvalTransform(card))
     weights = D.class_weights([y for _, y in train_items], len(classes), cfg.sampler)
     sampler = D.WeightedShardSampler(weights, len(train_items), seed=cfg.seed, rank=rank, world_size=world)
     per_rank_batch = max(1, cfg.batch_size // world)
     loader_kw = dict(num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0, pin_memory=use_cuda)
-    train_loader = DataLoader(train_ds, batch_size=per_rank_batch, sampler=sampler, drop_last=len(sampler) > per_rank_batch,
-                              worker_init_fn=_seed_worker, **loader_kw)
     val_loader = DataLoader(val_ds, batch_size=2 * per_rank_batch, shuffle=False, **loader_kw)
     log(f"[rank {rank}/{world}] {device} ready: {len(sampler)} samples/epoch on this rank, batch {per_rank_batch}")
 
@@ -198,7 +225,7 @@ def main(cfg: TrainConfig, log=print) -> dict:
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    steps_per_epoch = len(train_loader)
+    steps_per_epoch = max(1, len(sampler) // per_rank_batch)  # full batches only
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
@@ -206,7 +233,7 @@ def main(cfg: TrainConfig, log=print) -> dict:
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=max(total_steps, 1),
                                                     pct_start=cfg.warmup_pct, anneal_strategy="cos")
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    start_epoch, step, best_f1, best_epoch, train_time, train_seen = 0, 0, -1.0, -1, 0.0, 0
+    start_epoch, step, best_f1, best_epoch, train_time, train_seen, train_pixels_seen = 0, 0, -1.0, -1, 0.0, 0, 0.0
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -226,17 +253,24 @@ def main(cfg: TrainConfig, log=print) -> dict:
         if step >= total_steps:
             break
         sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler))
+        batches = [order[i * per_rank_batch:(i + 1) * per_rank_batch] for i in range(steps_per_epoch)]
+        generator = torch.Generator(device).manual_seed(cfg.seed * 100_003 + epoch * world + rank)  # resumable
         ddp_model.train()
         t0, seen, loss_sum = time.time(), 0, 0.0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (master and cfg.progress),
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (master and cfg.progress),
                    mininterval=5 if sys.stderr.isatty() else 60)
-        for x, y in bar:
+        size = epoch_input_size(epoch, cfg)
+        for idx in bar:
             if step < head_steps:
                 set_backbone_trainable(model, cfg.model, False, cfg.freeze_stages)
             elif step == head_steps:
                 set_backbone_trainable(model, cfg.model, True, cfg.freeze_stages)  # stage 2: all but the frozen stem
-            x = x.to(device, non_blocking=True, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
-            y = y.to(device, non_blocking=True)
+            idx = np.sort(idx.numpy())  # sorted: sequential memmap reads (the order within a batch is moot)
+            pixels = torch.from_numpy(train_pixels[idx])
+            y = train_labels[idx].to(device, non_blocking=True)
+            x = augment(pixels.to(device, non_blocking=True), generator, size=size)
+            x = x.contiguous(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
             with autocast:
                 loss = criterion(ddp_model(x), y)
             optimizer.zero_grad(set_to_none=True)
@@ -253,6 +287,7 @@ def main(cfg: TrainConfig, log=print) -> dict:
         epoch_time = time.time() - t0
         train_time += epoch_time
         train_seen += seen * world
+        train_pixels_seen += seen * world * (size / cfg.input_size) ** 2  # in full-size images
         # Every rank evaluates the full val split, so all ranks take the same early-stopping decision.
         logits, labels, _ = predict(model, val_loader, device, channels_last=cfg.channels_last, autocast=autocast)
         val_f1 = macro_f1(labels, logits.argmax(1), len(classes))
@@ -271,7 +306,7 @@ def main(cfg: TrainConfig, log=print) -> dict:
                 atomic_save(state, out / "ckpt_best.pt")
         say(f"epoch {epoch + 1}/{cfg.epochs} | loss {loss_sum / max(seen, 1):.4f} | val macro-F1 {val_f1:.4f} "
             f"acc {val_acc:.4f}{' *best, saved' if improved else ''} | {seen * world / epoch_time:.1f} img/s | "
-            f"{epoch_time / 60:.1f} min")
+            f"{epoch_time / 60:.1f} min{f' at {size}px' if size != cfg.input_size else ''}")
         if cfg.epochs_this_run and epoch + 1 - start_epoch >= cfg.epochs_this_run:
             say(f"stopping after {cfg.epochs_this_run} epoch(s) this run: continue with --resume true")
             break
@@ -284,15 +319,8 @@ def main(cfg: TrainConfig, log=print) -> dict:
         dist.destroy_process_group()
     return {"best_val_f1": best_f1, "best_epoch": best_epoch + 1, "ckpt": str(out / "ckpt_best.pt"),
             "train_time_s": train_time, "params": n_params, "split_sha256": split_sha,
-            "train_images_per_s": train_seen / max(train_time, 1e-9)}
-
-
-def _seed_worker(worker_id: int) -> None:
-    # Each worker's python/numpy RNG (used by the augmentation) derives from torch's per-worker seed.
-    import random
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
+            "train_images_per_s": train_seen / max(train_time, 1e-9),
+            "full_size_images_per_s": train_pixels_seen / max(train_time, 1e-9)}  # speed at input_size
 
 
 if __name__ == "__main__":
