@@ -7,7 +7,7 @@ IMAGES ?= samples/simpsons
 OUT ?= labels.csv
 MODEL ?= engines/simpsons
 
-.PHONY: install install-dev run test bench train train-more train-smoke engine
+.PHONY: install install-dev run test bench train train-more train-smoke audit engine
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,13 @@ train-more:  ## continue make train's Lite0 for jobs/train-more.json's epochs, t
 	BATCHCLS_TRAIN_COMMAND='make train-more DATA=$(DATA) FROM=$(FROM) OUT=$(OUT) EXPORT=$(EXPORT)' \
 	$(BIN)/python -m train --data $(DATA) --models efficientnet_lite0 --pretrained $(FROM)/efficientnet_lite0/ckpt_best.pt \
 	  --no-search --config jobs/train-more.json --out $(OUT) --export $(EXPORT) --budget-min 0
+
+# A person's check of the labels: the val images the model disputes, most confident first, with contact sheets;
+# with a reviewed CSV (VERDICTS=docs/label-audit-val.csv for the shipped split) it prints what the labels allow.
+audit: RUN ?= runs/train
+audit: VERDICTS ?=
+audit: install-dev  ## val disagreements of $(MODEL) on $(RUN)'s split -> $(RUN)/audit/; VERDICTS=reviewed.csv for the ceilings
+	$(BIN)/python -m train.audit --run $(RUN) --model $(MODEL) $(if $(VERDICTS),--verdicts $(VERDICTS))
 
 train-smoke: SMOKE_OUT ?= /tmp/batchcls-train-smoke
 train-smoke:  ## the whole training pipeline on samples/simpsons at tiny size (< 3 min); exports to a tmp dir
