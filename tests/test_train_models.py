@@ -1,6 +1,7 @@
 """The model factory: every weight source with local files, error texts, metrics and calibration."""
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -133,11 +134,22 @@ def test_remaining_budget_replans_the_next_model():
     logs = []
     args = (["efficientnet_lite2"], config)
     assert fit_remaining(*args, 90.0, 14461, 3102, 40 * 60, logs.append) == {}
-    assert fit_remaining(*args, 40.0, 14461, 3102, 20 * 60, logs.append) == {"epochs": 1, "start_size": 0}
+    assert fit_remaining(*args, 40.0, 14461, 3102, 25 * 60, logs.append) == {"epochs": 1, "start_size": 0}
     short = fit_remaining(*args, 16.0, 14461, 3102, 30 * 60, logs.append)
     assert short["epochs"] == 1 and 40 <= short["max_steps"] < 226 and "one-cycle" in logs[-1]
     assert short["start_size"] == 0  # a cut schedule trains at the served size throughout
     assert fit_remaining(*args, 16.0, 14461, 3102, 10 * 60, logs.append) is None and "SKIPPING" in logs[-1]
+
+
+def test_cached_search_is_reused_only_for_the_same_trials():
+    from train.pipeline import SMOKE_GRID, search_key
+    from train.train import TrainConfig
+
+    key = search_key(TrainConfig(input_size=128), SMOKE_GRID, 1600, "sha")
+    assert search_key(TrainConfig(input_size=128, out_dir="elsewhere", progress=False), SMOKE_GRID, 1600, "sha") == key
+    assert search_key(TrainConfig(input_size=144), SMOKE_GRID, 1600, "sha") != key  # a new recipe searches again
+    assert search_key(TrainConfig(input_size=128), SMOKE_GRID, 1600, "other split") != key
+    assert json.loads(json.dumps(key)) == key  # it is compared with the JSON stored beside the results
 
 
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "vgg16"])

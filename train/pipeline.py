@@ -24,6 +24,7 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from train import data as D
@@ -31,15 +32,15 @@ from train import models
 from train.evaluate import evaluate
 from train.export import export
 from train.search import GRID, SEARCH_SUBSET, SEARCH_VAL_SUBSET, search
-from train.train import TrainConfig, main as train_main, schedule_cost
+from train.train import RUN_LOCAL, TrainConfig, main as train_main, schedule_cost
 
 # Per-model recipe sized for the CPU budget above; anything in --config overrides it for every model.
 RECIPES = {
-    # Measured on the 2-core AMD EPYC (AVX2) CI machine: lite0 trains ~19 img/s at 144 px, ~24 at 128 px, ~42
-    # at 128 px with stem + 3 stages frozen (network ~49, 96 px ~86), so the default is 128 px (users' frames are
-    # ~120x160 anyway) with progressive resizing from 96 px, and lite0, the likely winner, gets its epochs first.
-    "efficientnet_lite0": {"epochs": 9, "input_size": 128, "start_size": 96},
-    "efficientnet_lite2": {"epochs": 2, "input_size": 128, "start_size": 96},  # ~2.5x slower per image
+    # Measured on the 2-core AMD EPYC (AVX2) CI machine with stem + 3 stages frozen: lite0 trains ~43 img/s at
+    # 144 px and at 128 px alike (oneDNN), ~54 at 112, ~70-80 at 96; unfrozen ~27 at 144. Users' frames are ~120x160,
+    # so 144 px, with progressive resizing from 96 px; lite0, the likely winner, gets its epochs first.
+    "efficientnet_lite0": {"epochs": 9, "input_size": 144, "start_size": 96},
+    "efficientnet_lite2": {"epochs": 2, "input_size": 144, "start_size": 96},  # ~2.5x slower per image
     "efficientnetv2_b0": {"epochs": 3, "input_size": 144},
     "vgg16": {"epochs": 2, "input_size": 128},  # backbone frozen on CPU (freeze_backbone="auto")
 }
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
     if args.search:
         grid, subset = (SMOKE_GRID, 0) if args.smoke else (GRID, SEARCH_SUBSET)
         t0 = time.time()
-        key = {"grid": grid, "subset": subset, "model": names[0], "split_sha256": split_sha, "overrides": overrides}
+        key = search_key(config(names[0]), grid, subset, split_sha)
         cached = out / "search" / "search.json"
         if cached.is_file() and json.loads(cached.read_text())["key"] == key:  # same search already run here
             rows = json.loads(cached.read_text())["rows"]
@@ -164,6 +165,13 @@ def run(args: argparse.Namespace, log=print) -> dict:
            parity_images=[root / rel for rel, _ in parity_items], results=files, log=log)
     log(f"pipeline done in {(time.time() - t_start) / 60:.1f} min")
     return {"best": best["model"], "results": results, "export": args.export}
+
+
+def search_key(cfg: TrainConfig, grid: dict, subset: int, split_sha: str) -> dict:
+    """What a cached search result must match: everything its trials train with (the recipe included, so a
+    changed input size or schedule searches again), but not where or how verbosely they run."""
+    trial = {k: v for k, v in asdict(cfg).items() if k not in RUN_LOCAL}
+    return {"grid": grid, "subset": subset, "config": trial, "split_sha256": split_sha}
 
 
 def fit_budget(names, config, ips: float, n_train: int, n_val: int, remaining_s: float, overrides: dict, log) -> None:
