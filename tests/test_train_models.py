@@ -134,7 +134,7 @@ def test_remaining_budget_replans_the_next_model():
     logs = []
     args = (["efficientnet_lite2"], config)
     assert fit_remaining(*args, 90.0, 14461, 3102, 40 * 60, logs.append) == {}
-    assert fit_remaining(*args, 40.0, 14461, 3102, 25 * 60, logs.append) == {"epochs": 1, "start_size": 0}
+    assert fit_remaining(*args, 40.0, 14461, 3102, 22 * 60, logs.append) == {"epochs": 1, "start_size": 0}
     short = fit_remaining(*args, 16.0, 14461, 3102, 30 * 60, logs.append)
     assert short["epochs"] == 1 and 40 <= short["max_steps"] < 226 and "one-cycle" in logs[-1]
     assert short["start_size"] == 0  # a cut schedule trains at the served size throughout
