@@ -178,13 +178,15 @@ def main(cfg: TrainConfig, log=print) -> dict:
 
     # --- data: the split manifest is the only source of file lists ------------------------------------
     split_path = Path(cfg.split or out / "split.json")
-    if not split_path.is_file():
-        if not cfg.data:
-            raise SystemExit(f"no split manifest at {split_path}: pass --data <folder> to create one")
-        if master:
-            D.write_manifest(D.make_split(cfg.data, seed=cfg.seed, log=say), split_path)
-        if ddp:
-            dist.barrier()  # other ranks wait for rank 0's manifest
+    if not split_path.is_file() and not cfg.data:
+        raise SystemExit(f"no split manifest at {split_path}: pass --data <folder> to create one")
+    if master and not split_path.is_file():
+        D.write_manifest(D.make_split(cfg.data, seed=cfg.seed, log=say), split_path)
+    if ddp:
+        # Unconditional: other ranks wait for rank 0's manifest. A barrier taken only "if the file is missing"
+        # raced: a rank that looked after rank 0 had written it skipped the barrier, and every later collective
+        # paired with the wrong one (CI hung with rank 0 at the cache barrier, rank 1 inside DDP's init).
+        dist.barrier()
     cfg.split = str(split_path)
     manifest, split_sha = D.load_manifest(split_path)
     if ckpt is not None and ckpt["split_sha256"] != split_sha:
