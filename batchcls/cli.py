@@ -4,6 +4,7 @@ Heavy imports (onnxruntime, torch) happen inside commands so ``--help`` stays in
 """
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 
@@ -12,6 +13,18 @@ import click
 from batchcls.errors import BatchclsError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_ROW_ERRORS, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for `cat` killed by SIGPIPE
+
+
+def _quiet_broken_pipe() -> None:
+    """The reader of our stdout went away (`| head`): stop quietly, as cat does.
+
+    stdout is pointed at /dev/null so the interpreter's final flush can't raise again.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    sys.exit(EXIT_BROKEN_PIPE)
 
 
 class Group(click.Group):
@@ -20,6 +33,8 @@ class Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:
+            _quiet_broken_pipe()
         except (BatchclsError, OSError) as e:
             if ctx.obj and ctx.obj.get("verbose"):
                 traceback.print_exc()
@@ -80,6 +95,9 @@ def run(source, out, model, files_from, recursive, fmt, batch_size, workers, bac
                  files_from=files_from, fmt=fmt, resume=resume, overwrite=overwrite, quiet=quiet, options=options)
     if address and engine != "ray":
         raise click.UsageError("--address only applies with --engine ray")
+    if resume and overwrite:
+        raise click.UsageError("--resume and --overwrite contradict each other: --resume continues OUT, "
+                               "--overwrite replaces it; pass one")
     try:
         if engine == "ray":
             from batchcls.ray_engine import run_ray_job

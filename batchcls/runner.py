@@ -69,7 +69,7 @@ def run_job(job: RunJob) -> RunSummary:
     bar = _progress(job)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        summary = run(files, classifier, writer.write, job.options, on_batch=bar.update if bar else None)
+        summary = run(files, classifier, writer.write, job.options, on_batch=None if bar is None else bar.update)
     except KeyboardInterrupt:
         writer.close(complete=False)
         raise Interrupted(writer.rows_written, "stdout" if writer.to_stdout else str(writer.partial)) from None
