@@ -41,20 +41,22 @@ CSP = "default-src 'none'; img-src 'self' file: data:; style-src 'unsafe-inline'
 STYLE = """
 :root{--t:%(t)dpx;font:14px/1.4 system-ui,sans-serif;color:#222}
 body{margin:0 1.5em 3em}
-nav{position:sticky;top:0;background:#fff;padding:.4em 0;border-bottom:1px solid #ddd;z-index:1}
-nav a{margin-right:1em;white-space:nowrap}
+nav{position:sticky;top:0;background:#fff;padding:.4em 0;border-bottom:1px solid #ddd;z-index:1;
+display:flex;flex-wrap:wrap;gap:.15em 1em;max-height:33vh;overflow-y:auto}
+nav a{white-space:nowrap}
 table{border-collapse:collapse}td,th{padding:.15em .6em;text-align:left;border-bottom:1px solid #eee}
 td.n{text-align:right;font-variant-numeric:tabular-nums}
-.bar{display:inline-block;height:.8em;background:#4a7fc1}
-.hist rect{fill:#4a7fc1}.hist text{font-size:11px;fill:#555}
+.bar{display:inline-block;height:.8em;background:#4a7fc1;max-width:22vw}
+svg.hist{max-width:100%%;height:auto}.cards>div{max-width:100%%;overflow-x:auto}
+.hist rect{fill:#4a7fc1}.hist text{font-size:11px;fill:#555}.hist line{stroke:#999}.hist .n{font-size:10px;fill:#222}
 .grid{display:flex;flex-wrap:wrap;gap:8px}
 figure{margin:0;width:var(--t);content-visibility:auto;contain-intrinsic-size:auto var(--t) calc(var(--t) + 3.2em)}
 figure img,figure .none{display:block;width:var(--t);height:var(--t);object-fit:contain;background:#f3f3f3}
 figure .none{display:flex;align-items:center;justify-content:center;text-align:center;font-size:12px;color:#888}
-figcaption{font-size:11px;word-break:break-all}
+figcaption{font-size:11px;overflow-wrap:anywhere}
 figcaption b{display:block;font-size:13px}
 .lo b{color:#c0392b}.mid b{color:#b7791f}
-.err td:first-child{word-break:break-all}
+.err td:first-child{overflow-wrap:anywhere}
 .cards{display:flex;flex-wrap:wrap;gap:0 3em;align-items:flex-start}
 """
 
@@ -193,21 +195,41 @@ def _linker(root: Path, base: Path) -> Callable[[str], str]:
 
 
 def _histogram_svg(confidences: list[float]) -> str:
+    """Bars with their counts on top, a row axis on the left and a confidence axis below."""
     counts = [0] * HIST_BINS
     for c in confidences:
         counts[min(int(c * HIST_BINS), HIST_BINS - 1)] += 1
-    w, h, bw = 400, 120, 400 // HIST_BINS
+    left, w, h, top_pad, bw = 34, 400, 120, 14, 400 // HIST_BINS
     top = max(counts) or 1
     bars = []
     for i, n in enumerate(counts):
         bh = round(n / top * h)
         lo, hi = i / HIST_BINS, (i + 1) / HIST_BINS
-        bars.append(f'<rect x="{i * bw}" y="{h - bh}" width="{bw - 2}" height="{bh}">'
+        x, y = left + i * bw, top_pad + h - bh
+        bars.append(f'<rect x="{x}" y="{y}" width="{bw - 2}" height="{bh}">'
                     f"<title>{lo:.2f}-{hi:.2f}: {n} rows</title></rect>")
-    ticks = "".join(f'<text x="{x * w:.0f}" y="{h + 14}" text-anchor="{a}">{x:g}</text>'
+        if n:
+            bars.append(f'<text class="n" x="{x + (bw - 2) / 2:g}" y="{y - 2}" text-anchor="middle">{n}</text>')
+    base = top_pad + h
+    axes = (f'<line x1="{left - 2}" y1="{top_pad}" x2="{left - 2}" y2="{base}"/>'
+            f'<line x1="{left - 2}" y1="{base}" x2="{left + w}" y2="{base}"/>'
+            f'<text x="{left - 5}" y="{top_pad + 4}" text-anchor="end">{top}</text>'
+            f'<text x="{left - 5}" y="{base}" text-anchor="end">0</text>'
+            f'<text x="0" y="{top_pad + h / 2:g}" transform="rotate(-90 8 {top_pad + h / 2:g})">rows</text>')
+    ticks = "".join(f'<text x="{left + x * w:.0f}" y="{base + 14}" text-anchor="{a}">{x:g}</text>'
                     for x, a in ((0, "start"), (0.5, "middle"), (1, "end")))
-    return (f'<svg class="hist" role="img" aria-label="confidence histogram" width="{w}" height="{h + 18}" '
-            f'viewBox="0 0 {w} {h + 18}">{"".join(bars)}{ticks}</svg>')
+    ticks += f'<text x="{left + w / 2:g}" y="{base + 28}" text-anchor="middle">confidence</text>'
+    height = base + 32
+    return (f'<svg class="hist" role="img" aria-label="confidence histogram" width="{left + w + 4}" '
+            f'height="{height}" viewBox="0 0 {left + w + 4} {height}">{axes}{"".join(bars)}{ticks}</svg>')
+
+
+_BREAK_AFTER = re.compile(r"([/_\-.])")
+
+
+def _breakable(text: str) -> str:
+    """Escaped text that the browser may wrap after a separator (/, _, -, .) rather than mid-word."""
+    return _BREAK_AFTER.sub(r"\1<wbr>", html.escape(text))
 
 
 def _summary_html(groups: dict[str, list[_Item]], errors: list[_Item], confidences: list[float]) -> list[str]:
@@ -248,7 +270,7 @@ def _figure(item: _Item, thumbs_url: str, href: Callable[[str], str]) -> str:
         pic = f'<span class="none">{e(item.note or "no preview")}</span>'
     conf = "-" if c is None else f"{c:.3f}"
     return (f'<figure{cls}><a href="{e(href(item.path))}">{pic}</a>'
-            f"<figcaption><b>{conf}</b>{e(item.path)}</figcaption></figure>")
+            f"<figcaption><b>{conf}</b>{_breakable(item.path)}</figcaption></figure>")
 
 
 def render(groups: dict[str, list[_Item]], errors: list[_Item], *, title: str, thumbs_url: str,

@@ -312,6 +312,16 @@ class Chromium:
         assert "exceptionDetails" not in r, r
         return r["result"].get("value")
 
+    def screenshot(self, url: str, width: int, path: Path, height: int = 1100) -> None:
+        """The page as a phone or desktop browser of this width lays it out, saved as PNG."""
+        import base64
+        self.send("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1,
+                                                          "mobile": width < 600}, session=self.session)
+        self.open(url)
+        self.js(LOAD_ALL)
+        png = self.send("Page.captureScreenshot", {"format": "png"}, session=self.session)["data"]
+        path.write_bytes(base64.b64decode(png))
+
     def problems(self) -> list[str]:
         """Console errors/warnings, uncaught exceptions, failed loads, CSP violations and dialogs so far."""
         out = []
@@ -373,7 +383,8 @@ def test_report_in_headless_chromium(browser, report, labels):
     assert browser.js("document.querySelectorAll('section.label img').length") == len(ok)
     assert browser.js("document.querySelectorAll('#errors tr').length") == 1 + 1  # header + broken.jpg
     # The hostile name is a caption's text, and no element came out of it.
-    captions = browser.js("[...document.querySelectorAll('figcaption')].map(f => f.lastChild.textContent)")
+    captions = browser.js("[...document.querySelectorAll('figcaption')]"
+                          ".map(f => f.textContent.slice(f.firstChild.textContent.length))")
     assert EVIL in captions and "javascript:alert(1).jpg" in captions
     assert browser.js("[...document.images].filter(i => i.getAttribute('src') === 'x').length") == 0
     assert browser.js(LOAD_ALL) == len(ok)
@@ -392,6 +403,82 @@ def test_20000_row_report_opens_in_chromium(browser, big):
     loaded = browser.js("[...document.images].filter(i => i.complete && i.naturalWidth > 0).length")
     assert 0 < loaded < BIG // 10, loaded
     assert browser.problems() == []
+
+
+REPO = SAMPLES.parent.parent
+SCREENSHOTS = {1280: REPO / "docs" / "report-1280.png", 390: REPO / "docs" / "report-390.png"}
+
+# Layout facts a person relies on, measured in the page itself.
+LAYOUT = """(() => {
+  const nav = document.querySelector('nav'), links = [...nav.querySelectorAll('a')];
+  const caps = [...document.querySelectorAll('figcaption')];
+  return {
+    width: innerWidth, pageWidth: document.documentElement.scrollWidth,
+    navLinks: links.length,
+    linksOutside: links.filter(a => { const r = a.getBoundingClientRect();
+                                      return r.left < 0 || r.right > innerWidth + 1; }).length,
+    navRows: new Set(links.map(a => Math.round(a.offsetTop))).size,
+    navScrollsToEnd: nav.scrollHeight <= nav.clientHeight || getComputedStyle(nav).overflowY === 'auto',
+    navHeight: nav.getBoundingClientRect().height, viewport: innerHeight,
+    overflowingCaptions: caps.filter(c => c.scrollWidth > c.clientWidth + 1).length,
+    captionBreaks: caps.filter(c => c.querySelector('wbr')).length, captions: caps.length,
+    histCounts: [...document.querySelectorAll('svg.hist text.n')].map(t => +t.textContent),
+  };
+})()"""
+
+
+@pytest.fixture(scope="module")
+def simpsons_run(tmp_path_factory) -> Path:
+    """The shipped model on the committed sample frames, plus every class of its card as a label."""
+    out = tmp_path_factory.mktemp("simpsons") / "labels.csv"
+    assert invoke("run", SAMPLES, "--out", out, "--workers", 0).exit_code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def every_label(tmp_path_factory) -> Path:
+    """42 labels (the shipped card's classes) on real frames, long names included: the nav's worst case."""
+    from batchcls.card import load_card
+    classes = load_card(None).classes
+    samples = sorted(SAMPLES.glob("*/*.jpg"))
+    out = tmp_path_factory.mktemp("labels42") / "labels.csv"
+    rows = [{"path": str(samples[i % len(samples)].relative_to(SAMPLES)), "label": c,
+             "confidence": 0.3 + 0.7 * ((i * 37) % 100) / 100, "status": "ok", "error": ""}
+            for i, c in enumerate(classes)]
+    w = RowWriter(str(out), columns=columns_for(1))
+    w.write(rows)
+    w.close()
+    return out
+
+
+@needs_chromium
+@pytest.mark.parametrize("width", [1280, 390])
+def test_report_layout_reachable_and_wrapping(browser, every_label, simpsons_run, tmp_path, width):
+    page = tmp_path / "every.html"
+    build_report(every_label, page, images=SAMPLES, workers=0)
+    shot = tmp_path / "every.png"
+    browser.screenshot(page.as_uri(), width, shot)
+    m = browser.js(LAYOUT)
+    assert m["width"] == width and m["pageWidth"] <= width, m  # nothing forces sideways scrolling
+    assert m["navLinks"] == 1 + 42 and m["linksOutside"] == 0, m  # every label reachable, none off screen
+    assert m["navRows"] > 1 and m["navScrollsToEnd"] and m["navHeight"] <= m["viewport"] / 2, m
+    assert m["overflowingCaptions"] == 0 and m["captionBreaks"] == m["captions"] == 42, m
+    assert sum(m["histCounts"]) == 42, m  # the histogram shows its counts
+    assert browser.problems() == []
+    with Image.open(shot) as im:
+        assert im.width == width
+
+    # The picture kept in docs/: the shipped model's real output on the sample frames at this width.
+    real = tmp_path / "report.html"
+    build_report(simpsons_run, real, images=SAMPLES, workers=0)
+    shot = tmp_path / f"report-{width}.png"
+    browser.screenshot(real.as_uri(), width, shot)
+    assert sum(browser.js(LAYOUT)["histCounts"]) == len(read_rows(simpsons_run))
+    with Image.open(shot) as im:
+        assert im.width == width and len(set(im.convert("L").resize((64, 64)).tobytes())) > 20  # not blank
+    if os.environ.get("BATCHCLS_UPDATE_SCREENSHOTS"):
+        shutil.copy(shot, SCREENSHOTS[width])
+    assert SCREENSHOTS[width].is_file(), f"run scripts/report_screenshot.sh to keep {SCREENSHOTS[width]}"
 
 
 # --- review -------------------------------------------------------------------------------------
