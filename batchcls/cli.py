@@ -95,6 +95,8 @@ def run(source, out, model, files_from, recursive, fmt, batch_size, workers, bac
                  files_from=files_from, fmt=fmt, resume=resume, overwrite=overwrite, quiet=quiet, options=options)
     if address and engine != "ray":
         raise click.UsageError("--address only applies with --engine ray")
+    if source and files_from:
+        raise click.UsageError("give SOURCE or --files-from, not both")
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite contradict each other: --resume continues OUT, "
                                "--overwrite replaces it; pass one")
