@@ -65,7 +65,7 @@ audit: VERDICTS ?=
 audit: install-dev  ## val disagreements of $(MODEL) on $(RUN)'s split -> $(RUN)/audit/; VERDICTS=reviewed.csv for the ceilings
 	$(BIN)/python -m train.audit --run $(RUN) --model $(MODEL) $(if $(VERDICTS),--verdicts $(VERDICTS))
 
-train-smoke: SMOKE_OUT ?= /tmp/batchcls-train-smoke
-train-smoke:  ## the whole training pipeline on samples/simpsons at tiny size (< 3 min); exports to a tmp dir
+train-smoke: SMOKE_OUT ?= runs/train-smoke
+train-smoke:  ## the whole training pipeline on samples/simpsons at tiny size (< 3 min); exports to runs/train-smoke (ignored)
 	rm -rf $(SMOKE_OUT)
 	$(BIN)/python -m train --smoke --data samples/simpsons --out $(SMOKE_OUT)/run --export $(SMOKE_OUT)/engine
