@@ -7,7 +7,7 @@ IMAGES ?= samples/simpsons
 OUT ?= labels.csv
 MODEL ?= engines/simpsons
 
-.PHONY: install install-dev run test bench train train-more train-smoke audit engine
+.PHONY: install install-dev run test bench train train-more train-long train-smoke audit engine
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,15 +36,16 @@ engine: install-dev  ## fastest engine this machine allows, beside $(MODEL)'s ca
 	$(BIN)/batchcls engine build --model $(MODEL) $(ENGINE_ARGS)
 
 # --- training (train/): `make train` builds the shipped bundle; MODELS/PRETRAINED/OUT/EXPORT/BUDGET override ---
+# The recipe itself lives in train/ (TrainConfig's defaults + RECIPES) or a jobs/*.json file, never here.
 # OUT here is the run folder (the `run` target's OUT is its CSV), hence target-specific defaults.
 train: OUT = runs/train
 train: MODELS ?= efficientnet_lite0 efficientnet_lite2
 train: PRETRAINED ?= offline
 train: EXPORT ?= engines/simpsons
-train: BUDGET ?= 66
+train: BUDGET ?=
 train:  ## split -> search -> train -> evaluate + calibrate -> export to $(EXPORT); reference pair: MODELS="vgg16 efficientnetv2_b0" PRETRAINED=hub
 	BATCHCLS_TRAIN_COMMAND='make train DATA=$(DATA) MODELS="$(MODELS)" PRETRAINED=$(PRETRAINED) OUT=$(OUT) EXPORT=$(EXPORT) BUDGET=$(BUDGET)' \
-	$(BIN)/python -m train --data $(DATA) --models "$(MODELS)" --pretrained $(PRETRAINED) --out $(OUT) --export $(EXPORT) --budget-min $(BUDGET)
+	$(BIN)/python -m train --data $(DATA) --models "$(MODELS)" --pretrained $(PRETRAINED) --out $(OUT) --export $(EXPORT) $(if $(BUDGET),--budget-min $(BUDGET))
 
 # A second stage for CPUs that fit only ~6 epochs in the budget: the same split, the Lite0 checkpoint of
 # `make train` (backbone and head) trained on with a fresh one-cycle (jobs/train-more.json), evaluated once on
@@ -57,6 +58,22 @@ train-more:  ## continue make train's Lite0 for jobs/train-more.json's epochs, t
 	BATCHCLS_TRAIN_COMMAND='make train-more DATA=$(DATA) FROM=$(FROM) OUT=$(OUT) EXPORT=$(EXPORT)' \
 	$(BIN)/python -m train --data $(DATA) --models efficientnet_lite0 --pretrained $(FROM)/efficientnet_lite0/ckpt_best.pt \
 	  --no-search --config jobs/train-more.json --out $(OUT) --export $(EXPORT) --budget-min 0
+
+# Unattended, ~2.5 h on 2 cores (jobs/train-long.json: 20 epochs at 128 px, a fresh one-cycle to lr 1e-3, EMA,
+# selection on val NLL; no early stop: a restarted one-cycle gets worse before it gets better): Lite0 trained on
+# from a bundle's weights (FROM, head included) on the same seeded split. Rerun the
+# same command after an interruption: it resumes from $(OUT)/efficientnet_lite0/ckpt_last.pt (a finished run
+# only re-evaluates and exports). Exports to $(OUT)/export; copy it over engines/simpsons if it beats it.
+# EPOCHS=N shortens (or lengthens) the schedule; the card records the command.
+train-long: OUT = runs/long
+train-long: FROM ?= engines/simpsons
+train-long: EXPORT ?= $(OUT)/export
+train-long: RECIPE ?= jobs/train-long.json
+train-long: EPOCHS ?=
+train-long:  ## long Lite0 run from $(FROM) with EMA, resumable; exports to $(OUT)/export
+	BATCHCLS_TRAIN_COMMAND='make train-long DATA=$(DATA) FROM=$(FROM) OUT=$(OUT) EXPORT=$(EXPORT) RECIPE=$(RECIPE) EPOCHS=$(EPOCHS)' \
+	$(BIN)/python -m train --data $(DATA) --models efficientnet_lite0 --pretrained $(FROM) --no-search \
+	  --config $(RECIPE) $(if $(EPOCHS),--epochs $(EPOCHS)) --out $(OUT) --export $(EXPORT) --budget-min 0
 
 # A person's check of the labels: the val images the model disputes, most confident first, with contact sheets;
 # with a reviewed CSV (VERDICTS=docs/label-audit-val.csv for the shipped split) it prints what the labels allow.

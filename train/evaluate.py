@@ -19,7 +19,7 @@ from train import data as D
 from train import models
 from batchcls.metrics import confusion, macro_f1, per_class
 from batchcls.pipeline import softmax
-from train.metrics import ece, fit_temperature, reliability
+from train.metrics import ece, fit_temperature, nll, reliability
 from train.presets import EvalTransform
 from train.train import predict
 
@@ -59,9 +59,11 @@ def evaluate(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, *, num_wo
     def scores(logits, y):
         pred = logits.argmax(1)
         return {"macro_f1": macro_f1(y, pred, n), "acc": float((pred == y).mean()),
+                "nll": nll(logits, y, temperature), "nll_raw": nll(logits, y),  # nll: at the fitted T
                 "ece": ece(softmax(logits), y), "ece_calibrated": ece(softmax(logits, temperature), y)}
 
-    m = {"model": card.architecture, "params": sum(p.numel() for p in model.parameters()),
+    m = {"model": card.architecture, "weights": ckpt.get("weights", "raw"),
+         "params": sum(p.numel() for p in model.parameters()),
          "input_size": card.input_size, "train_time_s": ckpt["train_time_s"], "epochs": ckpt["epoch"] + 1,
          "temperature": temperature, "val": scores(val_logits, val_y), "test": scores(test_logits, test_y),
          "test_downscaled": scores(down_logits, down_y),
@@ -74,8 +76,10 @@ def evaluate(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, *, num_wo
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(m, indent=2) + "\n")
     os.replace(tmp, out / "metrics.json")
-    log(f"eval {card.architecture}: val macro-F1 {m['val']['macro_f1']:.4f} | test macro-F1 {m['test']['macro_f1']:.4f} "
-        f"acc {m['test']['acc']:.4f} | 2x-downscaled macro-F1 {m['test_downscaled']['macro_f1']:.4f} | "
+    log(f"eval {card.architecture} ({m['weights']}, epoch {m['epochs']}): val NLL {m['val']['nll']:.4f} "
+        f"acc {m['val']['acc']:.4f} macro-F1 {m['val']['macro_f1']:.4f} | test acc {m['test']['acc']:.4f} "
+        f"macro-F1 {m['test']['macro_f1']:.4f} | 2x-downscaled acc {m['test_downscaled']['acc']:.4f} "
+        f"macro-F1 {m['test_downscaled']['macro_f1']:.4f} | "
         f"T {temperature:.3f}, ECE {m['test']['ece']:.4f} -> {m['test']['ece_calibrated']:.4f} | "
         f"{m['images_per_s']:.0f} img/s")
     return m

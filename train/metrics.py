@@ -46,3 +46,9 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray, steps: int = 100) ->
 
     opt.step(closure)
     return float(log_t.detach().exp().clamp(0.05, 20.0))
+
+
+def nll(logits: np.ndarray, y_true: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of softmax(logits / T): the model selection criterion."""
+    x = torch.as_tensor(logits, dtype=torch.float64) / temperature
+    return float(torch.nn.functional.cross_entropy(x, torch.as_tensor(y_true, dtype=torch.long)))

@@ -6,6 +6,7 @@ checkpoint). The classifier head is always replaced for ``num_classes``.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-SOURCES = ("offline", "hub", "none", "<path to a .pt/.pth file>")
+SOURCES = ("offline", "hub", "none", "<path to a .pt/.pth file>", "<bundle folder with model.pt + card.json>")
 
 
 @dataclass(frozen=True)
@@ -138,11 +139,12 @@ def _read_file(path: str | os.PathLike):  # noqa: ANN202 - whatever torch.save w
 
 
 def _info(obj) -> dict:  # noqa: ANN001
-    return {k: obj[k] for k in ("classes", "best_val_f1", "split_sha256") if isinstance(obj, dict) and k in obj}
+    keys = ("classes", "best_val_nll", "best_val_f1", "split_sha256")
+    return {k: obj[k] for k in keys if isinstance(obj, dict) and k in obj}
 
 
 def checkpoint_info(path: str | os.PathLike) -> dict:
-    """What a checkpoint of ours says about itself: classes, best_val_f1, split_sha256 ({} for a state_dict)."""
+    """What a checkpoint of ours says about itself: classes, best_val_nll/f1, split_sha256 ({} for a state_dict)."""
     return _info(_read_file(path))
 
 
@@ -173,6 +175,9 @@ def create_model(name: str, num_classes: int, pretrained: str = "offline", class
     elif Path(pretrained).is_file():
         obj = _read_file(pretrained)  # read once: weights, and the classes a checkpoint of ours was trained on
         sd, file_classes = _state_dict(obj, pretrained), _info(obj).get("classes")
+    elif (Path(pretrained) / "model.pt").is_file():  # a bundle (engines/simpsons): its card names the classes
+        sd = _state_dict(_read_file(Path(pretrained) / "model.pt"), pretrained)
+        file_classes = json.loads((Path(pretrained) / "card.json").read_text())["classes"]
     else:
         raise ValueError(f"unknown weight source {pretrained!r}: choose one of {', '.join(SOURCES)}")
     model = _build(s, num_classes)
@@ -216,7 +221,8 @@ def check_weights(name: str, pretrained: str) -> None:
     elif pretrained == "hub" and not _probe(s.hub_host):
         raise WeightsError(f"cannot download {name} ImageNet weights from {s.hub_host} (no network?): "
                            f"use --pretrained offline or a local file")
-    elif pretrained not in ("offline", "hub", "none") and not Path(pretrained).is_file():
+    elif pretrained not in ("offline", "hub", "none") and not (Path(pretrained).is_file()
+                                                                or (Path(pretrained) / "model.pt").is_file()):
         raise ValueError(f"unknown weight source {pretrained!r}: choose one of {', '.join(SOURCES)}")
 
 

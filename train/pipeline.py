@@ -1,10 +1,15 @@
 """The whole training pipeline: split -> search -> train -> evaluate + calibrate -> compare -> export.
 
+What ships is set in ONE place: TrainConfig's defaults are the Lite0 recipe, RECIPES lists only how the other
+models differ, recipe files (jobs/*.json, --config) override both for a run, and the card records the command.
+Every model is selected on validation NLL at the fitted temperature (see train.train), raw and EMA weights alike;
+both are evaluated (the test split once each) and listed in results.md.
+
     python -m train --data ../shared/data/simpsons/train                       # the default run (make train)
     python -m train --data ... --models "vgg16 efficientnetv2_b0" --pretrained hub
     python -m train --smoke --data samples/simpsons --out /tmp/s --export /tmp/s/engine
 
-Default budget (2 CPU cores, <= 75 min; make train passes --budget-min 66): the train split decoded once into a
+Default budget (2 CPU cores, <= 75 min; --budget-min 66 unless given): the train split decoded once into a
 uint8 pixel cache (~15 s), a 4-trial search on efficientnet_lite0 (learning rate x frozen stem depth, 1 epoch on
 1,600 train images, validated on 600 val images; ~3 min; the winner is reused by every model),
 efficientnet_lite0 for 9 epochs at 128 px with the stem and first stages frozen and progressive resizing from
@@ -31,20 +36,20 @@ from train import data as D
 from train import models
 from train.evaluate import evaluate
 from train.export import export
-from train.search import GRID, SEARCH_SUBSET, SEARCH_VAL_SUBSET, search
+from train.search import GRID, SEARCH_SUBSET, SEARCH_VAL_SUBSET, best_row, search
 from train.train import RUN_LOCAL, TrainConfig, main as train_main, schedule_cost
 
 # Per-model recipe sized for the CPU budget above; anything in --config overrides it for every model.
 RECIPES = {
     # Measured on the 2-core AMD EPYC (AVX2) CI machine: lite0 trains ~44 img/s at 128 px with stem + 3 stages
-    # frozen (~54 at 112, ~70-85 at 96; ~35 at 144 with 2 frozen, ~27 at 144 unfrozen), so the default is 128 px
-    # (users' frames are ~120x160 anyway) with progressive resizing from 96 px; lite0, the likely winner, gets its
-    # epochs first. 144 px was tried (63.6 min, Lite2 squeezed out): validation macro-F1 0.905 vs 0.904, a tie,
-    # so the faster 128 px stays.
-    "efficientnet_lite0": {"epochs": 9, "input_size": 128, "start_size": 96},
-    "efficientnet_lite2": {"epochs": 2, "input_size": 128, "start_size": 96},  # ~2.5x slower per image
-    "efficientnetv2_b0": {"epochs": 3, "input_size": 144},
-    "vgg16": {"epochs": 2, "input_size": 128},  # backbone frozen on CPU (freeze_backbone="auto")
+    # frozen (~54 at 112, ~70-85 at 96; ~35 at 144 with 2 frozen, ~27 at 144 unfrozen), so TrainConfig's default
+    # is 128 px (users' frames are ~120x160 anyway) with progressive resizing from 96 px; lite0, the likely winner,
+    # gets its epochs first. 144 px was tried (63.6 min, Lite2 squeezed out): validation macro-F1 0.905 vs 0.904,
+    # a tie, so the faster 128 px stays.
+    "efficientnet_lite0": {},  # = TrainConfig's defaults
+    "efficientnet_lite2": {"epochs": 2},  # ~2.5x slower per image
+    "efficientnetv2_b0": {"epochs": 3, "input_size": 144, "start_size": 0},
+    "vgg16": {"epochs": 2, "start_size": 0},  # backbone frozen on CPU (freeze_backbone="auto")
 }
 # Training seconds per image relative to efficientnet_lite0 at the same input size (CPU, measured/estimated).
 COST = {"efficientnet_lite0": 1.0, "efficientnet_lite2": 2.5, "efficientnetv2_b0": 1.6, "vgg16": 2.0}
@@ -64,7 +69,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", default="engines/simpsons", help="bundle folder for the selected model")
     p.add_argument("--config", help="JSON of TrainConfig overrides applied to every model")
     p.add_argument("--no-search", dest="search", action="store_false", help="skip the hyperparameter search")
-    p.add_argument("--budget-min", type=float, default=60.0,
+    p.add_argument("--epochs", type=int, help="epochs for every model (over the recipes and --config)")
+    p.add_argument("--budget-min", type=float, default=66.0,
                    help="wall-clock budget in minutes: if the search's measured speed says the recipes will not fit "
                         "(e.g. a busy CPU), every model's epochs are scaled down (never below 1); 0 = off")
     p.add_argument("--smoke", action="store_true", help="tiny sizes and steps: checks the plumbing, not accuracy")
@@ -82,6 +88,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
     overrides = json.loads(Path(args.config).read_text()) if args.config else {}
     if args.smoke:
         overrides = {**SMOKE, **overrides}
+    if args.epochs:
+        overrides["epochs"] = args.epochs
     log(f"pipeline: models {names}, weights {args.pretrained}, data {args.data}, out {out}, export {args.export}"
         f"{' (SMOKE)' if args.smoke else ''}")
 
@@ -110,21 +118,23 @@ def run(args: argparse.Namespace, log=print) -> dict:
         cached = out / "search" / "search.json"
         if cached.is_file() and json.loads(cached.read_text())["key"] == key:  # same search already run here
             rows = json.loads(cached.read_text())["rows"]
-            best_point = {k: max(rows, key=lambda r: r["val_macro_f1"])[k] for k in grid}
+            best_point = {k: best_row(rows)[k] for k in grid}
             log(f"search: reusing {cached}")
         else:
             best_point, rows = search(config(names[0], progress=False), out / "search", grid=grid, subset=subset,
                                       val_subset=0 if args.smoke else SEARCH_VAL_SUBSET, log=log)
             cached.write_text(json.dumps({"key": key, "rows": rows}, indent=1) + "\n")
-        log(f"search: best {best_point} by val macro-F1 ({(time.time() - t0) / 60:.1f} min); "
+        log(f"search: best {best_point} by val NLL ({(time.time() - t0) / 60:.1f} min); "
             f"grid {grid}, 1 epoch on {subset or 'all'} train images, model {names[0]}")
         if args.budget_min and not args.smoke:
             # Plan with the winner's own speed (its frozen depth is what trains: depth 2 runs ~1.3x slower than
             # 3 here), or the median trial's if that is slower; 25-step trials still run ~10 % fast.
-            winner = max(rows, key=lambda r: r["val_macro_f1"])["train_images_per_s"]
+            winner = best_row(rows)["train_images_per_s"]
             ips = min(winner, sorted(r["train_images_per_s"] for r in rows)[len(rows) // 2])
-            fit_budget(names, config, ips, len(manifest["train"]), len(manifest["val"]),
-                       args.budget_min * 60 - (time.time() - t_start), overrides, log)
+            if "epochs" not in overrides:  # epochs a person set are kept
+                cut = fit_budget(names, config, ips, len(manifest["train"]), len(manifest["val"]),
+                                 args.budget_min * 60 - (time.time() - t_start), log)
+                overrides = {**overrides, "per_model_epochs": cut}
 
     # 3. train, then 4. evaluate + calibrate (the only test pass) each model
     results, ref_ips = [], None
@@ -138,16 +148,18 @@ def run(args: argparse.Namespace, log=print) -> dict:
         cfg = config(name, **best_point, **extra, out_dir=str(out / name))
         summary = train_main(cfg, log=log)
         ref_ips = summary["full_size_images_per_s"] * COST.get(name, 2.0) * (cfg.input_size / 144) ** 2
-        m = evaluate(summary["ckpt"], out / name, num_workers=cfg.num_workers, log=log)
-        results.append({**m, "ckpt": summary["ckpt"], "dir": str(out / name)})
+        for weights, ckpt in summary["ckpts"].items():  # raw and EMA: each is a model, tested once
+            m = evaluate(ckpt, out / name / weights, num_workers=cfg.num_workers, log=log)
+            results.append({**m, "ckpt": ckpt, "dir": str(out / name / weights), "ema_decay": cfg.ema_decay})
     write_table(results, out)
 
-    # 5. select by validation macro-F1 (ties: faster), export, verify ORT parity
-    best = max(results, key=lambda r: (round(r["val"]["macro_f1"], 4), r["images_per_s"]))
-    log(f"selected {best['model']} (val macro-F1 {best['val']['macro_f1']:.4f})")
+    # 5. select by validation NLL at the fitted temperature (ties: faster), export, verify ORT parity
+    best = min(results, key=lambda r: (round(r["val"]["nll"], 4), -r["images_per_s"]))
+    log(f"selected {best['model']} {best['weights']} weights (val NLL {best['val']['nll']:.4f}, "
+        f"acc {best['val']['acc']:.4f}, macro-F1 {best['val']['macro_f1']:.4f})")
     root = Path(manifest["root"])
     parity_items = (manifest["test"] + manifest["val"] + manifest["train"])[:128]
-    metrics = {"val_macro_f1": best["val"]["macro_f1"], "val_acc": best["val"]["acc"],
+    metrics = {"val_nll": best["val"]["nll"], "val_macro_f1": best["val"]["macro_f1"], "val_acc": best["val"]["acc"],
                "test_macro_f1": best["test"]["macro_f1"], "test_acc": best["test"]["acc"],
                "test_downscaled_macro_f1": best["test_downscaled"]["macro_f1"],
                "test_downscaled_acc": best["test_downscaled"]["acc"],
@@ -156,20 +168,30 @@ def run(args: argparse.Namespace, log=print) -> dict:
                "test_downscaled_ece_calibrated": best["test_downscaled"]["ece_calibrated"]}
     training = {"git_commit": commit, "command": _command(), "dataset": str(args.data),
                 "split_manifest_sha256": split_sha, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "epochs": best["epochs"], "train_time_s": round(best["train_time_s"], 1), **best_point}
+                "epochs": best["epochs"], "train_time_s": round(best["train_time_s"], 1), **best_point,
+                "weights": best["weights"], "ema_decay": best["ema_decay"],
+                "selected_by": "val NLL at the fitted temperature"}
     files = {"results.md": out / "results.md", "results.csv": out / "results.csv"}
     for r in results:
         for png in ("confusion.png", "reliability.png"):
-            files[f"{r['model']}_{png}"] = Path(r["dir"]) / png
+            files[f"{r['model']}_{r['weights']}_{png}"] = Path(r["dir"]) / png
     start = models.checkpoint_info(args.pretrained) if Path(args.pretrained).is_file() else {}
-    if start.get("split_sha256") == split_sha and best["val"]["macro_f1"] <= start.get("best_val_f1", -1.0):
-        log(f"NOT exported: val macro-F1 {best['val']['macro_f1']:.4f} does not beat {start['best_val_f1']:.4f}, "
-            f"the checkpoint this run started from ({args.pretrained}); {args.export} is unchanged")
+    if start.get("split_sha256") == split_sha and not beats(best["val"], start):
+        log(f"NOT exported: val NLL {best['val']['nll']:.4f} / macro-F1 {best['val']['macro_f1']:.4f} does not beat "
+            f"the checkpoint this run started from ({args.pretrained}: {start}); {args.export} is unchanged")
         return {"best": best["model"], "results": results, "export": None}
     export(best["ckpt"], args.export, temperature=best["temperature"], metrics=metrics, training=training,
            parity_images=[root / rel for rel, _ in parity_items], results=files, log=log)
     log(f"pipeline done in {(time.time() - t_start) / 60:.1f} min")
     return {"best": best["model"], "results": results, "export": args.export}
+
+
+def beats(val: dict, start: dict) -> bool:
+    """Is a new model better on validation than the checkpoint it started from? On NLL where that checkpoint
+    recorded one, else (checkpoints from before NLL selection) on macro-F1."""
+    if "best_val_nll" in start:
+        return val["nll"] < start["best_val_nll"]
+    return val["macro_f1"] > start.get("best_val_f1", -1.0)
 
 
 def search_key(cfg: TrainConfig, grid: dict, subset: int, split_sha: str) -> dict:
@@ -179,25 +201,31 @@ def search_key(cfg: TrainConfig, grid: dict, subset: int, split_sha: str) -> dic
     return {"grid": grid, "subset": subset, "config": trial, "split_sha256": split_sha}
 
 
-def fit_budget(names, config, ips: float, n_train: int, n_val: int, remaining_s: float, overrides: dict, log) -> None:
-    """Scale every model's epochs down (in ``overrides``) when the measured speed says the recipes won't fit."""
+def fit_budget(names, config, ips: float, n_train: int, n_val: int, remaining_s: float, log) -> dict:
+    """{model: epochs} for the first model when the measured speed says its recipe won't fit ({} if it does)."""
     ref = ips * COST.get(names[0], 1.0) * (config(names[0]).input_size / 144) ** 2  # lite0-at-144 images/s
     def per_image_s(name):
         return COST.get(name, 2.0) * (config(name).input_size / 144) ** 2 / ref
-    # per epoch: train + a val pass (inference ~3x faster); after training: val + test + 2x-down test, export
-    fixed_s = sum(per_image_s(n) * n_val for n in names) + 120
+    # per epoch: train + val passes (inference ~3x faster); after training: val + test + 2x-down test per
+    # weights (raw, EMA), export
+    fixed_s = sum(per_image_s(n) * n_val * val_passes(config(n)) for n in names) + 120
     # The first model (the cheapest, searched one) keeps its recipe if it fits alone; later models are re-planned
     # from its measured speed just before they start (fit_remaining), so a slow CPU shortens them, not it.
     first = names[0]
     cfg = config(first)
-    want = per_image_s(first) * (schedule_cost(cfg) * n_train + cfg.epochs * n_val / 3)
+    want = per_image_s(first) * (schedule_cost(cfg) * n_train + cfg.epochs * val_passes(cfg) * n_val / 3)
     log(f"budget: measured {ips:.0f} train img/s; {first} needs {want / 60:.0f} min + eval/export "
         f"{fixed_s / 60:.0f} min vs {remaining_s / 60:.0f} min left of the budget")
-    if want + fixed_s <= remaining_s or "epochs" in overrides:
-        return
+    if want + fixed_s <= remaining_s:
+        return {}
     plan = {first: max(1, int(config(first).epochs * max(remaining_s - fixed_s, 0) / want))}
     log(f"budget: CPU slower than planned, epochs cut to {plan} to fit --budget-min")
-    overrides.setdefault("per_model_epochs", {}).update(plan)
+    return plan
+
+
+def val_passes(cfg: TrainConfig) -> int:
+    """Validation passes per epoch: the raw weights, and the EMA's beside them."""
+    return 2 if cfg.ema_decay else 1
 
 
 def fit_remaining(pending: list[str], config, ref_ips: float, n_train: int, n_val: int, remaining_s: float,
@@ -206,15 +234,16 @@ def fit_remaining(pending: list[str], config, ref_ips: float, n_train: int, n_va
     shorter one-cycle schedule (max_steps, samples still drawn from all of train), else None = skip it."""
     name, cfg = pending[0], config(pending[0])
     per_image = COST.get(name, 2.0) * (cfg.input_size / 144) ** 2 / ref_ips
-    reserve = sum(COST.get(n, 2.0) * (config(n).input_size / 144) ** 2 / ref_ips * n_val for n in pending) + 120
+    reserve = sum(COST.get(n, 2.0) * (config(n).input_size / 144) ** 2 / ref_ips * n_val * val_passes(config(n))
+                  for n in pending) + 120
     share = (remaining_s - reserve) / len(pending)  # this model's share of the training time left
-    epoch_s = per_image * (n_train + n_val / 3)  # a full-size epoch
-    if per_image * (schedule_cost(cfg) * n_train + cfg.epochs * n_val / 3) <= share:
+    epoch_s = per_image * (n_train + val_passes(cfg) * n_val / 3)  # a full-size epoch
+    if per_image * (schedule_cost(cfg) * n_train + cfg.epochs * val_passes(cfg) * n_val / 3) <= share:
         return {}
     if epoch_s <= share:
         log(f"budget: {name} gets {int(share // epoch_s)} epoch(s) instead of {cfg.epochs} ({share / 60:.0f} min left for it)")
         return {"epochs": int(share // epoch_s), "start_size": 0}
-    steps = int((share / per_image - n_val / 3) / cfg.batch_size)
+    steps = int((share / per_image - val_passes(cfg) * n_val / 3) / cfg.batch_size)
     if steps < 40:
         log(f"budget: SKIPPING {name}: 1 epoch needs {epoch_s / 60:.0f} min, {max(share, 0) / 60:.0f} min left for it")
         return None
@@ -223,15 +252,17 @@ def fit_remaining(pending: list[str], config, ref_ips: float, n_train: int, n_va
     return {"epochs": 1, "max_steps": steps, "start_size": 0}
 
 
-COLUMNS = ["model", "params_M", "input_size", "epochs", "train_min", "val_macro_f1", "test_macro_f1", "test_acc",
-           "test_2x_down_macro_f1", "test_ece", "test_ece_calibrated", "down_ece", "down_ece_calibrated",
-           "temperature", "images_per_s"]
+COLUMNS = ["model", "weights", "params_M", "input_size", "epochs", "train_min", "val_nll", "val_acc", "val_macro_f1",
+           "test_acc", "test_macro_f1", "test_2x_down_acc", "test_2x_down_macro_f1", "test_ece", "test_ece_calibrated",
+           "down_ece", "down_ece_calibrated", "temperature", "images_per_s"]
 
 
 def write_table(results: list[dict], out: Path) -> None:
-    rows = [[r["model"], f"{r['params'] / 1e6:.2f}", r["input_size"], r["epochs"], f"{r['train_time_s'] / 60:.1f}",
-             f"{r['val']['macro_f1']:.4f}", f"{r['test']['macro_f1']:.4f}", f"{r['test']['acc']:.4f}",
-             f"{r['test_downscaled']['macro_f1']:.4f}", f"{r['test']['ece']:.4f}", f"{r['test']['ece_calibrated']:.4f}",
+    rows = [[r["model"], r["weights"], f"{r['params'] / 1e6:.2f}", r["input_size"], r["epochs"],
+             f"{r['train_time_s'] / 60:.1f}", f"{r['val']['nll']:.4f}", f"{r['val']['acc']:.4f}",
+             f"{r['val']['macro_f1']:.4f}", f"{r['test']['acc']:.4f}", f"{r['test']['macro_f1']:.4f}",
+             f"{r['test_downscaled']['acc']:.4f}", f"{r['test_downscaled']['macro_f1']:.4f}",
+             f"{r['test']['ece']:.4f}", f"{r['test']['ece_calibrated']:.4f}",
              f"{r['test_downscaled']['ece']:.4f}", f"{r['test_downscaled']['ece_calibrated']:.4f}",
              f"{r['temperature']:.3f}", f"{r['images_per_s']:.0f}"] for r in results]
     tmp = out / "results.csv.tmp"
@@ -240,7 +271,8 @@ def write_table(results: list[dict], out: Path) -> None:
     os.replace(tmp, out / "results.csv")
     md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     md += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
-    md += ["", "ECE: 15 equal-width bins, before / after temperature scaling (T fitted on validation NLL). "
+    md += ["", "weights: raw, or their EMA; epochs: the epoch each was selected at (lowest val NLL at the temperature "
+           "fitted on val). ECE: 15 equal-width bins, before / after temperature scaling (T fitted on validation NLL). "
            "test_2x_down: each decoded test image shrunk by 0.5 (LANCZOS) before the eval preset. "
            "images_per_s: decode + preprocess + forward, batch 128, on this machine's CPU."]
     tmp = out / "results.md.tmp"

@@ -5,6 +5,14 @@
     torchrun --nproc_per_node=2 -m train.train ...             # DDP: nccl on CUDA, gloo on CPU
 
 The resolved config is saved as config.json next to the checkpoints and inside every checkpoint.
+TrainConfig's defaults ARE the shipped Lite0 recipe (train.pipeline.RECIPES only lists how other models differ).
+
+Model selection and early stopping use validation NLL at the temperature fitted on validation (what the shipped,
+calibrated probabilities score), not macro-F1: NLL sums over all ~3,100 val images, while macro-F1 over classes
+with 1-2 val images moves by a third of a class's F1 per image and picked the wrong epoch (issue 17). Val
+accuracy and macro-F1 are logged beside it. With ``ema_decay`` > 0 an exponential moving average of the weights
+(timm's ModelEmaV3) is scored each epoch beside the raw weights; ckpt_best_raw.pt / ckpt_best_ema.pt hold the
+best of each, ckpt_best.pt the better of the two (its "weights" key says which).
 """
 from __future__ import annotations
 
@@ -22,11 +30,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
+from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from train import data as D
 from train import models
 from batchcls.metrics import macro_f1
+from train.metrics import fit_temperature, nll
 from train.presets import BatchAugment, EvalTransform, cache_preset, cache_side, preprocessing_card
 
 
@@ -42,20 +52,21 @@ class TrainConfig:
     # model
     model: str = "efficientnet_lite0"  # one of train.models.MODELS
     pretrained: str = "offline"  # offline | hub | none | path to a state_dict/checkpoint
-    input_size: int = 144  # square input side in px (the card's input_size); frames are ~120x160
-    start_size: int = 0  # progressive resizing: first epoch at this side, growing to input_size (0 = off)
+    input_size: int = 128  # square input side in px (the card's input_size); frames are ~120x160; 144 tied on val, slower
+    start_size: int = 96  # progressive resizing: first epoch at this side, growing to input_size (0 = off)
     # optimisation
-    epochs: int = 5  # passes over the (sampled) train split
+    epochs: int = 9  # passes over the (sampled) train split
     max_steps: int = 0  # hard cap on optimizer steps in total (0 = none); for smoke runs
     batch_size: int = 64  # global batch, split evenly across DDP ranks
-    lr: float = 2e-3  # peak AdamW learning rate of the one-cycle schedule
+    lr: float = 3e-3  # peak AdamW learning rate of the one-cycle schedule (the search's lite0 winner)
     weight_decay: float = 0.05  # AdamW decoupled weight decay (not on biases / norm weights)
     warmup_pct: float = 0.1  # fraction of all steps spent warming up to lr, then cosine down
     label_smoothing: float = 0.1  # cross-entropy label smoothing
     head_epochs: float = 0.0  # head-only stage length in epochs (may be fractional), then all layers train
     freeze_backbone: str = "auto"  # "auto" (= yes for vgg16 on CPU), "yes" (head only throughout), "no"
-    freeze_stages: int = 2  # stem + this many first stages never train (0 = none): CPU speed, little accuracy
-    patience: int = 2  # early stop after this many epochs without a better val macro-F1
+    freeze_stages: int = 3  # stem + this many first stages never train (0 = none): CPU speed, little accuracy
+    patience: int = 2  # early stop after this many epochs without a lower val NLL (raw or EMA); 0 = never
+    ema_decay: float = 0.998  # per-step EMA of the weights, scored beside them (0 = off); 0.998 ~ last 500 steps
     epochs_this_run: int = 0  # stop this invocation after N epochs (0 = all); continue later with --resume
     # system
     out_dir: str = "runs/train/model"  # checkpoints, config.json, split.json (if created here)
@@ -64,7 +75,7 @@ class TrainConfig:
     cache_dir: str = ""  # where the decoded train pixels live; "" = <split manifest folder>/cache
     channels_last: bool = True  # NHWC memory format: faster convolutions on CPU and tensor cores
     amp: bool = False  # autocast switch (bf16); one code path either way
-    resume: bool = False  # continue from <out_dir>/ckpt_last.pt (architecture comes from the checkpoint)
+    resume: bool = False  # continue from <out_dir>/ckpt_last.pt if there is one (architecture from the checkpoint)
     progress: bool = True  # tqdm progress bar (stderr)
 
 
@@ -122,6 +133,14 @@ def predict(model, loader, device, *, channels_last: bool, autocast, progress: b
     return torch.cat(logits).numpy(), torch.cat(labels).numpy(), time.time() - t0
 
 
+def val_scores(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
+    """The selection criterion (NLL at the temperature fitted on these logits) and what is reported beside it."""
+    t = fit_temperature(logits, labels)
+    pred = logits.argmax(1)
+    return {"nll": nll(logits, labels, t), "nll_raw": nll(logits, labels), "temperature": t,
+            "acc": float((pred == labels).mean()), "macro_f1": macro_f1(labels, pred, num_classes)}
+
+
 def set_backbone_trainable(model, name: str, trainable: bool, frozen_stages: int = 0) -> None:
     """Head-only (False) or all layers (True); the stem + ``frozen_stages`` first stages stay frozen either way."""
     head_params = {id(p) for p in models.head(name, model).parameters()}
@@ -169,7 +188,9 @@ def main(cfg: TrainConfig, log=print) -> dict:
 
     # --- resume: the architecture and split come from the checkpoint, not from flags -----------------
     ckpt = None
-    if cfg.resume:
+    if cfg.resume and not (out / "ckpt_last.pt").is_file():
+        say(f"resume: no {out / 'ckpt_last.pt'} yet, starting from the beginning")
+    elif cfg.resume:
         ckpt = torch.load(out / "ckpt_last.pt", map_location="cpu", weights_only=False)
         for k, v in ckpt["config"].items():
             if k not in RUN_LOCAL:  # the run continues exactly as configured, schedule included
@@ -223,6 +244,9 @@ def main(cfg: TrainConfig, log=print) -> dict:
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     # Before DDP, so DDP never registers the frozen layers (their BN statistics still adapt in train mode).
     set_backbone_trainable(model, cfg.model, not freeze, cfg.freeze_stages)
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None  # the first update copies the weights
+    if ema is not None and ckpt is not None:
+        ema.module.load_state_dict(ckpt["ema"])
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -235,12 +259,18 @@ def main(cfg: TrainConfig, log=print) -> dict:
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=max(total_steps, 1),
                                                     pct_start=cfg.warmup_pct, anneal_strategy="cos")
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    start_epoch, step, best_f1, best_epoch, train_time, train_seen, train_pixels_seen = 0, 0, -1.0, -1, 0.0, 0, 0.0
+    start_epoch, step, train_time, train_seen, train_pixels_seen = 0, 0, 0.0, 0, 0.0
+    best = {w: {"nll": math.inf, "epoch": -1} for w in (["raw", "ema"] if ema else ["raw"])}  # per weights
+    history = []  # one row per epoch: loss, speed, and val scores of each weights
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
-        best_f1, best_epoch, train_time = ckpt["best_val_f1"], ckpt["best_epoch"], ckpt["train_time_s"]
+        start_epoch = cfg.epochs if ckpt["finished"] else ckpt["epoch"] + 1  # a finished run trains no more
+        step, best, history, train_time = ckpt["step"], ckpt["best"], ckpt["history"], ckpt["train_time_s"]
+        train_seen, train_pixels_seen = ckpt["train_seen"], ckpt["train_pixels_seen"]
+        torch.set_rng_state(ckpt["rng"])  # dropout / drop-path go on as if never interrupted
+        if ckpt["finished"]:
+            say(f"{out / 'ckpt_last.pt'} is a finished run: nothing left to train")
     # Unused-parameter search is only needed while the backbone sits out the head-only stage.
     ddp_model = DDP(model, find_unused_parameters=0 < head_steps < total_steps) if ddp else model
     n_params = sum(p.numel() for p in model.parameters())
@@ -280,6 +310,8 @@ def main(cfg: TrainConfig, log=print) -> dict:
             optimizer.step()
             scheduler.step()
             step += 1
+            if ema is not None:
+                ema.update(model, step=step)
             seen += x.shape[0]
             loss_sum += loss.item() * x.shape[0]  # .item() syncs; cheap next to a CPU step
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
@@ -291,35 +323,58 @@ def main(cfg: TrainConfig, log=print) -> dict:
         train_seen += seen * world
         train_pixels_seen += seen * world * (size / cfg.input_size) ** 2  # in full-size images
         # Every rank evaluates the full val split, so all ranks take the same early-stopping decision.
-        logits, labels, _ = predict(model, val_loader, device, channels_last=cfg.channels_last, autocast=autocast)
-        val_f1 = macro_f1(labels, logits.argmax(1), len(classes))
-        val_acc = float((logits.argmax(1) == labels).mean())
-        improved = val_f1 > best_f1
-        if improved:
-            best_f1, best_epoch = val_f1, epoch
+        nets = {"raw": model, "ema": ema.module if ema else None}
+        scores = {}
+        for w in best:
+            logits, labels, _ = predict(nets[w], val_loader, device, channels_last=cfg.channels_last, autocast=autocast)
+            scores[w] = val_scores(logits, labels, len(classes))
+        improved = [w for w in best if scores[w]["nll"] < best[w]["nll"]]
+        before = min(b["nll"] for b in best.values())
+        for w in improved:
+            best[w] = {"nll": scores[w]["nll"], "epoch": epoch, **{k: scores[w][k] for k in ("acc", "macro_f1")}}
+        winner = min(best, key=lambda w: best[w]["nll"])
+        new_overall = best[winner]["nll"] < before  # then the winner is one of this epoch's weights
+        history.append({"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "size": size,
+                        "train_images_per_s": seen * world / epoch_time, "minutes": epoch_time / 60,
+                        **{w: scores[w] for w in best}})
+        best_epoch = max(b["epoch"] for b in best.values())
+        stale = cfg.patience > 0 and epoch - best_epoch >= cfg.patience
+        finished = stale or step >= total_steps or epoch + 1 >= cfg.epochs
         if master:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
-                     "best_val_f1": best_f1, "best_epoch": best_epoch, "train_time_s": train_time,
-                     "config": asdict(cfg), "model_args": {"name": cfg.model, "num_classes": len(classes)},
-                     "classes": classes, "card": card.to_dict(), "split_sha256": split_sha}
-            atomic_save(state, out / "ckpt_last.pt")
-            if improved:
-                atomic_save(state, out / "ckpt_best.pt")
-        say(f"epoch {epoch + 1}/{cfg.epochs} | loss {loss_sum / max(seen, 1):.4f} | val macro-F1 {val_f1:.4f} "
-            f"acc {val_acc:.4f}{' *best, saved' if improved else ''} | {seen * world / epoch_time:.1f} img/s | "
+            common = {"epoch": epoch, "step": step, "train_time_s": train_time, "config": asdict(cfg),
+                      "model_args": {"name": cfg.model, "num_classes": len(classes)}, "classes": classes,
+                      "card": card.to_dict(), "split_sha256": split_sha}
+            atomic_save({**common, "model": model.state_dict(), "ema": ema.module.state_dict() if ema else None,
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "best": best,
+                         "history": history, "finished": finished, "train_seen": train_seen,
+                         "train_pixels_seen": train_pixels_seen, "rng": torch.get_rng_state()}, out / "ckpt_last.pt")
+            for w in improved:  # weights only: what evaluate/export and --pretrained read
+                snap = {**common, "model": nets[w].state_dict(), "weights": w, "val": scores[w],
+                        "best_val_nll": scores[w]["nll"], "best_val_f1": scores[w]["macro_f1"]}
+                atomic_save(snap, out / f"ckpt_best_{w}.pt")
+                if new_overall and w == winner:
+                    atomic_save(snap, out / "ckpt_best.pt")
+            (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+        marks = f" *best {winner}, saved" if new_overall else ""
+        say(f"epoch {epoch + 1}/{cfg.epochs} | loss {loss_sum / max(seen, 1):.4f} | "
+            + " | ".join(f"{w} val NLL {scores[w]['nll']:.4f} acc {scores[w]['acc']:.4f} macro-F1 "
+                         f"{scores[w]['macro_f1']:.4f}" for w in best)
+            + f"{marks} | {seen * world / epoch_time:.1f} img/s | "
             f"{epoch_time / 60:.1f} min{f' at {size}px' if size != cfg.input_size else ''}")
-        if cfg.epochs_this_run and epoch + 1 - start_epoch >= cfg.epochs_this_run:
-            say(f"stopping after {cfg.epochs_this_run} epoch(s) this run: continue with --resume true")
+        if stale:
+            say(f"early stop: no lower val NLL for {cfg.patience} epochs")
             break
-        if epoch - best_epoch >= cfg.patience:
-            say(f"early stop: no val macro-F1 gain for {cfg.patience} epochs")
+        if cfg.epochs_this_run and epoch + 1 - start_epoch >= cfg.epochs_this_run and not finished:
+            say(f"stopping after {cfg.epochs_this_run} epoch(s) this run: continue with --resume true")
             break
 
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
-    return {"best_val_f1": best_f1, "best_epoch": best_epoch + 1, "ckpt": str(out / "ckpt_best.pt"),
+    winner = min(best, key=lambda w: best[w]["nll"])
+    return {"best_val_nll": best[winner]["nll"], "best_val_f1": best[winner].get("macro_f1", -1.0),
+            "best_epoch": best[winner]["epoch"] + 1, "weights": winner, "ckpt": str(out / "ckpt_best.pt"),
+            "ckpts": {w: str(out / f"ckpt_best_{w}.pt") for w in best}, "history": history,
             "train_time_s": train_time, "params": n_params, "split_sha256": split_sha,
             "train_images_per_s": train_seen / max(train_time, 1e-9),
             "full_size_images_per_s": train_pixels_seen / max(train_time, 1e-9)}  # speed at input_size
