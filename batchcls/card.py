@@ -79,11 +79,15 @@ def validate(data: dict[str, Any], source: str) -> None:
 
 
 def default_bundle() -> Path:
-    """$BATCHCLS_MODEL, else the shipped bundle in the repository's engines/ folder."""
+    """$BATCHCLS_MODEL, else the shipped bundle: ``batchcls/bundles/simpsons``.
+
+    One path for a checkout and a wheel: in the repository it is a symlink to engines/simpsons
+    (resolved, so engines and messages name the real folder); the wheel holds it as package data.
+    """
     env = os.environ.get("BATCHCLS_MODEL")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "engines" / DEFAULT_BUNDLE_NAME
+    return (Path(__file__).parent / "bundles" / DEFAULT_BUNDLE_NAME).resolve()
 
 
 def load_card(path: str | os.PathLike | None = None) -> ModelCard:

@@ -5,6 +5,7 @@ Formats are detected by content (a PNG named .jpg works); every failure becomes 
 """
 from __future__ import annotations
 
+import io
 import os
 import stat
 import warnings
@@ -36,20 +37,29 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def decode_image(path: str | os.PathLike, *, min_side: int = 0,
+def upright_rgb(img: Image.Image) -> Image.Image:
+    """EXIF orientation applied, then 8-bit RGB: what every decoded image goes through (the API's PIL inputs too)."""
+    return _to_rgb(ImageOps.exif_transpose(img))
+
+
+def decode_image(path: str | os.PathLike | bytes, *, min_side: int = 0,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open ``path`` as an upright RGB image.
+    """Open ``path`` (or a file's encoded bytes) as an upright RGB image.
 
     ``min_side`` lets JPEGs decode at reduced DCT scale (Pillow draft) while every side stays
     >= min_side, which is most of the decode cost for large photos.
     """
     try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):  # opening a FIFO or device would block or never end
-            raise DecodeError("not a regular file")
-        if st.st_size == 0:
+        if isinstance(path, (bytes, bytearray, memoryview)):
+            size, source = len(path), io.BytesIO(path)
+        else:
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode):  # opening a FIFO or device would block or never end
+                raise DecodeError("not a regular file")
+            size, source = st.st_size, path
+        if size == 0:
             raise DecodeError("empty file (0 bytes)")
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             if img.format not in ALLOWED_FORMATS:
                 raise DecodeError(f"unsupported image format {img.format}")
             if img.width * img.height > max_pixels:
@@ -59,8 +69,7 @@ def decode_image(path: str | os.PathLike, *, min_side: int = 0,
                 img.draft("RGB", (min_side, min_side))
             img.seek(0)  # first frame of animations
             img.load()
-            upright = ImageOps.exif_transpose(img)
-            return _to_rgb(upright)
+            return upright_rgb(img)
     except DecodeError:
         raise
     except FileNotFoundError:

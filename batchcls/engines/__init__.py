@@ -89,7 +89,13 @@ def build_engines(model: str | None, *, target: str = "auto", fp16: bool = True,
 
         build_plan(card, fp16=fp16, max_batch=max_batch, log=log)
     else:
+        import importlib.util
+
         from batchcls.engines.cpu import build_cpu_engines
 
+        # onnx reads the graph; ONNX Runtime's quantizer imports ml_dtypes, its pre-processing sympy
+        missing = [m for m in ("onnx", "ml_dtypes", "sympy") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ModelError(f"building CPU engines needs {', '.join(missing)}: pip install 'batchcls[engine]'")
         build_cpu_engines(card, val_dir=val_dir, calib_dir=calib_dir, calib_images=calib_images, log=log)
     return target
