@@ -9,12 +9,15 @@ import io
 import os
 import stat
 import warnings
+from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from batchcls.fsutil import open_long
 
 ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF")
-DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own bomb threshold (~ 9459²), applied as a hard limit
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own bomb threshold (~ 9459²); the limit is this many 8-bit RGB pixels' bytes
 
 # We enforce the limit ourselves with a clear message; Pillow's warning would only be noise.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
@@ -24,12 +27,26 @@ class DecodeError(Exception):
     """The file could not be turned into an image; str(e) is the row's reason."""
 
 
+def _gray8(img: Image.Image) -> Image.Image:
+    """16/32-bit gray to 8-bit 'L', a band of rows at a time: whole-image float64 temporaries
+    would need ~28 bytes per pixel (2.25 GB for one 9000x9000 16-bit PNG)."""
+    arr = np.asarray(img)
+    peak = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+    out = np.empty(arr.shape, np.uint8)
+    step = max(1, _BAND_PIXELS // max(1, arr.shape[1]))
+    for y in range(0, arr.shape[0], step):
+        band = arr[y:y + step].astype(np.float64)
+        out[y:y + step] = np.clip(band / peak * 255.0 + 0.5, 0, 255)
+    return Image.fromarray(out, "L")
+
+
+_BAND_PIXELS = 1 << 20  # pixels per band in _gray8: 8 MB of float64 at a time
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Any mode to 8-bit RGB; transparency is composited over white so it can't turn black."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        img = _gray8(img)
     if img.mode == "P" and "transparency" in img.info or img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -37,9 +54,85 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def decoded_bytes(img: Image.Image) -> int:
+    """Bytes of the image once decoded: pixels x channels x bytes per sample (16-bit counts 2, 32-bit 4)."""
+    sample = 2 if img.mode.startswith("I;16") else 4 if img.mode in ("I", "F") else 1
+    return img.width * img.height * len(img.getbands()) * sample
+
+
+def byte_limit(max_pixels: int) -> int:
+    """--max-pixels in bytes: what an 8-bit RGB image of that many pixels decodes to."""
+    return max_pixels * 3
+
+
+_SOF_HUFFMAN = {0xC0, 0xC1, 0xC2, 0xC3}  # baseline, extended, progressive, lossless; not arithmetic/hierarchical
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _jpeg_too_short(fp: BinaryIO, size: int) -> str | None:
+    """Why a JPEG can't hold the pixels its header promises, else None.
+
+    libjpeg fills missing data with grey and only warns (Pillow keeps quiet), so a 16x16 file whose
+    header says 9000x9000 would decode "fine". Every 8x8 block of every component costs at least one
+    bit of Huffman-coded data (its DC code), so fewer bits than blocks after the first scan header
+    proves the data is missing. A sound bound: it never refuses a whole file.
+    """
+    pos = fp.tell()
+    try:
+        fp.seek(0)
+        if fp.read(2) != b"\xff\xd8":
+            return None
+        sof = None
+        while True:
+            head = fp.read(4)
+            if len(head) < 4 or head[0] != 0xFF:
+                return None
+            marker, length = head[1], int.from_bytes(head[2:4], "big")
+            if marker == 0xFF:  # fill byte
+                fp.seek(-3, 1)
+                continue
+            body = fp.read(length - 2)
+            if marker in _SOF_HUFFMAN | {0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}:
+                sof = (marker, body)
+            if marker == 0xDA:
+                data_bytes = size - fp.tell()
+                break
+        if sof is None or sof[0] not in _SOF_HUFFMAN or len(sof[1]) < 6:
+            return None
+        body = sof[1]
+        height, width, n = int.from_bytes(body[1:3], "big"), int.from_bytes(body[3:5], "big"), body[5]
+        comps = [(body[7 + 3 * i] >> 4, body[7 + 3 * i] & 15) for i in range(n) if 8 + 3 * i <= len(body)]
+        if not comps or not height or not width:
+            return None
+        hmax, vmax = max(h for h, _ in comps) or 1, max(v for _, v in comps) or 1
+        blocks = sum(_ceil(_ceil(width * h, hmax), 8) * _ceil(_ceil(height * v, vmax), 8) for h, v in comps)
+        if data_bytes * 8 < blocks:
+            return (f"truncated image: the header promises {width}x{height} pixels but only {max(data_bytes, 0)} "
+                    "bytes of image data follow")
+        return None
+    finally:
+        fp.seek(pos)
+
+
 def upright_rgb(img: Image.Image) -> Image.Image:
     """EXIF orientation applied, then 8-bit RGB: what every decoded image goes through (the API's PIL inputs too)."""
     return _to_rgb(ImageOps.exif_transpose(img))
+
+
+def _open(path: str | os.PathLike) -> tuple[BinaryIO, int]:
+    """The file, opened by name relative to folder fds past PATH_MAX; O_NONBLOCK so a FIFO can't hang us."""
+    fd = open_long(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # reading a FIFO or device would block or never end
+            raise DecodeError("not a regular file")
+        return os.fdopen(fd, "rb"), st.st_size
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def decode_image(path: str | os.PathLike | bytes, *, min_side: int = 0,
@@ -47,24 +140,35 @@ def decode_image(path: str | os.PathLike | bytes, *, min_side: int = 0,
     """Open ``path`` (or a file's encoded bytes) as an upright RGB image.
 
     ``min_side`` lets JPEGs decode at reduced DCT scale (Pillow draft) while every side stays
-    >= min_side, which is most of the decode cost for large photos.
+    >= min_side, which is most of the decode cost for large photos. ``max_pixels`` bounds the
+    memory of one decode: an image is refused before decoding when its decoded bytes
+    (``decoded_bytes``) pass ``byte_limit(max_pixels)``; above Pillow's own limit it raises Pillow's.
     """
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a cut file is an error row, never silently grey
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < byte_limit(max_pixels):
+        Image.MAX_IMAGE_PIXELS = byte_limit(max_pixels)  # ours is the guard; Pillow's must not undercut it
+    source: BinaryIO | None = None
     try:
         if isinstance(path, (bytes, bytearray, memoryview)):
             size, source = len(path), io.BytesIO(path)
         else:
-            st = os.stat(path)
-            if not stat.S_ISREG(st.st_mode):  # opening a FIFO or device would block or never end
-                raise DecodeError("not a regular file")
-            size, source = st.st_size, path
+            try:
+                source, size = _open(path)
+            except OSError as e:
+                if isinstance(e, (FileNotFoundError, PermissionError)):
+                    raise
+                raise DecodeError(f"cannot open: {e.strerror}") from None
         if size == 0:
             raise DecodeError("empty file (0 bytes)")
         with Image.open(source) as img:
             if img.format not in ALLOWED_FORMATS:
                 raise DecodeError(f"unsupported image format {img.format}")
-            if img.width * img.height > max_pixels:
-                raise DecodeError(f"image is {img.width}x{img.height} pixels, over the limit of "
-                                  f"{max_pixels} (decompression-bomb guard; raise --max-pixels to allow)")
+            if decoded_bytes(img) > byte_limit(max_pixels):
+                raise DecodeError(f"image is {img.width}x{img.height} {img.mode} ({decoded_bytes(img)} bytes decoded), "
+                                  f"over the limit of {max_pixels} pixels ({byte_limit(max_pixels)} bytes, 3 per "
+                                  "pixel; decompression-bomb guard: raise --max-pixels to allow)")
+            if img.format in ("JPEG", "MPO") and (short := _jpeg_too_short(source, size)):
+                raise DecodeError(short)
             if min_side and img.format == "JPEG":
                 img.draft("RGB", (min_side, min_side))
             img.seek(0)  # first frame of animations
@@ -84,3 +188,6 @@ def decode_image(path: str | os.PathLike | bytes, *, min_side: int = 0,
         raise DecodeError("not a recognised image (unknown or corrupt format)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # Pillow's corrupt-data errors
         raise DecodeError(f"corrupt image: {e}") from None
+    finally:
+        if source is not None:
+            source.close()
