@@ -6,12 +6,14 @@ a card with a missing field rather than falling back to any default (e.g. ImageN
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from batchcls.errors import ModelError
+from batchcls.fsutil import atomic_write, confined
 
 CARD_FILE = "card.json"
 RESIZE_MODES = ("squash", "center_crop")
@@ -56,26 +58,95 @@ class ModelCard:
     def save(self, bundle_dir: str | os.PathLike) -> Path:
         """Write card.json atomically, so a crash never leaves a half-written card."""
         path = Path(bundle_dir) / CARD_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
 
-def validate(data: dict[str, Any], source: str) -> None:
+MIN_INPUT_SIZE, MAX_INPUT_SIZE = 8, 4096  # pixels per side; outside this a card is a typo, not a model
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _problems(data: dict[str, Any]) -> list[str]:
+    """Everything wrong with a card's fields, one short phrase each (types first: later checks assume them)."""
     missing = [k for k in REQUIRED if k not in data]
-    if missing:
-        raise ModelError(f"model card {source} lacks {', '.join(missing)}: re-export the model with train/")
-    if data["resize_mode"] not in RESIZE_MODES:
-        raise ModelError(f"model card {source}: resize_mode {data['resize_mode']!r} is not one of {RESIZE_MODES}")
-    if data["interpolation"] not in INTERPOLATIONS:
-        raise ModelError(f"model card {source}: interpolation {data['interpolation']!r} is not one of {INTERPOLATIONS}")
-    if len(data["mean"]) != 3 or len(data["std"]) != 3:
-        raise ModelError(f"model card {source}: mean and std need 3 values each")
-    if not data["classes"] or len(set(data["classes"])) != len(data["classes"]):
-        raise ModelError(f"model card {source}: classes must be a non-empty list of unique names")
-    if float(data.get("temperature", 1.0)) <= 0:
-        raise ModelError(f"model card {source}: temperature must be > 0")
+    out = [f"lacks {', '.join(missing)}"] if missing else []
+    for key in ("name", "architecture", "onnx"):
+        if key in data and not (isinstance(data[key], str) and data[key]):
+            out.append(f"{key} must be a non-empty string, not {data[key]!r}")
+    onnx = data.get("onnx")
+    if isinstance(onnx, str) and onnx and confined(".", onnx) is None:
+        out.append(f"onnx {onnx!r} must name a file inside the bundle folder")
+    classes = data.get("classes")
+    if "classes" in data:
+        if not (isinstance(classes, list) and classes and all(isinstance(c, str) and c for c in classes)):
+            out.append("classes must be a non-empty list of names (strings)")
+        elif len(set(classes)) != len(classes):
+            out.append("classes must be unique names")
+    size = data.get("input_size")
+    if "input_size" in data and not (isinstance(size, int) and not isinstance(size, bool)
+                                     and MIN_INPUT_SIZE <= size <= MAX_INPUT_SIZE):
+        out.append(f"input_size must be a whole number of pixels from {MIN_INPUT_SIZE} to {MAX_INPUT_SIZE}, "
+                   f"not {size!r}")
+    if "resize_mode" in data and not (isinstance(data["resize_mode"], str) and data["resize_mode"] in RESIZE_MODES):
+        out.append(f"resize_mode {data['resize_mode']!r} is not one of {RESIZE_MODES}")
+    if "interpolation" in data and not (isinstance(data["interpolation"], str)
+                                        and data["interpolation"] in INTERPOLATIONS):
+        out.append(f"interpolation {data['interpolation']!r} is not one of {INTERPOLATIONS}")
+    crop = data.get("crop_pct")
+    if "crop_pct" in data and not (_number(crop) and 0 < crop <= 1):
+        out.append(f"crop_pct must be a number in (0, 1], not {crop!r}")
+    for key in ("mean", "std"):
+        v = data.get(key)
+        if key in data and not (isinstance(v, list) and len(v) == 3 and all(_number(x) for x in v)):
+            out.append(f"{key} needs 3 numbers (R, G, B), not {v!r}")
+        elif key == "std" and key in data and not all(x > 0 for x in v):
+            out.append(f"std values must be > 0 (a 0 divides every pixel by zero), not {v!r}")
+    t = data.get("temperature", 1.0)
+    if not (_number(t) and t > 0):
+        out.append(f"temperature must be a number > 0, not {t!r}")
+    if not isinstance(data.get("onnx_sha256", ""), str):
+        out.append("onnx_sha256 must be a string")
+    for key in ("metrics", "training"):
+        if not isinstance(data.get(key, {}), dict):
+            out.append(f"{key} must be a JSON object")
+    return out
+
+
+def validate(data: dict[str, Any], source: str) -> None:
+    """Refuse a card with any missing or ill-typed field, naming every problem on its own line."""
+    problems = _problems(data)
+    if len(problems) == 1:
+        raise ModelError(f"model card {source} {problems[0]}: re-export the model with train/"
+                         if problems[0].startswith("lacks") else
+                         f"model card {source}: {problems[0]}: fix the card or re-export the model with train/")
+    if problems:
+        raise ModelError(f"model card {source} has {len(problems)} problems (fix the card or re-export the model "
+                         "with train/):\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def check_against_model(card: ModelCard, backend: Any) -> None:
+    """One forward pass of a blank image: the model must take the card's input size and return one
+    score per class of the card. A card from another model would otherwise crash mid-run (more
+    classes than outputs) or label every file with the wrong names (fewer)."""
+    import numpy as np
+
+    s = card.input_size
+    blank = np.zeros((1, 3, s, s), np.float32)
+    try:
+        logits = np.asarray(backend.infer(blank))
+    except Exception as e:  # backends raise their own untyped errors for a wrong input shape
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(f"the model of {card.bundle_dir} does not take the card's {s}x{s} input ({first}): "
+                         "the card does not belong to this model") from e
+    if logits.ndim != 2 or logits.shape[0] != 1:
+        raise ModelError(f"the model of {card.bundle_dir} returns shape {tuple(logits.shape)} for one image, "
+                         f"not (1, {card.num_classes}): it is not a classifier batchcls can run")
+    if logits.shape[1] != card.num_classes:
+        raise ModelError(f"the model of {card.bundle_dir} outputs {logits.shape[1]} scores but its card lists "
+                         f"{card.num_classes} classes: the card does not belong to this model")
 
 
 def default_bundle() -> Path:
