@@ -8,7 +8,9 @@ browser, made in parallel and cached under a key that covers everything that sha
 
 Every string that comes from the rows (paths, labels, reasons) is untrusted: it goes through
 ``html.escape`` (text and attributes) or ``urllib.parse.quote`` (URLs), and a Content-Security-Policy
-forbids scripts outright, so a file named ``<img src=x onerror=alert(1)>.jpg`` is only text.
+forbids scripts outright, so a file named ``<img src=x onerror=alert(1)>.jpg`` is only text. A row whose
+path leaves the images folder ('../../etc/passwd', '/etc/shadow') is neither read nor linked: it is
+listed without a picture and counted in the summary.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from typing import Callable, Iterable
 from urllib.parse import quote
 
 from batchcls.errors import InputError, OutputError
+from batchcls.fsutil import atomic_path, atomic_write, confined
 from batchcls.output import read_rows
 
 THUMB_SIZE = 160  # px, longest side of a thumbnail (and its box on the page)
@@ -71,6 +74,7 @@ class ReportSummary:
     thumbs_cached: int = 0  # reused from an earlier run: the cache key (path, size, mtime) still matched
     thumbs_failed: int = 0  # the file exists but could not be decoded into a thumbnail
     missing: int = 0  # the row's file was not found under the images root
+    outside: int = 0  # the row's path points outside the images root: not read, not linked
     html_bytes: int = 0
 
 
@@ -120,9 +124,8 @@ def make_thumbnail(job: tuple[str, str, int]) -> str | None:
     except DecodeError as e:
         return str(e)
     img.thumbnail((size, size), Image.Resampling.BICUBIC)
-    tmp = f"{dest}.{os.getpid()}.tmp"
-    img.save(tmp, "JPEG", quality=THUMB_QUALITY)
-    os.replace(tmp, dest)  # a reader (or a crash) never sees half a thumbnail
+    with atomic_path(dest, durable=False) as tmp:  # a reader (or a crash) never sees half a thumbnail
+        img.save(tmp, "JPEG", quality=THUMB_QUALITY)
     return None
 
 
@@ -163,9 +166,13 @@ def _prepare(rows: list[dict], root: Path, thumbs: Path, size: int,
     todo: dict[str, str] = {}  # key -> source; one thumbnail per distinct file, however many rows name it
     for row in rows:
         path = str(row.get("path", ""))
-        source = os.path.join(root, path)
-        item = _Item(row, _confidence(row), path, source)
+        source = confined(root, path)
+        item = _Item(row, _confidence(row), path, source or "")
         items.append(item)
+        if source is None:
+            item.note = "outside the images folder: not shown"
+            summary.outside += 1
+            continue
         if row.get("status") != "ok":
             continue
         try:
@@ -189,8 +196,10 @@ def _linker(root: Path, base: Path) -> Callable[[str], str]:
     prefix = rel(str(root))
 
     def href(path: str) -> str:
+        if confined(root, path) is None:  # a row pointing outside the images folder gets no link
+            return "#"
         joined = rel(path) if os.path.isabs(path) else path if prefix == "." else f"{prefix}/{path}"
-        return quote(joined, safe="/")
+        return quote(joined, safe="/", errors="surrogateescape")  # a non-UTF-8 name: its real bytes
     return href
 
 
@@ -377,10 +386,8 @@ def build_report(labels: str | os.PathLike, out: str | os.PathLike, *, images: s
     href = _linker(Path(os.path.abspath(root)), Path(os.path.abspath(out.parent)))
     page = render(groups, errors, title=f"batchcls report: {labels.name}",
                   thumbs_url=quote(files_dir(out).name) + "/thumbs", href=href, thumb_size=thumb_size)
-    data = page.encode("utf-8", "surrogateescape")
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, out)
+    data = page.encode("utf-8", "backslashreplace")  # a name that is not UTF-8 can't break the page
+    atomic_write(out, data)
     summary.html_bytes = len(data)
     return summary
 
@@ -392,6 +399,9 @@ def describe(s: ReportSummary, images: str | None) -> str:
     if s.missing:
         line += (f"\n{s.missing} images not found under {images or 'the current folder'}: "
                  "pass --images <the folder given to batchcls run>")
+    if s.outside:
+        line += (f"\nwarning: {s.outside} rows point outside {images or 'the current folder'}: "
+                 "listed without a picture or link (report only reads inside --images)")
     return line
 
 

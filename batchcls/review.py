@@ -5,6 +5,11 @@ person moves the wrong ones to the right folder, and ``DIR`` is then laid out li
 (``<class>/<image>``). Nothing is ever overwritten: a second image with the same name gets a
 ``~2`` suffix, and rerunning the same review finds its earlier copies instead of duplicating them.
 ``DIR/_manifest.csv`` maps every placed file back to its row, so corrections can be traced.
+
+The rows are data, not instructions: a row whose path leaves ``--images`` ('../../etc/passwd',
+'/etc/shadow') is skipped and counted, and nothing is written outside ``DIR`` (a label is made a
+safe folder name; a folder in ``DIR`` that links elsewhere is refused). The check is on the row's
+spelling: a symlink inside ``--images`` is followed, as ``batchcls run`` followed it.
 """
 from __future__ import annotations
 
@@ -16,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from batchcls.errors import InputError, OutputError
-from batchcls.output import escape_cell, read_rows
+from batchcls.fsutil import atomic_open, confined, inside, safe_name
+from batchcls.output import encode_name, escape_cell, read_rows
 
 ERRORS_DIR = "_errors"  # error rows (with --errors); not a class: empty it before training on DIR
 MANIFEST = "_manifest.csv"
@@ -30,13 +36,8 @@ class ReviewSummary:
     placed: int = 0  # files newly copied or linked
     already: int = 0  # found in DIR from an earlier run of the same review
     missing: list[str] = field(default_factory=list)  # row paths whose file was not found
+    outside: list[str] = field(default_factory=list)  # row paths that point outside --images: skipped
     labels: dict[str, int] = field(default_factory=dict)
-
-
-def safe_folder(label: str) -> str:
-    """A label as one harmless folder name: labels come from a file, so '../x' must not climb out of DIR."""
-    name = label.replace("/", "_").replace("\\", "_").replace("\0", "_").strip()
-    return "_" if name in ("", ".", "..") else name
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -98,7 +99,7 @@ def review(labels: str | os.PathLike, to: str | os.PathLike, *, below: float,
         except (TypeError, ValueError):
             conf = 0.0  # no readable confidence (error rows, damaged cells): doubtful by definition
         if r.get("status") == "ok" and conf < below:
-            chosen.append((conf, r, safe_folder(str(r.get("label", "")))))
+            chosen.append((conf, r, safe_name(str(r.get("label", "")))))
         elif r.get("status") != "ok" and errors:
             chosen.append((conf, r, ERRORS_DIR))
     # Least confident first, so the manifest reads in the order a person should look.
@@ -106,32 +107,40 @@ def review(labels: str | os.PathLike, to: str | os.PathLike, *, below: float,
     summary.selected = len(chosen)
     manifest = []
     for _, r, folder in chosen:
-        src = root / str(r["path"])
+        where = confined(root, str(r["path"]))
+        if where is None:
+            summary.outside.append(str(r["path"]))
+            continue
+        src = Path(where)
         if not src.is_file():
             summary.missing.append(str(r["path"]))
             continue
         (to / folder).mkdir(parents=True, exist_ok=True)
+        if not inside(to, to / folder):
+            raise OutputError(f"{to / folder} leads outside {to} (a symlink?): remove it, or choose another --to")
         dest, new = _place(src, to / folder, link)
         summary.placed += new
         summary.already += not new
         summary.labels[folder] = summary.labels.get(folder, 0) + 1
-        manifest.append([escape_cell(dest.relative_to(to).as_posix()), escape_cell(str(r["path"])),
+        manifest.append([escape_cell(encode_name(dest.relative_to(to).as_posix())), escape_cell(encode_name(str(r["path"]))),
                          escape_cell(str(r.get("label", ""))), r.get("confidence", ""),
                          escape_cell(str(r.get("error", "")))])
     if manifest:
-        tmp = to / (MANIFEST + ".tmp")
-        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        with atomic_open(to / MANIFEST, "w", newline="", encoding="utf-8", errors="backslashreplace") as fh:
             w = csv.writer(fh)
             w.writerow(["file", "path", "label", "confidence", "error"])
             w.writerows(manifest)
-        os.replace(tmp, to / MANIFEST)
     return summary
 
 
 def describe(s: ReviewSummary, images: str | None) -> str:
     line = (f"{s.selected} rows to review: {s.placed} placed in {s.to}, {s.already} already there"
-            + (f", {len(s.missing)} not found" if s.missing else ""))
+            + (f", {len(s.missing)} not found" if s.missing else "")
+            + (f", {len(s.outside)} skipped" if s.outside else ""))
     if s.missing:
         line += (f"\nnot found under {images or 'the current folder'} (e.g. {s.missing[0]}): "
                  "pass --images <the folder given to batchcls run>")
+    if s.outside:
+        line += (f"\nwarning: {len(s.outside)} rows skipped because their path points outside "
+                 f"{images or 'the current folder'} (e.g. {s.outside[0]!r}): review only reads inside --images")
     return line
