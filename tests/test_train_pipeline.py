@@ -31,8 +31,9 @@ def test_torchrun_two_ranks_gloo_writes_one_checkpoint(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     log = r.stdout + r.stderr
     assert "[rank 0/2] cpu ready" in log and "[rank 1/2] cpu ready" in log
-    assert log.count("*best, saved") == 1  # rank 0 only
-    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["ckpt_best.pt", "ckpt_last.pt"]
+    assert log.count(" *best ") == 1  # rank 0 only
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["ckpt_best.pt", "ckpt_best_ema.pt", "ckpt_best_raw.pt",
+                                                             "ckpt_last.pt"]
     ckpt = torch.load(tmp_path / "ckpt_last.pt", map_location="cpu", weights_only=False)
     assert not any(k.startswith("module.") for k in ckpt["model"])
     assert ckpt["config"]["input_size"] == 64 and len(ckpt["split_sha256"]) == 64
@@ -71,8 +72,8 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert time.time() - t < 180
     run, engine = tmp_path / "run", tmp_path / "engine"
     for f in ("split.json", "search/search.csv", "results.md", "results.csv",
-              "efficientnet_lite0/per_class.csv", "efficientnet_lite0/confusion.png",
-              "efficientnet_lite0/reliability.png", "efficientnet_lite2/metrics.json"):
+              "efficientnet_lite0/raw/per_class.csv", "efficientnet_lite0/ema/confusion.png",
+              "efficientnet_lite0/raw/reliability.png", "efficientnet_lite2/ema/metrics.json"):
         assert (run / f).is_file(), f
     assert "ONNX Runtime vs PyTorch" in r.stdout
 
@@ -83,8 +84,11 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     card = load_card(engine)
     assert card.classes == sorted(p.name for p in SAMPLES.iterdir() if p.is_dir())
     assert card.input_size == 64 and card.resize_mode == "squash" and card.mean == [0.5] * 3
-    assert card.temperature > 0 and set(card.metrics) >= {"val_macro_f1", "test_macro_f1", "test_ece_calibrated"}
-    assert set(card.training) >= {"git_commit", "command", "dataset", "split_manifest_sha256", "date"}
+    assert card.temperature > 0 and set(card.metrics) >= {"val_nll", "val_macro_f1", "test_macro_f1", "test_ece_calibrated"}
+    assert set(card.training) >= {"git_commit", "command", "dataset", "split_manifest_sha256", "date", "weights"}
+    table = (run / "results.csv").read_text().splitlines()
+    assert table[0].startswith("model,weights,") and "val_nll" in table[0] and len(table) == 1 + 4  # 2 models x raw/EMA
+    assert card.training["weights"] in ("raw", "ema")
     assert len(card.onnx_sha256) == 64 and (engine / "results" / "results.md").is_file()
     # the runtime's own preprocessing feeds the exported graph: raw logits, dynamic batch
     preset = EvalPreset.from_card(card)
@@ -95,10 +99,10 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert sess.run(None, {"input": x})[0].shape == (3, card.num_classes)
 
     # A second stage from that checkpoint (make train-more): keeps the head, and exports only if validation
-    # improves on where it started. Here the checkpoint claims a perfect score, so nothing is exported.
+    # improves on where it started (val NLL). Here the checkpoint claims a perfect score, so nothing is exported.
     ckpt_path = run / "efficientnet_lite0" / "ckpt_best.pt"
     ckpt = torch.load(ckpt_path, weights_only=False)
-    ckpt["best_val_f1"] = 1.0
+    ckpt["best_val_nll"] = 0.0
     torch.save(ckpt, tmp_path / "perfect.pt")
     (tmp_path / "more").mkdir()
     (tmp_path / "more" / "split.json").write_bytes((run / "split.json").read_bytes())
@@ -106,4 +110,4 @@ def test_smoke_pipeline_end_to_end(tmp_path):
               "--pretrained", str(tmp_path / "perfect.pt"), "--out", str(tmp_path / "more"), "--export", str(tmp_path / "engine2")])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "NOT exported" in r.stdout and not (tmp_path / "engine2").exists()
-    assert (tmp_path / "more" / "efficientnet_lite0" / "metrics.json").is_file()
+    assert (tmp_path / "more" / "efficientnet_lite0" / "raw" / "metrics.json").is_file()
