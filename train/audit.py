@@ -23,6 +23,7 @@ from batchcls.backends import load_backend
 from batchcls.card import load_card
 from batchcls.decode import decode_image
 from batchcls.errors import BatchclsError
+from batchcls.fsutil import atomic_open
 from batchcls.evaluate import f1_table
 from batchcls.pipeline import Classifier, RunOptions, classify
 from batchcls.scan import InputFile
@@ -80,14 +81,12 @@ def write_audit(disputed: list[dict], path: Path, verdicts: dict[str, str]) -> N
     """The review sheet: verdicts already given for a path are carried over, so a re-audit after retraining
     only asks about new rows."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS, lineterminator="\n")
         w.writeheader()
         for rank, r in enumerate(disputed):
             w.writerow({"rank": rank, "path": r["path"], "label": r["label"], "predicted": r["predicted"],
                         "confidence": f"{float(r['confidence']):.4f}", "verdict": verdicts.get(r["path"], "")})
-    os.replace(tmp, path)
 
 
 def contact_sheets(disputed: list[dict], root: str, prefix: Path, *, per_sheet: int = 20, columns: int = 5,

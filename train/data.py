@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from batchcls.decode import decode_image
+from batchcls.fsutil import atomic_path, atomic_write
 
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -112,9 +113,7 @@ def write_manifest(manifest: dict, path: str | os.PathLike) -> str:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = (json.dumps(manifest, indent=1) + "\n").encode()
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(path, data)
     digest = hashlib.sha256(data).hexdigest()
     path.with_suffix(".sha256").write_text(digest + "\n")
     return digest
@@ -148,20 +147,20 @@ def pixel_cache(root: str | os.PathLike, items: list, preset, cache_dir: str | o
     path = Path(cache_dir) / f"pixels-{side}-{hashlib.sha256(key).hexdigest()[:16]}.npy"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
-        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(items), side, side, 3)).flush()
-        t0 = time.time()
-        paths = [str(Path(root) / rel) for rel, _ in items]
-        chunks = [(str(tmp), preset, paths[i:i + 256], i) for i in range(0, len(paths), 256)]
-        if workers > 0:
-            ctx = multiprocessing.get_context("spawn")  # no fork of a process that already runs torch threads
-            with ctx.Pool(workers) as pool:
-                for _ in pool.imap_unordered(_fill_rows, chunks):
-                    pass
-        else:
-            for chunk in chunks:
-                _fill_rows(chunk)
-        os.replace(tmp, path)  # complete or absent: a killed build leaves only a .tmp.npy
+        # complete or absent: a killed build leaves only a hidden temp file (a cache: no fsync needed)
+        with atomic_path(path, durable=False) as tmp:
+            np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(items), side, side, 3)).flush()
+            t0 = time.time()
+            paths = [str(Path(root) / rel) for rel, _ in items]
+            chunks = [(str(tmp), preset, paths[i:i + 256], i) for i in range(0, len(paths), 256)]
+            if workers > 0:
+                ctx = multiprocessing.get_context("spawn")  # no fork of a process that already runs torch threads
+                with ctx.Pool(workers) as pool:
+                    for _ in pool.imap_unordered(_fill_rows, chunks):
+                        pass
+            else:
+                for chunk in chunks:
+                    _fill_rows(chunk)
         log(f"pixel cache: decoded {len(items)} images to {side}x{side} in {time.time() - t0:.0f} s -> {path}")
     return np.load(path, mmap_mode="r")
 

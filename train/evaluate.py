@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from batchcls.card import ModelCard
+from batchcls.fsutil import atomic_open, atomic_path, atomic_write
 from train import data as D
 from train import models
 from batchcls.metrics import confusion, macro_f1, per_class
@@ -73,9 +74,7 @@ def evaluate(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, *, num_wo
                     f"{card.architecture} test (macro-F1 {m['test']['macro_f1']:.4f})")
     _plot_reliability(out / "reliability.png", card.architecture, temperature,
                       {"test": (test_logits, test_y), "test 2x downscaled": (down_logits, down_y)})
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(m, indent=2) + "\n")
-    os.replace(tmp, out / "metrics.json")
+    atomic_write(out / "metrics.json", json.dumps(m, indent=2) + "\n")
     log(f"eval {card.architecture} ({m['weights']}, epoch {m['epochs']}): val NLL {m['val']['nll']:.4f} "
         f"acc {m['val']['acc']:.4f} macro-F1 {m['val']['macro_f1']:.4f} | test acc {m['test']['acc']:.4f} "
         f"macro-F1 {m['test']['macro_f1']:.4f} | 2x-downscaled acc {m['test_downscaled']['acc']:.4f} "
@@ -88,21 +87,18 @@ def evaluate(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, *, num_wo
 def _write_per_class(path: Path, classes, y, pred, y_down, pred_down) -> None:
     n = len(classes)
     a, b = per_class(confusion(y, pred, n)), per_class(confusion(y_down, pred_down, n))
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["class", "support", "precision", "recall", "f1", "downscaled_precision", "downscaled_recall",
                     "downscaled_f1"])
         for i, c in enumerate(classes):
             w.writerow([c, int(a["support"][i]), *(f"{a[k][i]:.4f}" for k in ("precision", "recall", "f1")),
                         *(f"{b[k][i]:.4f}" for k in ("precision", "recall", "f1"))])
-    os.replace(tmp, path)
 
 
 def _savefig(fig, path: Path) -> None:
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=90, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
 
 
 def _plot_confusion(path: Path, cm: np.ndarray, classes, title: str) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from batchcls.fsutil import atomic_path
 from train.evaluate import load_trained
 from train.presets import EvalTransform
 
@@ -28,12 +29,11 @@ class ParityError(RuntimeError):
 
 
 def export_onnx(model: torch.nn.Module, input_size: int, path: Path) -> None:
-    tmp = path.with_suffix(".onnx.tmp")
     x = torch.zeros(1, 3, input_size, input_size)
-    torch.onnx.export(model.eval(), (x,), str(tmp), input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
-                      dynamo=False)  # the TorchScript exporter handles timm's "same" padding at a fixed size
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.onnx.export(model.eval(), (x,), str(tmp), input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
+                          dynamo=False)  # the TorchScript exporter handles timm's "same" padding at a fixed size
 
 
 def parity(model: torch.nn.Module, onnx_path: Path, card, images: list[Path], *, tol: float = PARITY_TOL) -> float:
@@ -63,9 +63,8 @@ def export(ckpt_path: str | os.PathLike, bundle_dir: str | os.PathLike, *, tempe
     export_onnx(model, card.input_size, onnx_path)
     card = dataclasses.replace(card, temperature=float(temperature), metrics=metrics, training=training,
                                onnx_sha256=hashlib.sha256(onnx_path.read_bytes()).hexdigest())
-    tmp = bundle / "model.pt.tmp"
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, bundle / "model.pt")
+    with atomic_path(bundle / "model.pt") as tmp:
+        torch.save(model.state_dict(), tmp)
     worst = parity(model, onnx_path, card, parity_images)
     log(f"export: ONNX Runtime vs PyTorch max |dprob| {worst:.2e} on {len(parity_images)} images (limit {PARITY_TOL:.0e})")
     card.save(bundle)  # written last: a bundle with a card always has a verified model next to it

@@ -10,6 +10,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+from batchcls.fsutil import atomic_open
 from train.train import TrainConfig, main as train_main
 
 # 4 trials: learning rate x how deep the frozen stem is; TrainConfig's defaults (what ships) are one of them.
@@ -34,12 +35,10 @@ def search(base: TrainConfig, out_dir: str | os.PathLike, *, grid: dict = GRID, 
                      "train_images_per_s": round(result["train_images_per_s"], 1)})
         log(f"search trial {i + 1}: val NLL {result['best_val_nll']:.4f}, macro-F1 {result['best_val_f1']:.4f}")
     best = best_row(rows)
-    tmp = out / "search.csv.tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_open(out / "search.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, out / "search.csv")
     return {k: best[k] for k in grid}, rows
 
 

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from train import data as D
 from train import models
+from batchcls.fsutil import atomic_path
 from batchcls.metrics import macro_f1
 from train.metrics import fit_temperature, nll
 from train.presets import BatchAugment, EvalTransform, cache_preset, cache_side, preprocessing_card
@@ -114,9 +115,8 @@ def resolve_config(argv: list[str] | None = None) -> TrainConfig:
 
 
 def atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a kill mid-write never corrupts the previous checkpoint
+    with atomic_path(path) as tmp:  # a kill mid-write never corrupts the previous checkpoint
+        torch.save(obj, tmp)
 
 
 @torch.inference_mode()
