@@ -185,6 +185,7 @@ class FileLock:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self._fd: int | None = None
+        self._pid = 0
 
     @property
     def held(self) -> bool:
@@ -209,7 +210,7 @@ class FileLock:
             os.close(fd)  # the file was removed (released) between our open and our lock: take the new one
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
+        self._fd, self._pid = fd, os.getpid()
 
     def _holder(self) -> int | None:
         try:
@@ -220,8 +221,9 @@ class FileLock:
     def release(self) -> None:
         if self._fd is None:
             return
-        with contextlib.suppress(OSError):
-            self.path.unlink()
+        if self._pid == os.getpid():  # a forked child's copy must not remove its parent's lock file
+            with contextlib.suppress(OSError):
+                self.path.unlink()
         os.close(self._fd)  # closing drops the flock
         self._fd = None
 

@@ -26,6 +26,7 @@ import json
 import os
 import re
 import sys
+import weakref
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence, TextIO
 
@@ -307,6 +308,9 @@ class RowWriter:
         if not os.access(self.out.parent, os.W_OK):
             raise OutputError(f"output folder {self.out.parent} is not writable: choose another --out")
         self._lock = FileLock(self.lock_file)
+        # A writer dropped without close() (a command that failed early) still lets go of the lock and
+        # removes the lock file, at garbage collection or interpreter exit.
+        weakref.finalize(self, self._lock.release)
         try:
             self._lock.acquire()
         except LockHeld as e:
