@@ -12,11 +12,15 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC = Path(__file__).resolve().parent / "ray-job.yaml"
+MISSING = "jobs/ray_submit.py needs Ray's job client ({} is missing): pip install 'batchcls[ray]'"
 
 
 def load_spec(path: Path = SPEC) -> dict[str, Any]:
     """The spec as submit_job keyword arguments; a relative working_dir is taken from the repository root."""
-    import yaml
+    try:
+        import yaml
+    except ImportError:
+        raise SystemExit(MISSING.format("pyyaml")) from None
 
     spec = yaml.safe_load(path.read_text())
     missing = {"entrypoint", "runtime_env"} - set(spec)
@@ -37,7 +41,10 @@ def main() -> None:
     args = ap.parse_args()
     if not args.address:
         raise SystemExit("give the job server: --address http://HEAD:8265 (or set RAY_ADDRESS)")
-    from ray.job_submission import JobSubmissionClient
+    try:
+        from ray.job_submission import JobSubmissionClient
+    except ImportError as e:  # no ray, or ray without [default] (its job client needs aiohttp, requests, ...)
+        raise SystemExit(MISSING.format(e.name)) from None
 
     spec = load_spec(args.spec)
     if args.entrypoint:
