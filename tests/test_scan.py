@@ -1,0 +1,119 @@
+"""The walk over real trees: order, depth, PATH_MAX, unreadable folders and links into pseudo-filesystems."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from batchcls.decode import decode_image
+from batchcls.fsutil import open_long
+from batchcls.scan import scan_dir
+
+SAMPLE = sorted((Path(__file__).resolve().parent.parent / "samples" / "simpsons").glob("*/*.jpg"))[0]
+
+
+def _chain(root: Path, name: str, depth: int) -> list[str]:
+    """depth nested folders named ``name`` under root, made through folder fds (their path passes PATH_MAX)."""
+    fd = os.open(root, os.O_RDONLY)
+    for _ in range(depth):
+        os.mkdir(name, dir_fd=fd)
+        nxt = os.open(name, os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = nxt
+    out = os.open("bottom.jpg", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+    os.write(out, SAMPLE.read_bytes())
+    os.close(out)
+    os.close(fd)
+    return [name] * depth + ["bottom.jpg"]
+
+
+def unprivileged(argv: list[str]) -> list[str]:
+    """argv run without the power to read what permissions forbid (root ignores chmod 000 otherwise)."""
+    if os.geteuid() != 0:
+        return argv
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: can't make a folder unreadable")
+    cmd = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *argv]
+    if subprocess.run(cmd[:-len(argv)] + ["true"], capture_output=True).returncode != 0:
+        pytest.skip("setpriv can't drop capabilities here")
+    return cmd
+
+
+def test_order_is_sorted_depth_first(tmp_path):
+    for rel in ["b/z.jpg", "b/a/x.jpg", "a.jpg", "c.jpg", ".hidden.jpg", "b/.git/x"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    assert [f.rel for f in scan_dir(tmp_path)] == ["a.jpg", "b/a/x.jpg", "b/z.jpg", "c.jpg"]
+    assert [f.rel for f in scan_dir(tmp_path, recursive=False)] == ["a.jpg", "c.jpg"]
+
+
+def test_a_tree_deeper_than_the_recursion_limit(tmp_path):
+    depth = sys.getrecursionlimit() + 500
+    try:
+        parts = _chain(tmp_path, "n", depth)
+        files = list(scan_dir(tmp_path))
+        assert [f.rel for f in files] == ["/".join(parts)]
+    finally:  # pytest's own clean-up of old tmp dirs recurses and would fail on this tree later
+        subprocess.run(["rm", "-rf", str(tmp_path / "n")], check=False)
+
+
+def test_paths_past_path_max_are_listed_and_decodable(tmp_path):
+    parts = _chain(tmp_path, "d" * 250, 20)  # ~5 KB of path
+    (tmp_path / "top.jpg").write_bytes(SAMPLE.read_bytes())
+    files = list(scan_dir(tmp_path))
+    assert [f.rel for f in files] == ["/".join(parts), "top.jpg"]
+    assert len(os.fsencode(files[0].path)) > 4096 and not files[0].error
+    assert decode_image(files[0].path).size == decode_image(SAMPLE).size  # opened through folder fds
+    fd = open_long(files[0].path, os.O_RDONLY)
+    os.close(fd)
+
+
+def test_links_into_proc_sys_dev_are_not_followed(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    for name, target in [("self", "/proc/self"), ("sys", "/sys"), ("dev", "/dev"), ("shm", "/dev/shm")]:
+        if os.path.isdir(target):
+            (tmp_path / name).symlink_to(target, target_is_directory=True)
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-other"
+    elsewhere.mkdir()
+    (elsewhere / "b.jpg").write_bytes(b"x")
+    (tmp_path / "other").symlink_to(elsewhere, target_is_directory=True)
+    files = {f.rel: f.error for f in scan_dir(tmp_path)}
+    assert files.pop("a.jpg") == "" and files.pop("other/b.jpg") == ""
+    assert files and all("pseudo-filesystem" in e and "/" not in rel for rel, e in files.items()), files
+
+
+def test_a_loop_ends_and_a_second_route_is_listed_once(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.jpg").write_bytes(b"x")
+    (tmp_path / "sub" / "loop").symlink_to(tmp_path, target_is_directory=True)
+    (tmp_path / "again").symlink_to(tmp_path / "sub", target_is_directory=True)
+    assert [f.rel for f in scan_dir(tmp_path)] == ["again/a.jpg"]  # the first route in name order wins
+
+
+LIST = "import sys; from batchcls.scan import scan_dir\nfor f in scan_dir(sys.argv[1]): print(repr((f.rel, f.error)))"
+
+
+def test_an_unreadable_folder_is_one_error_entry_and_the_walk_goes_on(tmp_path):
+    for rel in ["a.jpg", "locked/x.jpg", "locked/deeper/y.jpg", "z/z.jpg"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    (tmp_path / "locked").chmod(0)
+    try:
+        r = subprocess.run(unprivileged([sys.executable, "-c", LIST, str(tmp_path)]),
+                           capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    finally:
+        (tmp_path / "locked").chmod(0o755)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [repr(("a.jpg", "")), repr(("locked", "cannot list folder: Permission denied")),
+                                     repr(("z/z.jpg", ""))]
+
+
+def test_non_utf8_names_are_listed_with_their_bytes(tmp_path):
+    raw = os.fsencode(tmp_path) + b"/\xff\xfename.jpg"
+    with open(raw, "wb") as fh:
+        fh.write(SAMPLE.read_bytes())
+    (f,) = scan_dir(tmp_path)
+    assert os.fsencode(f.rel) == b"\xff\xfename.jpg"
+    assert decode_image(f.path).mode == "RGB"
