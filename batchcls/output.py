@@ -28,7 +28,7 @@ import re
 import sys
 import weakref
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence, TextIO
+from typing import Any, BinaryIO, Iterable, Iterator, Sequence
 
 from batchcls.errors import OutputError
 from batchcls.fsutil import FileLock, LockHeld, atomic_path, fsync_dir, lock_path
@@ -293,12 +293,11 @@ class RowWriter:
         self.done: set[str] = set()
         self.to_stdout = out == "-"
         self.rows_written = 0
-        self.fh: TextIO | None = None
+        self.fh: BinaryIO | None = None  # unbuffered: a failed write leaves no bytes behind to flush later
         if self.to_stdout:
             if resume:
                 raise OutputError("--resume needs an output file, not stdout")
-            self.fh = sys.stdout
-            self.fh.write(self.format.header(columns))
+            sys.stdout.write(self.format.header(columns))
             return
         self.out = Path(out)
         self.partial = self.out.with_name(self.out.name + ".partial")
@@ -365,7 +364,7 @@ class RowWriter:
             self.done |= done
         self._continue_out = not self.in_place and self.format is not ParquetFormat and self.out.exists()
 
-    def _open(self) -> TextIO:
+    def _open(self) -> BinaryIO:
         """Create (or continue) the file rows go to; called at the first write."""
         try:
             if self._clear:
@@ -373,13 +372,13 @@ class RowWriter:
                     p.unlink(missing_ok=True)
             elif self._continue_out:
                 os.replace(self.out, self.partial)
-            fh = open(self.target, "a", newline="", encoding="utf-8", errors="backslashreplace")
+            fh = open(self.target, "ab", buffering=0)
             self._identity = os.fstat(fh.fileno())
             if self._identity.st_size == 0:
-                fh.write(self.format.header(self.columns))
-                fh.flush()
+                _write_all(fh, self.format.header(self.columns))
         except OSError as e:
-            raise OutputError(f"cannot write {self.target}: {e.strerror}") from None
+            raise OutputError(f"cannot write {self.target}: {e.strerror}: free the space (or fix the cause), "
+                              "then run the same command again") from None
         self._clear = self._continue_out = False
         return fh
 
@@ -397,18 +396,20 @@ class RowWriter:
         rows = list(rows)
         if not rows:
             return
+        if self.to_stdout:
+            sys.stdout.write(self.format.render(rows, self.columns))
+            sys.stdout.flush()
+            self.rows_written += len(rows)
+            return
         if self.fh is None:
             self.fh = self._open()
-        elif not self.to_stdout:
+        else:
             self._check_still_ours()
         try:
-            self.fh.write(self.format.render(rows, self.columns))
-            self.fh.flush()
+            _write_all(self.fh, self.format.render(rows, self.columns))
             if self.in_place:  # the daemon renames files after this: the rows must be on disk first
                 os.fsync(self.fh.fileno())
         except OSError as e:
-            if self.to_stdout:
-                raise
             raise OutputError(f"cannot write {self.target}: {e.strerror}: free the space (or fix the cause), "
                               "then rerun with --resume") from None
         self.rows_written += len(rows)
@@ -416,8 +417,7 @@ class RowWriter:
     def close(self, complete: bool = True) -> None:
         """complete=False (interrupted) leaves OUT.partial in place for --resume; in place, OUT is already final."""
         if self.to_stdout:
-            if self.fh is not None:
-                self.fh.flush()
+            sys.stdout.flush()
             return
         if not self._lock.held:
             return  # closed already
@@ -425,9 +425,11 @@ class RowWriter:
             if self.fh is None and complete:
                 self.fh = self._open()  # a run with no rows still ends with a (header-only) output
             if self.fh is not None:
-                self.fh.flush()
-                os.fsync(self.fh.fileno())
-                self.fh.close()
+                fh, self.fh = self.fh, None
+                try:
+                    os.fsync(fh.fileno())
+                finally:
+                    fh.close()
             if not complete or self.in_place:
                 return
             if self.format is ParquetFormat:
@@ -438,6 +440,13 @@ class RowWriter:
             fsync_dir(self.out.parent)
         finally:
             self._lock.release()
+
+
+def _write_all(fh: BinaryIO, text: str) -> None:
+    """All of ``text`` as UTF-8, or an OSError; a full disk leaves a prefix that ``repair`` cuts back."""
+    data = memoryview(text.encode("utf-8", "backslashreplace"))
+    while data:
+        data = data[fh.write(data):]
 
 
 def repair(path: Path, fmt: type = CsvFormat) -> None:

@@ -192,16 +192,39 @@ def test_parquet_resume_merges_by_path_after_a_crash_in_finalize(tmp_path):
     assert [r["path"] for r in read_rows(out)] == ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
 
 
-def test_a_full_disk_at_write_is_one_clear_error(tmp_path, monkeypatch):
+class _FillsUp:
+    """The file a full disk gives: it takes ``room`` more bytes, then refuses with ENOSPC."""
+
+    def __init__(self, fh, room):
+        self.fh, self.room = fh, room
+
+    def write(self, data):
+        if self.room <= 0:
+            raise OSError(28, "No space left on device")
+        n = self.fh.write(data[:self.room])
+        self.room -= n
+        return n
+
+    def fileno(self):
+        return self.fh.fileno()
+
+    def close(self):
+        self.fh.close()
+
+
+def test_a_full_disk_mid_row_is_one_error_and_resume_repairs_it(tmp_path):
     out = tmp_path / "labels.csv"
     w = RowWriter(str(out), columns=columns_for(1))
     w.write(_rows(["a.jpg"]))
-
-    def full(*a, **k):
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(w.fh, "flush", full)
+    w.fh = _FillsUp(w.fh, 12)  # room for 12 bytes of the next row: it is cut inside the quoted newline
     with pytest.raises(OutputError, match="No space left on device.*--resume"):
-        w.write(_rows(["b.jpg"]))
+        w.write(_rows(["bb\nbbbbbbbbbbbbbbbbbbbbbbbbb.jpg"]))
+    w.close(complete=False)
+    w = RowWriter(str(out), columns=columns_for(1), resume=True)
+    assert w.done == {"a.jpg"}
+    w.write(_rows(["bb\nbbbbbbbbbbbbbbbbbbbbbbbbb.jpg"]))
+    w.close()
+    assert [r["path"] for r in read_rows(out)] == ["a.jpg", "bb\nbbbbbbbbbbbbbbbbbbbbbbbbb.jpg"]
 
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
