@@ -7,7 +7,7 @@ IMAGES ?= samples/simpsons
 OUT ?= labels.csv
 MODEL ?= engines/simpsons
 
-.PHONY: install install-dev run test bench train train-more train-long train-gpu train-smoke audit engine
+.PHONY: install install-dev run test bench train train-more train-long train-gpu train-smoke audit engine soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ bench: install-dev
 	$(BIN)/python scripts/bench_ray.py
 	$(BIN)/python scripts/bench_watch.py
 	$(BIN)/python scripts/bench_engines.py
+
+# Fault injection against real runs: kill -9 at random moments, torn last rows, a full tmpfs, second writers,
+# hostile trees and names, tampered bundles, rows pointing outside --images. Prints how many faults were
+# survived with nothing lost (every file exactly once, parsed by csv, pandas and read_rows); fails if any was not.
+soak: install-dev  ## inject faults into real runs and report how many were survived with nothing lost; SOAK_ARGS="--rounds 50 --seed 7"
+	$(BIN)/python scripts/soak.py $(SOAK_ARGS)
 
 engine: install-dev  ## fastest engine this machine allows, beside $(MODEL)'s card: TensorRT plan on an NVIDIA GPU, else CPU optimized + INT8 (kept only if macro-F1 holds); more flags via ENGINE_ARGS="--val-dir DIR"
 	@if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q -e '.[tensorrt]' || echo "tensorrt is not installable here: the build falls back to CPU engines"; fi

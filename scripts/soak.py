@@ -1,0 +1,209 @@
+"""`make soak`: inject faults into real `batchcls` runs and count how many were survived with nothing lost.
+
+Each fault is one of: kill -9 at a random moment (1-3 times in a row, then --resume), a torn last row
+(a finished output cut at a random byte, as a crash mid-write leaves it, then --resume), a full disk (a
+tiny tmpfs, then more room and --resume; skipped where mounting is not allowed), a second writer (run,
+--resume, --overwrite, a watch daemon) while a run holds the output, a hostile tree, a tampered bundle,
+and rows that point outside --images. Survived means: every input file has exactly one row, csv,
+pandas and read_rows all parse the output, and every refusal was one line naming what to do.
+
+    python scripts/soak.py --rounds 20 --seed 16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from faults import (HOSTILE, REPO, check_output, grow, kill_rounds, make_tree, run_cli, start_cli,  # noqa: E402
+                    tear_last_rows, tiny_jpeg, tmpfs, wait_for_lock)
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+        self.lost: list[str] = []
+
+    def record(self, kind: str, problems: list[str], detail: str = "") -> None:
+        self.counts[kind, not problems] += 1
+        if problems:
+            self.lost.append(f"{kind} {detail}: {'; '.join(problems)}")
+
+    def kinds(self) -> list[str]:
+        return sorted({k for k, _ in self.counts})
+
+
+def _one_line(r, want: str) -> list[str]:
+    err = r.stderr.decode(errors="replace").strip()
+    if r.returncode != 1 or "\n" in err or want not in err:
+        return [f"expected a one-line refusal with {want!r}, got {r.returncode}: {err[:300]}"]
+    return []
+
+
+def kills(work: Path, tree: Path, expected: set[str], rounds: int, rng: random.Random, tally: Tally) -> None:
+    for i in range(rounds):
+        fmt = rng.choice(["csv", "csv", "jsonl", "parquet"])
+        out = work / f"kill{i}.{fmt}"
+        args = [str(tree), "--out", str(out), "--format", fmt, "--batch-size", str(rng.choice([1, 2, 8])),
+                "--workers", "0", "-q"]
+        hits = kill_rounds(args, rng.randint(1, 3), rng)
+        r = run_cli("run", *args, "--resume")
+        problems = [] if r.returncode == 0 else [f"resume exit {r.returncode}: {r.stderr.decode()[-300:]}"]
+        tally.record("kill -9 at a random moment", problems + check_output(out, expected, fmt), f"{fmt} {hits}")
+
+
+def torn(work: Path, tree: Path, expected: set[str], rounds: int, rng: random.Random, tally: Tally) -> None:
+    for fmt in ("csv", "jsonl"):
+        out = work / f"torn.{fmt}"
+        args = [str(tree), "--out", str(out), "--format", fmt, "--workers", "0", "-q"]
+        if run_cli("run", *args).returncode != 0:
+            tally.record("torn last row", ["the first run failed"], fmt)
+            continue
+        for _ in range(rounds):
+            cut = tear_last_rows(out, rng)
+            r = run_cli("run", *args, "--resume")
+            problems = [] if r.returncode == 0 else [f"resume exit {r.returncode}: {r.stderr.decode()[-300:]}"]
+            tally.record("torn last row", problems + check_output(out, expected, fmt), f"{fmt} cut at {cut}")
+
+
+def full_disk(work: Path, tally: Tally) -> str | None:
+    names = [b"%03d a long name with a\nnewline " % i + b"n" * 150 + b".jpg" for i in range(150)]
+    tree = work / "disk-in"
+    expected = make_tree(tree, names=names, extras=False)
+    try:
+        for fmt in ("csv", "jsonl"):
+            with tmpfs(work / f"disk-{fmt}", "24k") as disk:
+                out = disk / f"labels.{fmt}"
+                r = run_cli("run", tree, "--out", out, "--format", fmt, "--workers", "0", "--batch-size", "16")
+                problems = _one_line(r, "No space left on device")
+                grow(disk, "4m")
+                r = run_cli("run", tree, "--out", out, "--format", fmt, "--workers", "0", "--resume")
+                problems += [] if r.returncode == 0 else [f"resume exit {r.returncode}"]
+                tally.record("full disk", problems + check_output(out, expected, fmt), fmt)
+    except PermissionError as e:
+        return str(e)
+    return None
+
+
+def second_writers(work: Path, tally: Tally) -> None:
+    tree = work / "fifo-in"
+    make_tree(tree, names=[b"a.jpg", b"b.jpg"], extras=False)
+    listing, out = work / "list", work / "held.csv"
+    os.mkfifo(listing)
+    first = start_cli("run", "--files-from", listing, "--out", out, "--batch-size", "1", "--workers", "0", "-q")
+    with open(listing, "w") as feed:
+        feed.write(f"{tree / 'a.jpg'}\n")
+        feed.flush()
+        if not wait_for_lock(out, first.pid):
+            tally.record("second writer", ["the first run never took its lock"])
+        (work / "inbox").mkdir()
+        for extra in (["run", tree, "--out", out, "--resume"], ["run", tree, "--out", out, "--overwrite"],
+                      ["run", tree, "--out", out], ["watch", work / "inbox", "--out", out]):
+            r = run_cli(*extra, timeout=120)
+            tally.record("second writer", _one_line(r, f"PID {first.pid}"), " ".join(map(str, extra[:1] + extra[-1:])))
+        feed.write(f"{tree / 'b.jpg'}\n")
+    code = first.wait(timeout=300)
+    first.stderr.close()
+    tally.record("second writer", ([] if code == 0 else [f"the holder exited {code}"])
+                 + check_output(out, {str(tree / "a.jpg"), str(tree / "b.jpg")}), "holder intact")
+
+
+def hostile_tree(work: Path, tally: Tally) -> None:
+    root = work / "hostile"
+    expected = make_tree(root, names=HOSTILE)
+    fd = os.open(root, os.O_RDONLY)
+    for _ in range(20):  # ~5 KB of path: past PATH_MAX
+        os.mkdir("p" * 250, dir_fd=fd)
+        nxt = os.open("p" * 250, os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = nxt
+    with open(os.open("deep.jpg", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as fh:
+        fh.write(tiny_jpeg(2))
+    os.close(fd)
+    expected.add("/".join(["p" * 250] * 20 + ["deep.jpg"]))
+    (root / "proc").symlink_to("/proc/self", target_is_directory=True)
+    os.mkfifo(root / "fifo.jpg")
+    expected |= {"proc", "fifo.jpg"}
+    out = work / "hostile.csv"
+    r = run_cli("run", root, "--out", out, "--workers", "0", "-q")
+    tally.record("hostile tree and names", ([] if r.returncode == 0 else [f"exit {r.returncode}"])
+                 + check_output(out, expected), "PATH_MAX, /proc link, FIFO, lying JPEG, 16 hostile names")
+
+
+def tampered_bundles(work: Path, tree: Path, tally: Tally) -> None:
+    shipped = REPO / "engines" / "simpsons"
+    cases = [({"classes": [f"c{i}" for i in range(10)]}, "outputs 42 scores but its card lists 10"),
+             ({"classes": [f"c{i}" for i in range(62)]}, "outputs 42 scores but its card lists 62"),
+             ({"std": [0.2, 0, 0.2]}, "std values must be > 0"), ({"input_size": 0}, "input_size must be"),
+             ({"temperature": "hot"}, "temperature must be")]
+    for i, (changes, want) in enumerate(cases):
+        bundle = work / f"bundle{i}"
+        bundle.mkdir()
+        card = {**json.loads((shipped / "card.json").read_text()), **changes}
+        (bundle / "card.json").write_text(json.dumps(card))
+        (bundle / "model.onnx").symlink_to(shipped / "model.onnx")
+        out = work / f"tampered{i}.csv"
+        r = run_cli("run", tree, "--out", out, "--model", bundle)
+        problems = _one_line(r, want) + ([f"{out.name} was created"] if out.exists() else [])
+        tally.record("tampered bundle", problems, want)
+
+
+def outside_rows(work: Path, tally: Tally) -> None:
+    images = work / "images"
+    images.mkdir()
+    (images / "ok.jpg").write_bytes(tiny_jpeg(0))
+    labels = work / "outside.csv"
+    bad = ["../../../../etc/passwd", "/etc/shadow", "../hostile.csv", str(REPO / "README.md")]
+    labels.write_text("path,label,confidence,status,error\nok.jpg,x,0.1,ok,\n" + "".join(f"{p},y,0.1,ok,\n" for p in bad))
+    r = run_cli("review", labels, "--images", images, "--below", "0.5", "--to", work / "review")
+    placed = sorted(str(p.relative_to(work / "review")) for p in (work / "review").rglob("*") if p.is_file())
+    problems = [] if placed == ["_manifest.csv", "x/ok.jpg"] else [f"review placed {placed}"]
+    problems += [] if f"{len(bad)} rows skipped" in r.stderr.decode() else ["no warning from review"]
+    r = run_cli("report", labels, "--images", images, "--out", work / "r.html", "--workers", "0")
+    links = re.findall(r'href="([^"]*)"', (work / "r.html").read_text()) if r.returncode == 0 else []
+    problems += [f"report linked {x}" for x in links if "etc" in x or "README" in x or "hostile" in x]
+    tally.record("rows pointing outside --images", problems, f"{len(bad)} rows")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=20, help="kill -9 faults (torn rows: half as many per format)")
+    ap.add_argument("--seed", type=int, default=16)
+    args = ap.parse_args()
+    rng = random.Random(args.seed)
+    tally = Tally()
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="batchcls-soak-") as tmp:
+        work = Path(tmp)
+        tree = work / "tree"
+        expected = make_tree(tree, copies=2)
+        kills(work, tree, expected, args.rounds, rng, tally)
+        torn(work, tree, expected, max(1, args.rounds // 2), rng, tally)
+        skipped = full_disk(work, tally)
+        second_writers(work, tally)
+        hostile_tree(work, tally)
+        tampered_bundles(work, tree, tally)
+        outside_rows(work, tally)
+    total = sum(tally.counts.values())
+    survived = sum(n for (_, ok), n in tally.counts.items() if ok)
+    for kind in tally.kinds():
+        print(f"  {kind:32s} {tally.counts[kind, True]:3d}/{tally.counts[kind, True] + tally.counts[kind, False]:<3d}")
+    if skipped:
+        print(f"  {'full disk':32s} skipped: {skipped}")
+    for line in tally.lost:
+        print(f"LOST: {line}")
+    print(f"soak: {survived}/{total} injected faults survived with nothing lost "
+          f"(seed {args.seed}, {time.monotonic() - t0:.0f} s)")
+    return 0 if survived == total else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

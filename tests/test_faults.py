@@ -1,0 +1,264 @@
+"""Fault injection against real `batchcls` processes with the shipped model on tiny sample frames.
+
+kill -9 at random moments, torn last rows, a full disk (a tiny tmpfs, where mounting is allowed), two
+writers on one output, hostile trees, names and rows, tampered bundles. After each fault the next
+command must give every file exactly one row in a file csv, pandas and read_rows all parse.
+Seed: $BATCHCLS_FAULT_SEED (default 16), printed on failure.
+"""
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from faults import (HOSTILE, REPO, check_output, grow, kill_rounds, make_tree, run_cli, start_cli, tear_last_rows,
+                    tmpfs, tiny_jpeg, wait_for_lock)
+
+SEED = int(os.environ.get("BATCHCLS_FAULT_SEED", "16"))
+SHIPPED = REPO / "engines" / "simpsons"
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile") / "in"
+    return root, make_tree(root, copies=2)
+
+
+def _one_line(stderr: bytes) -> str:
+    text = stderr.decode(errors="replace").strip()
+    assert "Traceback" not in text and text.count("\n") == 0, text
+    return text
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_kill_9_at_random_moments_then_resume_gives_each_file_once(tree, tmp_path, fmt):
+    root, expected = tree
+    out = tmp_path / f"labels.{fmt}"
+    rng = random.Random(SEED)
+    args = [str(root), "--out", str(out), "--format", fmt, "--batch-size", "1", "--workers", "0", "-q"]
+    hits = kill_rounds(args, rounds=5, rng=rng)
+    r = run_cli("run", *args, "--resume")
+    assert r.returncode == 0, (SEED, hits, r.stderr)
+    assert check_output(out, expected, fmt) == [], (SEED, hits)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_a_torn_last_row_is_repaired_exactly(tree, tmp_path, fmt):
+    root, expected = tree
+    out = tmp_path / f"labels.{fmt}"
+    args = [str(root), "--out", str(out), "--format", fmt, "--workers", "0", "-q"]
+    assert run_cli("run", *args).returncode == 0
+    rng = random.Random(SEED)
+    for _ in range(3):
+        cut = tear_last_rows(out, rng)
+        r = run_cli("run", *args, "--resume")
+        assert r.returncode == 0, (SEED, cut, r.stderr)
+        assert check_output(out, expected, fmt) == [], (SEED, cut)
+
+
+def test_a_torn_parquet_partial_is_repaired_exactly(tree, tmp_path):
+    pytest.importorskip("pyarrow")
+    root, expected = tree
+    staged, out = tmp_path / "staged.jsonl", tmp_path / "labels.parquet"
+    assert run_cli("run", root, "--out", staged, "--format", "jsonl", "--workers", "0", "-q").returncode == 0
+    tear_last_rows(staged, random.Random(SEED))  # a parquet run's partial is JSON lines: the same bytes
+    os.replace(tmp_path / "staged.jsonl.partial", tmp_path / "labels.parquet.partial")
+    r = run_cli("run", root, "--out", out, "--format", "parquet", "--workers", "0", "--resume")
+    assert r.returncode == 0, r.stderr
+    assert check_output(out, expected, "parquet") == []
+
+
+def test_a_cut_inside_a_quoted_newline_is_redone(tree, tmp_path):
+    root, expected = tree
+    out = tmp_path / "labels.csv"
+    assert run_cli("run", root, "--out", out, "--workers", "0", "-q").returncode == 0
+    data = out.read_bytes()
+    at = data.index(b"new\nline.jpg") + 4  # just past the newline inside the quoted name
+    out.unlink()
+    out.with_name("labels.csv.partial").write_bytes(data[:at])
+    r = run_cli("run", root, "--out", out, "--workers", "0", "--resume")
+    assert r.returncode == 0, r.stderr
+    assert check_output(out, expected) == []
+
+
+def test_a_full_disk_stops_with_one_line_and_resume_finishes(tmp_path):
+    root = tmp_path / "in"
+    names = [b"%03d long name with a\nnewline " % i + b"n" * 150 + b".jpg" for i in range(150)]
+    expected = make_tree(root, names=names, extras=False)
+    try:
+        with tmpfs(tmp_path / "disk", "24k") as disk:
+            out = disk / "labels.csv"
+            r = run_cli("run", root, "--out", out, "--workers", "0", "--batch-size", "16")
+            assert r.returncode == 1 and "No space left on device" in _one_line(r.stderr)
+            assert out.with_name("labels.csv.partial").exists()
+            grow(disk, "4m")
+            r = run_cli("run", root, "--out", out, "--workers", "0", "--resume")
+            assert r.returncode == 0, r.stderr
+            assert check_output(out, expected) == []
+    except PermissionError as e:
+        pytest.skip(str(e))
+
+
+def test_a_second_writer_is_refused_while_the_first_finishes(tmp_path):
+    root = tmp_path / "in"
+    make_tree(root, names=[b"a.jpg", b"b.jpg", b"c.jpg"], extras=False)
+    listing = tmp_path / "list"
+    os.mkfifo(listing)  # the first run reads its file list from here: it holds its lock until we close it
+    out = tmp_path / "labels.csv"
+    first = start_cli("run", "--files-from", listing, "--out", out, "--batch-size", "1", "--workers", "0", "-q")
+    try:
+        with open(listing, "w") as feed:
+            feed.write(f"{root / 'a.jpg'}\n")
+            feed.flush()
+            assert wait_for_lock(out, first.pid), "the first run never took its lock"
+            for extra in (["--resume"], ["--overwrite"], []):
+                r = run_cli("run", root, "--out", out, "-q", *extra)
+                line = _one_line(r.stderr)
+                assert r.returncode == 1 and f"another batchcls process (PID {first.pid})" in line, line
+            inbox = tmp_path / "inbox"
+            inbox.mkdir()
+            r = run_cli("watch", inbox, "--out", out, timeout=120)  # a daemon on the same ledger
+            assert r.returncode == 1 and f"PID {first.pid}" in r.stderr.decode(errors="replace"), r.stderr
+            feed.write(f"{root / 'b.jpg'}\n{root / 'c.jpg'}\n")
+    finally:
+        code = first.wait(timeout=300)
+        err = first.stderr.read()
+        first.stderr.close()
+    assert code == 0, err
+    assert check_output(out, {str(root / n) for n in ("a.jpg", "b.jpg", "c.jpg")}) == []
+
+
+def test_a_failed_start_leaves_no_file_and_does_not_block_the_fixed_command(tree, tmp_path):
+    root, expected = tree
+    out_dir = tmp_path / "outs"
+    out_dir.mkdir()
+    out = out_dir / "labels.csv"
+    r = run_cli("run", tmp_path / "mistyped", "--out", out)
+    assert r.returncode == 1 and "does not exist" in _one_line(r.stderr)
+    bad = tmp_path / "bad-bundle"
+    bad.mkdir()
+    (bad / "card.json").write_text("{}")
+    assert run_cli("run", root, "--out", out, "--model", bad).returncode == 1
+    assert list(out_dir.iterdir()) == []
+    r = run_cli("run", root, "--out", out, "--workers", "0", "-q")
+    assert r.returncode == 0, r.stderr
+    assert check_output(out, expected) == []
+
+
+def _deep(root: Path, name: str, depth: int) -> str:
+    fd = os.open(root, os.O_RDONLY)
+    for _ in range(depth):
+        os.mkdir(name, dir_fd=fd)
+        nxt = os.open(name, os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = nxt
+    f = os.open("deep.jpg", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+    os.write(f, tiny_jpeg(3))
+    os.close(f)
+    os.close(fd)
+    return "/".join([name] * depth + ["deep.jpg"])
+
+
+def test_a_hostile_tree_gives_every_file_a_row_and_the_run_goes_on(tmp_path):
+    from test_scan import unprivileged
+
+    root = tmp_path / "in"
+    expected = make_tree(root, names=HOSTILE[:4])
+    long_rel = _deep(root, "p" * 250, 20)  # ~5 KB: past PATH_MAX
+    try:
+        deep_rel = _deep(root, "n", sys.getrecursionlimit() + 200)
+        (root / "locked").mkdir()
+        (root / "locked" / "hidden.jpg").write_bytes(tiny_jpeg(1))
+        (root / "locked").chmod(0)
+        (root / "proc").symlink_to("/proc/self", target_is_directory=True)
+        os.mkfifo(root / "fifo.jpg")
+        (root / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+        out = tmp_path / "labels.csv"
+        preexec = unprivileged(["true"])[:-1]
+        r = run_cli("run", root, "--out", out, "--workers", "0", "-q", preexec=preexec)
+        assert r.returncode == 0, r.stderr
+        expected |= {long_rel, deep_rel, "locked", "proc", "fifo.jpg", "dangling.jpg"}
+        assert check_output(out, expected) == []
+        from batchcls.output import read_rows
+        rows = {x["path"]: x for x in read_rows(out)}
+        assert rows[long_rel]["status"] == rows[deep_rel]["status"] == "ok"
+        assert rows["locked"]["error"] == "cannot list folder: Permission denied"
+        assert "pseudo-filesystem" in rows["proc"]["error"]
+        assert rows["fifo.jpg"]["error"] == "not a regular file"
+        assert "truncated" in rows["lie 9000x9000.jpg"]["error"]
+        r = run_cli("run", root, "--out", out, "--workers", "0", "--resume", preexec=preexec)
+        assert r.returncode == 0 and "classified 0 files" in r.stderr.decode(), r.stderr  # the resume can finish
+    finally:
+        (root / "locked").chmod(0o755)
+        subprocess.run(["rm", "-rf", str(root / "n")], check=False)  # pytest's clean-up would recurse on it
+
+
+def test_non_utf8_names_in_parquet_and_report(tmp_path):
+    pytest.importorskip("pyarrow")
+    root = tmp_path / "in"
+    expected = make_tree(root, copies=2)
+    out = tmp_path / "labels.parquet"
+    assert run_cli("run", root, "--out", out, "--format", "parquet", "--workers", "0", "-q").returncode == 0
+    (root / "copy001\nsub" / "added later.jpg").write_bytes(tiny_jpeg(5))
+    r = run_cli("run", root, "--out", out, "--format", "parquet", "--workers", "0", "--resume")
+    assert r.returncode == 0 and "classified 1 files" in r.stderr.decode(), r.stderr
+    assert check_output(out, expected | {"copy001\nsub/added later.jpg"}, "parquet") == []
+    r = run_cli("report", out, "--images", root, "--out", tmp_path / "report.html", "--workers", "0")
+    assert r.returncode == 0, r.stderr
+    page = (tmp_path / "report.html").read_bytes().decode("utf-8")  # valid UTF-8 whatever the names
+    assert "%FF%FE%20not%20utf8.jpg" in page  # the link holds the file's real bytes
+
+
+def test_review_and_report_only_read_inside_images(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "ok.jpg").write_bytes(tiny_jpeg(0))
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(tiny_jpeg(1))
+    labels = tmp_path / "labels.csv"
+    rows = [("ok.jpg", "bart_simpson"), ("../secret.jpg", "../../escape"), (str(secret), "homer_simpson"),
+            ("../../../../etc/passwd", "lisa_simpson"), ("/etc/shadow", "lisa_simpson")]
+    labels.write_text("path,label,confidence,status,error\n" + "".join(f"{p},{l},0.1,ok,\n" for p, l in rows))
+    to = tmp_path / "review"
+    r = run_cli("review", labels, "--images", images, "--below", "0.5", "--to", to, "--errors")
+    assert r.returncode == 0, r.stderr
+    assert "4 rows skipped because their path points outside" in r.stderr.decode()
+    placed = sorted(str(p.relative_to(to)) for p in to.rglob("*") if p.is_file())
+    assert placed == ["_manifest.csv", "bart_simpson/ok.jpg"]
+    assert not (tmp_path / "escape").exists()
+    r = run_cli("report", labels, "--images", images, "--out", tmp_path / "r.html", "--workers", "0")
+    assert r.returncode == 0 and "4 rows point outside" in r.stderr.decode(), r.stderr
+    page = (tmp_path / "r.html").read_text()
+    links = re.findall(r'href="([^"]*)"', page)
+    assert page.count("<img") == 1 and "etc/passwd" in page  # listed as text, without a picture
+    assert not [x for x in links if "secret" in x or "etc" in x], links
+
+
+def _bundle(tmp_path: Path, **changes) -> Path:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    card = json.loads((SHIPPED / "card.json").read_text())
+    card.update(changes)
+    (bundle / "card.json").write_text(json.dumps(card))
+    (bundle / "model.onnx").symlink_to(SHIPPED / "model.onnx")
+    return bundle
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"classes": [f"c{i}" for i in range(10)]}, "outputs 42 scores but its card lists 10 classes"),
+    ({"classes": [f"c{i}" for i in range(62)]}, "outputs 42 scores but its card lists 62 classes"),
+    ({"std": [0.2, 0.0, 0.2]}, "std values must be > 0"),
+    ({"input_size": 0}, "input_size must be a whole number"),
+    ({"mean": {"r": 0.5}}, "mean needs 3 numbers"),
+])
+def test_a_tampered_bundle_is_refused_in_one_line_before_any_row(tmp_path, changes, message):
+    images = tmp_path / "images"
+    make_tree(images, names=HOSTILE[:2], extras=False)
+    out = tmp_path / "labels.csv"
+    r = run_cli("run", images, "--out", out, "--model", _bundle(tmp_path, **changes))
+    assert r.returncode == 1 and message in _one_line(r.stderr)
+    assert not out.exists() and not out.with_name("labels.csv.partial").exists()
