@@ -335,6 +335,7 @@ class RowWriter:
             raise OutputError(f"{existing[0]} already exists: pass --resume to continue it or --overwrite to replace it")
         self._clear = overwrite and not resume  # done at the first write: a failed start deletes nothing
         self._continue_out = False  # a finished text OUT being resumed: its rows go on in OUT.partial
+        self._expect: os.stat_result | None = None  # the file whose rows are in self.done, as read
         if resume:
             self._load_previous()
 
@@ -363,10 +364,15 @@ class RowWriter:
                                   "use the same --top-k/--threshold/--probs/--format, or a new --out")
             self.done |= done
         self._continue_out = not self.in_place and self.format is not ParquetFormat and self.out.exists()
+        kept = self.out if self._continue_out else self.target
+        self._expect = kept.stat() if kept.exists() else None
 
     def _open(self) -> BinaryIO:
         """Create (or continue) the file rows go to; called at the first write."""
         try:
+            if self._expect is not None:
+                self._identity = self._expect
+                self._check_still_ours(self.out if self._continue_out else self.target)
             if self._clear:
                 for p in (self.out, self.partial):
                     p.unlink(missing_ok=True)
@@ -382,14 +388,15 @@ class RowWriter:
         self._clear = self._continue_out = False
         return fh
 
-    def _check_still_ours(self) -> None:
+    def _check_still_ours(self, path: Path | None = None) -> None:
         """Rows written into a file someone deleted or replaced would be lost without a word: stop instead."""
+        path = path or self.target
         try:
-            same = os.path.samestat(os.stat(self.target), self._identity)
+            same = os.path.samestat(os.stat(path), self._identity)
         except FileNotFoundError:
             same = False
         if not same:
-            raise OutputError(f"{self.target} was deleted or replaced while this process was writing it: "
+            raise OutputError(f"{path} was deleted or replaced while this process was writing it: "
                               "stopping so no row is lost; restore it, or rerun with a new --out")
 
     def write(self, rows: Iterable[dict]) -> None:

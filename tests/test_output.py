@@ -292,3 +292,16 @@ def test_open_long_reads_past_path_max(tmp_path):
     fd = open_long(path, os.O_RDONLY)
     assert os.read(fd, 10) == b"deep"
     os.close(fd)
+
+
+def test_a_ledger_deleted_before_the_first_new_row_stops_the_writer(tmp_path):
+    out = tmp_path / "labels.csv"
+    w = RowWriter(str(out), columns=columns_for(1), resume=True, in_place=True)
+    w.write(_rows(["a.jpg"]))
+    w.close()
+    w = RowWriter(str(out), columns=columns_for(1), resume=True, in_place=True)  # a restarted daemon
+    assert w.done == {"a.jpg"}
+    out.unlink()  # its rows are what w.done says is labelled: a fresh file would silently lose them
+    with pytest.raises(OutputError, match="deleted or replaced"):
+        w.write(_rows(["b.jpg"]))
+    w.close(complete=False)
