@@ -262,3 +262,16 @@ def test_a_tampered_bundle_is_refused_in_one_line_before_any_row(tmp_path, chang
     r = run_cli("run", images, "--out", out, "--model", _bundle(tmp_path, **changes))
     assert r.returncode == 1 and message in _one_line(r.stderr)
     assert not out.exists() and not out.with_name("labels.csv.partial").exists()
+
+
+def test_review_never_writes_through_a_link_out_of_its_folder(tmp_path):
+    images, to, elsewhere = tmp_path / "images", tmp_path / "review", tmp_path / "elsewhere"
+    for d in (images, to, elsewhere):
+        d.mkdir()
+    (images / "a.jpg").write_bytes(tiny_jpeg(0))
+    (to / "bart_simpson").symlink_to(elsewhere, target_is_directory=True)  # planted before the review
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label,confidence,status,error\na.jpg,bart_simpson,0.1,ok,\n")
+    r = run_cli("review", labels, "--images", images, "--below", "0.5", "--to", to)
+    assert r.returncode == 1 and "leads outside" in _one_line(r.stderr)
+    assert list(elsewhere.iterdir()) == []
