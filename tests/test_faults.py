@@ -232,7 +232,7 @@ def test_review_and_report_only_read_inside_images(tmp_path):
     assert not (tmp_path / "escape").exists()
     r = run_cli("report", labels, "--images", images, "--out", tmp_path / "r.html", "--workers", "0")
     assert r.returncode == 0 and "4 rows point outside" in r.stderr.decode(), r.stderr
-    page = (tmp_path / "r.html").read_text()
+    page = (tmp_path / "r.html").read_text().replace("<wbr>", "")
     links = re.findall(r'href="([^"]*)"', page)
     assert page.count("<img") == 1 and "etc/passwd" in page  # listed as text, without a picture
     assert not [x for x in links if "secret" in x or "etc" in x], links
