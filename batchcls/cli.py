@@ -71,7 +71,8 @@ model_option = click.option("--model", type=click.Path(), default=None,
 @click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: the backend's (a GPU for tensorrt/cuda, else cpu); cpu keeps auto off the GPU.")
 @click.option("--cpu-decode", is_flag=True, help="With a GPU backend, decode with Pillow instead of nvJPEG: slower, but the CPU path's exact pixels (nvJPEG moves confidences by up to ~0.06).")
 @click.option("--top-k", type=click.IntRange(1, 100), default=1, show_default=True, help="Also write the next K-1 labels and confidences.")
-@click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="Label rows below this confidence as 'unknown'.")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="Label rows below this confidence as 'unknown'; the model's own top label stays in a model_label column.")
+@click.option("--probs", is_flag=True, help="Also write every class's probability (prob_<class> columns), e.g. for cleanlab or FiftyOne.")
 @click.option("--max-pixels", type=click.IntRange(1), default=None, help="Refuse images larger than this many pixels (bomb guard).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted (or earlier) run, skipping files already in --out.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
@@ -80,7 +81,7 @@ model_option = click.option("--model", type=click.Path(), default=None,
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="Run here, or on Ray Data across a cluster (needs the ray extra).")
 @click.option("--address", default=None, help="With --engine ray: 'auto' or 'ray://HEAD:10001'. Default: $RAY_ADDRESS, else Ray on this machine.")
 def run(source, out, model, files_from, recursive, fmt, batch_size, workers, backend, device, cpu_decode, top_k,
-        threshold, max_pixels, resume, overwrite, strict, quiet, engine, address) -> None:
+        threshold, probs, max_pixels, resume, overwrite, strict, quiet, engine, address) -> None:
     """Classify every image in SOURCE (a folder or a file) and write one row per file.
 
     Example: batchcls run ./images --out labels.csv --top-k 3
@@ -89,7 +90,7 @@ def run(source, out, model, files_from, recursive, fmt, batch_size, workers, bac
     from batchcls.pipeline import RunOptions
     from batchcls.runner import Interrupted, RunJob, describe, run_job
 
-    options = RunOptions(batch_size=batch_size, workers=workers, top_k=top_k, threshold=threshold,
+    options = RunOptions(batch_size=batch_size, workers=workers, top_k=top_k, threshold=threshold, probs=probs,
                          max_pixels=max_pixels or DEFAULT_MAX_PIXELS, gpu_decode=not cpu_decode)
     job = RunJob(source=source, out=out, model=model, backend=backend, device=device, recursive=recursive,
                  files_from=files_from, fmt=fmt, resume=resume, overwrite=overwrite, quiet=quiet, options=options)
@@ -171,7 +172,7 @@ def engine_build(model, target, fp16, max_batch, val_dir, calib_dir, calib_image
 
     Example: batchcls engine build --model engines/simpsons --val-dir data/val
     """
-    from batchcls.engines import build_engines
+    from batchcls.build import build_engines
 
     built = build_engines(model, target=target, fp16=fp16, max_batch=max_batch, val_dir=val_dir,
                           calib_dir=calib_dir, calib_images=calib_images, log=lambda m: click.echo(m, err=True))

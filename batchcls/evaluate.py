@@ -8,10 +8,10 @@ import numpy as np
 
 from batchcls.backends import load_backend
 from batchcls.card import load_card
-from batchcls.errors import InputError
-from batchcls.metrics import confusion, macro_f1_of, per_class
-from batchcls.pipeline import Classifier, RunOptions, classify
-from batchcls.scan import InputFile, scan_dir
+from batchcls.infer import Classifier
+from batchcls.metrics import f1_table
+from batchcls.pipeline import RunOptions, classify
+from batchcls.scan import labelled_files
 
 THRESHOLDS = (0.5, 0.7, 0.9, 0.95, 0.99)
 
@@ -26,25 +26,6 @@ class EvalReport:
     per_class: list[dict]  # label, precision, recall, f1, support
     coverage: list[dict] = field(default_factory=list)  # threshold, coverage, accuracy
     unknown_classes: list[str] = field(default_factory=list)
-
-
-def f1_table(y_true: list[str], y_pred: list[str]) -> tuple[float, float, list[dict]]:
-    """(macro-F1, micro-F1, per-class rows for every label seen in truth or prediction)."""
-    labels = sorted(set(y_true) | set(y_pred))
-    index = {lab: i for i, lab in enumerate(labels)}
-    cm = confusion([index[t] for t in y_true], [index[p] for p in y_pred], len(labels))
-    scores = per_class(cm)
-    rows = [{"label": lab, "precision": float(scores["precision"][i]), "recall": float(scores["recall"][i]),
-             "f1": float(scores["f1"][i]), "support": int(scores["support"][i])} for i, lab in enumerate(labels)]
-    micro = float(np.trace(cm) / cm.sum()) if len(y_true) else 0.0
-    return macro_f1_of(cm), micro, rows
-
-
-def labelled_files(root: str | os.PathLike) -> list[tuple[InputFile, str]]:
-    files = [(f, f.rel.split("/", 1)[0]) for f in scan_dir(root) if "/" in f.rel]
-    if not files:
-        raise InputError(f"{root} has no class folders with images: expected {root}/<class>/<image>")
-    return files
 
 
 def evaluate_folder(root: str | os.PathLike, *, model: str | None = None, backend: str | None = None,

@@ -1,4 +1,4 @@
-"""Classification metrics shared by `batchcls eval` and training, so both report the same macro-F1."""
+"""Classification metrics shared by `batchcls eval`, engine builds and training, so all report the same macro-F1."""
 from __future__ import annotations
 
 import numpy as np
@@ -32,3 +32,15 @@ def macro_f1_of(cm: np.ndarray) -> float:
 
 def macro_f1(y_true, y_pred, num_classes: int) -> float:
     return macro_f1_of(confusion(y_true, y_pred, num_classes))
+
+
+def f1_table(y_true: list[str], y_pred: list[str]) -> tuple[float, float, list[dict]]:
+    """(macro-F1, micro-F1, per-class rows for every label seen in truth or prediction), over label names."""
+    labels = sorted(set(y_true) | set(y_pred))
+    index = {lab: i for i, lab in enumerate(labels)}
+    cm = confusion([index[t] for t in y_true], [index[p] for p in y_pred], len(labels))
+    scores = per_class(cm)
+    rows = [{"label": lab, "precision": float(scores["precision"][i]), "recall": float(scores["recall"][i]),
+             "f1": float(scores["f1"][i]), "support": int(scores["support"][i])} for i, lab in enumerate(labels)]
+    micro = float(np.trace(cm) / cm.sum()) if len(y_true) else 0.0
+    return macro_f1_of(cm), micro, rows

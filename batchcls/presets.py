@@ -39,24 +39,40 @@ class EvalPreset:
             return self.input_size
         return int(round(self.input_size / self.crop_pct))
 
-    def resize(self, img: Image.Image) -> Image.Image:
+    def resized_size(self, w: int, h: int) -> tuple[int, int]:
+        """(width, height) a w x h image is resized to before the centre crop: the one place this is computed
+        (the GPU path's device resize calls it too)."""
         s = self.input_size
         if self.resize_mode == "squash":
-            return img.resize((s, s), self.resample)
-        short = int(round(s / self.crop_pct))
-        w, h = img.size
-        scale = short / min(w, h)
-        img = img.resize((max(s, round(w * scale)), max(s, round(h * scale))), self.resample)
-        left, top = (img.width - s) // 2, (img.height - s) // 2
-        return img.crop((left, top, left + s, top + s))
+            return s, s
+        scale = self.min_decode_side / min(w, h)
+        return max(s, round(w * scale)), max(s, round(h * scale))
+
+    def crop_box(self, w: int, h: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of the input_size square at the centre of a resized w x h image."""
+        s = self.input_size
+        left, top = (w - s) // 2, (h - s) // 2
+        return left, top, left + s, top + s
+
+    def resize(self, img: Image.Image) -> Image.Image:
+        img = img.resize(self.resized_size(*img.size), self.resample)
+        return img if img.size == (self.input_size,) * 2 else img.crop(self.crop_box(*img.size))
 
     def __call__(self, img: Image.Image) -> np.ndarray:
         return np.asarray(self.resize(img), dtype=np.uint8)
 
 
+def normalization(mean: list[float], std: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """(shift, scale) per channel in pixel units: (x/255 - mean) / std == (x - shift) / scale.
+
+    The one definition of normalisation: ``normalize`` here, the GPU backends' device twin and training's
+    batch augmentation all compute with these two vectors.
+    """
+    return np.asarray(mean, np.float32) * 255.0, np.asarray(std, np.float32) * 255.0
+
+
 def normalize(batch_nhwc: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
     """uint8 NHWC -> float32 NCHW, (x/255 - mean) / std, done once per batch (vectorised)."""
-    scale = np.asarray(std, np.float32) * 255.0
-    shift = np.asarray(mean, np.float32) * 255.0
+    shift, scale = normalization(mean, std)
     out = (batch_nhwc.astype(np.float32) - shift) / scale
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))

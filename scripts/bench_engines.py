@@ -1,11 +1,11 @@
 """Benchmark every engine this machine can run on the same real JPEGs, against PyTorch eager.
 
-Baseline: PyTorch eager, fp32, on the CPU, running the bundle's own graph (measured in this run).
+Baseline: PyTorch eager, fp32, on the CPU, running the bundle's model.pt2 (measured in this run).
 For each available backend it prints images/s for
 - infer: preprocessed batches through ``Classifier.probabilities`` (normalize + model + softmax),
   which is what an engine changes;
 - end to end: files -> rows through the run pipeline with Pillow decode workers (``--cpu-decode`` for
-  GPU backends), and for GPU backends also through nvJPEG (``classify_gpu``, the default there);
+  GPU backends), and for GPU backends also through nvJPEG (``gpu.classify_gpu``, the default there);
 and each one's parity with the ONNX FP32 reference (identical top-1 share, max confidence diff).
 Medians of --repeats. Targets: CPU INT8 >= 1.5x the CPU FP32 ONNX engine (infer); on an
 H100/H200-class GPU >= 10,000 images/s end to end with the CUDA or TensorRT backend.
@@ -59,11 +59,11 @@ def median_rate(n: int, fn: Callable[[], object], repeats: int, warmup: bool = T
 def candidates(card, gpu: bool, variants: bool = False) -> list[tuple[str, Callable[[], object]]]:
     """(label, backend factory) for every engine this machine has, baseline first."""
     from batchcls.backends import OnnxRuntimeBackend
-    from batchcls.engines.cpu import int8_path, opt_path
-    from batchcls.engines.cuda import CudaBackend
+    from batchcls.backends.pytorch import TorchBackend
+    from batchcls.backends.record import int8_path, opt_path
 
     out: list[tuple[str, Callable[[], object]]] = [
-        ("torch-eager fp32 cpu (baseline)", lambda: CudaBackend(card, device="cpu")),
+        ("torch-eager fp32 cpu (baseline)", lambda: TorchBackend(card, device="cpu")),
         ("onnxruntime fp32 cpu", lambda: OnnxRuntimeBackend(card.onnx_path)),
     ]
     if opt_path(card).is_file():
@@ -71,12 +71,12 @@ def candidates(card, gpu: bool, variants: bool = False) -> list[tuple[str, Calla
     if int8_path(card).is_file():
         out.append(("onnxruntime int8 cpu", lambda: OnnxRuntimeBackend(int8_path(card))))
     if gpu:
-        out.append(("cuda fp16", lambda: CudaBackend(card, device="cuda")))
+        out.append(("cuda fp16", lambda: TorchBackend(card, device="cuda")))
         if variants:
-            out.append(("cuda fp16 eager (no graphs)", lambda: CudaBackend(card, device="cuda", cuda_graphs=False)))
-            out.append(("cuda fp32", lambda: CudaBackend(card, device="cuda", fp16=False)))
-        from batchcls.engines.tensorrt import TensorRTBackend, current_facts, plan_problem, read_meta
-        from batchcls.engines import onnx_sha256
+            out.append(("cuda fp16 eager (no graphs)", lambda: TorchBackend(card, device="cuda", cuda_graphs=False)))
+            out.append(("cuda fp32", lambda: TorchBackend(card, device="cuda", fp16=False)))
+        from batchcls.backends.record import onnx_sha256
+        from batchcls.backends.tensorrt import TensorRTBackend, current_facts, plan_problem, read_meta
 
         meta = read_meta(card)
         problem = "no plan (run `make engine`)" if meta is None else plan_problem(meta, current_facts(), onnx_sha256(card))
@@ -115,11 +115,13 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from batchcls.backends import default_threads
+    from batchcls.build.parity import compare_rows
     from batchcls.card import load_card
-    from batchcls.engines.cuda import GpuClassifier, GpuJpegLoader, classify_gpu
-    from batchcls.engines.parity import compare_rows
-    from batchcls.pipeline import Classifier, RunOptions, classify, load_images
+    from batchcls.decode_stage import batched, load_images
+    from batchcls.gpu import GpuClassifier, GpuJpegLoader, classify_gpu
+    from batchcls.infer import Classifier
+    from batchcls.machine import default_threads
+    from batchcls.pipeline import RunOptions, classify
     from batchcls.presets import EvalPreset
 
     card = load_card(args.model)
@@ -168,7 +170,7 @@ def main() -> None:
 
             def e2e_nvjpeg() -> None:
                 gpu_rows.clear()
-                for r in classify_gpu(good, gclassifier, RunOptions(batch_size=bs), loader=loader):
+                for r in classify_gpu(batched(good, bs), gclassifier, loader=loader):
                     gpu_rows.extend(r)
                 torch.cuda.synchronize()
 
@@ -176,7 +178,7 @@ def main() -> None:
             row["nvjpeg_rows"] = gpu_rows
             if label == "cuda fp16":  # nvJPEG + device resize vs Pillow, pixel by pixel, on the distinct files
                 distinct = good[:min(len(good), 1000)]
-                dev = loader.load(distinct, [Path(f.path).read_bytes() for f in distinct]).images
+                dev = loader.load_files(distinct).images
                 diff = (dev.permute(0, 2, 3, 1).cpu().numpy().astype(np.int16) - images[:len(distinct)].astype(np.int16))
                 row["nvjpeg_pixels"] = {"mean_abs": float(np.abs(diff).mean()), "max_abs": int(np.abs(diff).max()),
                                         "share_over_8": float((np.abs(diff) > 8).mean())}

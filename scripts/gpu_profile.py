@@ -37,19 +37,20 @@ def main() -> None:
     torch.zeros(1, device="cuda")
     mark("CUDA context")
     from batchcls.card import load_card
-    from batchcls.engines.cuda import CudaBackend, GpuClassifier, GpuJpegLoader, classify_gpu
-    from batchcls.pipeline import RunOptions
+    from batchcls.backends.pytorch import TorchBackend
+    from batchcls.decode_stage import batched
+    from batchcls.gpu import GpuClassifier, GpuJpegLoader, classify_gpu
     from bench_engines import dataset_files
     card = load_card(args.model)
-    backend = CudaBackend(card, device="cuda")
-    mark("ONNX -> torch module on the GPU")
+    backend = TorchBackend(card, device="cuda")
+    mark("model.pt2 on the GPU")
     classifier, loader = GpuClassifier(card, backend), GpuJpegLoader(card, device="cuda")
     files = dataset_files(args.data, args.n)
 
     def one_pass(bs: int, n: int) -> float:
         t = time.perf_counter()
         rows = 0
-        for r in classify_gpu(files[:n], classifier, RunOptions(batch_size=bs), loader=loader):
+        for r in classify_gpu(batched(files[:n], bs), classifier, loader=loader):
             rows += len(r)
         torch.cuda.synchronize()
         assert rows == n
@@ -58,7 +59,7 @@ def main() -> None:
     one_pass(256, 256)
     mark("first batch (nvJPEG init, graph capture)")
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
-        backend.model = CudaBackend(card, device="cuda").model  # a fresh graph for this batch size
+        backend.model = TorchBackend(card, device="cuda").model  # a fresh graph for this batch size
         one_pass(bs, bs)
         rates = sorted(one_pass(bs, len(files)) for _ in range(3))
         print(f"nvJPEG end to end, batch {bs:5d}: median {rates[1]:8.0f} img/s  (runs {', '.join(f'{r:.0f}' for r in rates)})",

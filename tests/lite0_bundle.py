@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from batchcls.card import ModelCard  # noqa: E402
-from batchcls.pipeline import load_images  # noqa: E402
+from batchcls.decode_stage import load_images  # noqa: E402
 from batchcls.presets import EvalPreset, normalize  # noqa: E402
 from batchcls.scan import InputFile  # noqa: E402
 
@@ -78,9 +78,13 @@ def make_lite0_bundle(out: Path, data_root: Path, *, fit_per_class: int = 5, val
         opt.step()
     model.classifier.load_state_dict(head.state_dict())
 
-    from train.export import export_onnx  # the exporter `make train` uses, so the graph is the shipped kind
+    import hashlib
+
+    from train.export import export_onnx, export_program  # the exporters `make train` uses: the shipped kind
 
     export_onnx(model, input_size, out / "model.onnx")
+    export_program(model, input_size, out / "model.pt2",
+                   source_onnx_sha256=hashlib.sha256((out / "model.onnx").read_bytes()).hexdigest())
     (out / "split_manifest.json").write_text(json.dumps(
         {"root": str(data_root), "seed": 0, "classes": classes, "train": train, "val": val, "test": []}) + "\n")
     card.save(out)

@@ -25,6 +25,8 @@ from batchcls.errors import OutputError
 from batchcls.output import RowWriter, columns_for, read_rows
 from batchcls.pipeline import RunOptions
 from batchcls.watch import WatchConfig, Watcher, is_temporary, move_into
+from batchcls.watch.arrivals import Arrivals, Scope
+from batchcls.watch.events import Event, Kind
 
 COLOURS = {"red": (230, 10, 10), "green": (10, 220, 10), "blue": (10, 10, 240)}
 DEADLINE = 30.0
@@ -83,6 +85,114 @@ def daemon(tmp_path, colour_bundle):
         with w:
             yield w
     return start
+
+
+# --- arrival rules, with a fake clock (no observer, no threads) -----------------------------------
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def arrivals(*, close_events: bool, done=(), batch_size: int = 3):
+    clock = FakeClock()
+    return Arrivals(done=set(done), close_events=close_events, stable_s=2.0, close_grace_s=30.0, max_wait_s=0.25,
+                    batch_size=batch_size, clock=clock), clock
+
+
+def names(files) -> list[str]:
+    return [f.rel for f in files]
+
+
+def test_a_close_or_a_move_is_ready_at_once_and_batches_after_max_wait(tmp_path):
+    a, clock = arrivals(close_events=True)
+    for n in ("a.jpg", "b.jpg"):
+        (tmp_path / n).write_bytes(b"x" * 10)
+    a.on_event(Event(Kind.CLOSED, str(tmp_path / "a.jpg")), "a.jpg")
+    a.on_event(Event(Kind.MOVED, str(tmp_path / "b.jpg")), "b.jpg")
+    assert a.take(block=False) == []  # a partial batch waits max_wait_s for more arrivals
+    clock.t += 0.3
+    assert names(a.take(block=False)) == ["a.jpg", "b.jpg"]
+    assert a.waiting() == {"a.jpg", "b.jpg"}  # in flight until their rows are written
+    a.finished(["a.jpg", "b.jpg"])
+    assert a.waiting() == set()
+
+
+def test_a_full_batch_is_due_without_waiting(tmp_path):
+    a, _ = arrivals(close_events=True, batch_size=2)
+    for n in ("a.jpg", "b.jpg", "c.jpg"):
+        (tmp_path / n).write_bytes(b"x")
+        a.on_event(Event(Kind.MOVED, str(tmp_path / n)), n)
+    assert names(a.take(block=False)) == ["a.jpg", "b.jpg"]
+    assert a.take(block=False) == []  # c waits for company or for max_wait_s
+
+
+def test_without_close_events_a_file_is_ready_once_stable(tmp_path):
+    a, clock = arrivals(close_events=False)
+    f = tmp_path / "slow.jpg"
+    f.write_bytes(b"x" * 10)
+    a.on_event(Event(Kind.CREATED, str(f)), "slow.jpg")
+    a.check()  # first look: size and mtime noted
+    clock.t += 1.9
+    a.check()
+    assert a.waiting() == {"slow.jpg"} and a.take(block=False) == []
+    with open(f, "ab") as fh:  # still being written: the wait starts again
+        fh.write(b"more")
+    a.check()
+    clock.t += 1.9
+    a.check()
+    clock.t += 0.3
+    assert a.take(block=False) == []
+    clock.t += 0.1  # 2.0 s unchanged since the write was seen
+    a.check()
+    clock.t += 0.3
+    assert names(a.take(block=False)) == ["slow.jpg"]
+
+
+def test_with_close_events_a_created_file_waits_for_its_close_or_the_grace(tmp_path):
+    a, clock = arrivals(close_events=True)
+    f, empty = tmp_path / "a.jpg", tmp_path / "empty.jpg"
+    f.write_bytes(b"x")
+    empty.write_bytes(b"")
+    a.on_event(Event(Kind.CREATED, str(f)), "a.jpg")
+    a.on_event(Event(Kind.CLOSED, str(empty)), "empty.jpg")  # a 0-byte close: often create-then-write
+    a.check()
+    clock.t += 29.0
+    a.check()
+    clock.t += 0.3
+    assert a.take(block=False) == []  # stable_s (2 s) is not enough: a close was expected
+    clock.t += 1.0
+    a.check()
+    clock.t += 0.3
+    assert sorted(names(a.take(block=False))) == ["a.jpg", "empty.jpg"]
+
+
+def test_labelled_or_deleted_files_are_never_ready(tmp_path):
+    a, clock = arrivals(close_events=True, done={"old.jpg"})
+    for n in ("old.jpg", "gone.jpg", "sub/x.jpg"):
+        (tmp_path / n).parent.mkdir(exist_ok=True)
+        (tmp_path / n).write_bytes(b"x")
+    assert a.watch("old.jpg", str(tmp_path / "old.jpg"), 2.0) is False
+    a.on_event(Event(Kind.MOVED, str(tmp_path / "old.jpg")), "old.jpg")  # already in the ledger
+    a.on_event(Event(Kind.CREATED, str(tmp_path / "gone.jpg")), "gone.jpg")
+    a.on_event(Event(Kind.MOVED, str(tmp_path / "sub/x.jpg")), "sub/x.jpg")
+    a.forget("gone.jpg")
+    a.forget("sub")  # a folder moved away takes its files with it
+    clock.t += 60
+    a.check()
+    assert a.take(block=False) == [] and a.waiting() == set()
+
+
+def test_scope_decides_what_is_an_input(tmp_path):
+    root = str(tmp_path)
+    scope = Scope(root, recursive=True, excluded_files={f"{root}/labels.csv"}, excluded_dirs=[f"{root}/sorted"])
+    assert scope.rel(f"{root}/a.jpg") == "a.jpg" and scope.rel(f"{root}/sub/b.jpg") == "sub/b.jpg"
+    for path in ("labels.csv", "sorted/red/a.jpg", "x.jpg.part", ".hidden/a.jpg", "a.tmp", "../outside.jpg"):
+        assert scope.rel(f"{root}/{path}") is None, path
+    assert Scope(root, recursive=False).rel(f"{root}/sub/b.jpg") is None
 
 
 def test_catch_up_then_live_arrivals_once_each_across_restarts(inbox, tmp_path, daemon):
@@ -240,7 +350,7 @@ def _grandchildren() -> list[int]:
 def test_a_killed_decode_worker_costs_no_file(inbox, tmp_path, daemon, monkeypatch):
     # A SIGKILL can also leave a future pending instead of breaking the pool: the decode timeout
     # catches that case, shortened here so the test waits seconds, not a minute.
-    monkeypatch.setattr("batchcls.watch.DECODE_TIMEOUT_S", 15.0)  # a busy CI box restarts a pool in seconds
+    monkeypatch.setattr("batchcls.decode_stage.DECODE_TIMEOUT_S", 15.0)  # a busy CI box restarts a pool in seconds
     out = tmp_path / "labels.csv"
     tiny = jpeg("green", size=(8, 8))
     with daemon(inbox, options=RunOptions(workers=1, batch_size=8)) as w:
@@ -261,14 +371,14 @@ def test_a_killed_decode_worker_costs_no_file(inbox, tmp_path, daemon, monkeypat
 def test_a_stuck_decode_pool_is_replaced_not_waited_on(inbox, tmp_path, daemon, monkeypatch):
     # A worker SIGKILLed halfway through sending its result leaves the pool waiting forever (seen in CI):
     # the health check must give up after the decode timeout and start a fresh pool.
-    monkeypatch.setattr("batchcls.watch.DECODE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr("batchcls.decode_stage.DECODE_TIMEOUT_S", 1.0)
     with daemon(inbox, options=RunOptions(workers=1, batch_size=8)) as w:
-        stuck = w._pool
+        stuck = w.stage.pool
         stuck.submit(time.sleep, 600)  # its only worker never answers again
         start = time.monotonic()
-        w._restart_pool()
-        assert time.monotonic() - start < 10 and w._pool is not stuck
-        assert w._pool.submit(os.getpid).result(timeout=30) > 0
+        w.stage.restart()
+        assert time.monotonic() - start < 10 and w.stage.pool is not stuck
+        assert w.stage.pool.submit(os.getpid).result(timeout=30) > 0
         (inbox / "a.jpg").write_bytes(jpeg("green", size=(8, 8)))
         wait_for(has_rows(tmp_path / "labels.csv", "a.jpg"), "a row from the fresh pool")
 

@@ -24,8 +24,9 @@ from batchcls.card import load_card
 from batchcls.decode import decode_image
 from batchcls.errors import BatchclsError
 from batchcls.fsutil import atomic_open
-from batchcls.evaluate import f1_table
-from batchcls.pipeline import Classifier, RunOptions, classify
+from batchcls.infer import Classifier
+from batchcls.metrics import f1_table
+from batchcls.pipeline import RunOptions, classify
 from batchcls.scan import InputFile
 from train import data as D
 

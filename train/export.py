@@ -1,15 +1,26 @@
-"""Export a trained checkpoint as the bundle the runtime reads: model.onnx + card.json (+ results/).
+"""Export a trained checkpoint as the bundle the runtime reads: model.onnx + model.pt2 + card.json (+ results/).
 
-``model.pt`` (the plain state_dict) rides along for ``--backend torch``/``cuda`` and the PyTorch baseline
-of ``make bench``; the CPU runtime never reads it.
+- ``model.onnx`` (TorchScript exporter, dynamic batch) is what ONNX Runtime, TensorRT and the CPU engine
+  builds read. Its ``metadata_props`` carry the class names, preprocessing and temperature, so the file
+  alone is usable by other runtimes (``batchcls info`` shows them).
+- ``model.pt2`` is the same network as a ``torch.export`` program with a dynamic batch: the runtime's one
+  torch backend (``--backend cuda``/``torch``) loads it without timm or train/. It records the sha256 of
+  the ONNX it was exported beside, so a retrained ONNX never runs through a stale program.
+- ``model.pt`` (the plain state_dict) rides along for training tools (``--pretrained`` from the shipped
+  model, the benchmark's timm baseline); the runtime never reads it.
 
-The ONNX graph outputs RAW logits; the runtime applies softmax(logits / card.temperature).
-ONNX Runtime must match PyTorch probabilities on >= 64 real images (max abs diff < 1e-4) or export fails.
+Both graphs output RAW logits; the runtime applies softmax(logits / card.temperature). ONNX Runtime must
+match PyTorch, and the exported program ONNX Runtime, on >= 64 real images (max abs prob diff < 1e-4), or
+export fails.
+
+    python -m train.export BUNDLE   # add model.pt2 + ONNX metadata to a bundle that has model.pt
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -17,11 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from batchcls.fsutil import atomic_path
+from batchcls.card import ModelCard, load_card
 from train.evaluate import load_trained
 from train.presets import EvalTransform
 
 PARITY_TOL = 1e-4
+MAX_BATCH = 4096  # the program's batch dimension runs 1..MAX_BATCH
 
 
 class ParityError(RuntimeError):
@@ -29,17 +41,64 @@ class ParityError(RuntimeError):
 
 
 def export_onnx(model: torch.nn.Module, input_size: int, path: Path) -> None:
+    tmp = path.with_suffix(".onnx.tmp")
     x = torch.zeros(1, 3, input_size, input_size)
-    with atomic_path(path) as tmp:
-        torch.onnx.export(model.eval(), (x,), str(tmp), input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
-                          dynamo=False)  # the TorchScript exporter handles timm's "same" padding at a fixed size
+    torch.onnx.export(model.eval(), (x,), str(tmp), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
+                      dynamo=False)  # the TorchScript exporter handles timm's "same" padding at a fixed size
+    os.replace(tmp, path)
+
+
+def onnx_metadata(card: ModelCard) -> dict[str, str]:
+    """What another runtime needs to use model.onnx alone (values are strings; lists and dicts as JSON)."""
+    return {
+        "name": card.name,
+        "architecture": card.architecture,
+        "classes": json.dumps(card.classes),
+        "preprocessing": json.dumps({
+            "input": "float32 NCHW, RGB", "input_size": card.input_size, "resize_mode": card.resize_mode,
+            "crop_pct": card.crop_pct, "interpolation": card.interpolation, "mean": card.mean, "std": card.std,
+            "normalize": "(pixel / 255 - mean) / std"}),
+        "temperature": repr(float(card.temperature)),
+        "output": "raw logits; probabilities = softmax(logits / temperature)",
+    }
+
+
+def write_onnx_metadata(path: Path, card: ModelCard) -> str:
+    """Set ``metadata_props`` (replacing ours, keeping others'); returns the file's new sha256."""
+    import onnx
+
+    model = onnx.load(str(path))
+    ours = onnx_metadata(card)
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key not in ours]
+    del model.metadata_props[:]
+    for key, value in kept + list(ours.items()):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    tmp = path.with_suffix(".onnx.tmp")
+    onnx.save(model, str(tmp))
+    os.replace(tmp, path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def export_program(model: torch.nn.Module, input_size: int, path: Path, *, source_onnx_sha256: str) -> None:
+    """``torch.export`` with a dynamic batch (1..MAX_BATCH), saved with what it was exported beside."""
+    from batchcls.backends.pytorch import PROGRAM_META
+
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    x = torch.zeros(2, 3, input_size, input_size)  # 2, not 1: export specialises a size-1 dimension
+    program = torch.export.export(model.eval(), (x,), dynamic_shapes=({0: batch},))
+    tmp = path.with_name(path.stem + ".tmp.pt2")  # torch.export.save wants the .pt2 suffix
+    torch.export.save(program, str(tmp), extra_files={PROGRAM_META: json.dumps(
+        {"source_onnx_sha256": source_onnx_sha256, "max_batch": MAX_BATCH})})
+    os.replace(tmp, path)
 
 
 def parity(model: torch.nn.Module, onnx_path: Path, card, images: list[Path], *, tol: float = PARITY_TOL) -> float:
     """Max |p_torch - p_ort| over images, p = softmax(logits / T); raises ParityError above tol."""
     import onnxruntime as ort
-    from batchcls.pipeline import softmax
+
+    from batchcls.infer import softmax
     tf = EvalTransform(card)
     x = np.stack([tf(p) for p in images]).astype(np.float32)
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -54,6 +113,18 @@ def parity(model: torch.nn.Module, onnx_path: Path, card, images: list[Path], *,
     return worst
 
 
+def _program_and_parity(model: torch.nn.Module, card: ModelCard, bundle: Path, parity_images: list[Path], log) -> None:
+    """model.pt2 beside the card's (final) ONNX, then both parities against ONNX Runtime."""
+    from batchcls.backends.pytorch import load_program, program_path
+
+    card = dataclasses.replace(card, bundle_dir=bundle)
+    export_program(model, card.input_size, program_path(card), source_onnx_sha256=card.onnx_sha256)
+    worst = parity(model, card.onnx_path, card, parity_images)
+    log(f"export: ONNX Runtime vs PyTorch max |dprob| {worst:.2e} on {len(parity_images)} images (limit {PARITY_TOL:.0e})")
+    worst = parity(load_program(card), card.onnx_path, card, parity_images)
+    log(f"export: model.pt2 vs ONNX Runtime max |dprob| {worst:.2e} (limit {PARITY_TOL:.0e})")
+
+
 def export(ckpt_path: str | os.PathLike, bundle_dir: str | os.PathLike, *, temperature: float, metrics: dict,
            training: dict, parity_images: list[Path], results: dict[str, Path] | None = None, log=print) -> Path:
     bundle = Path(bundle_dir)
@@ -61,16 +132,43 @@ def export(ckpt_path: str | os.PathLike, bundle_dir: str | os.PathLike, *, tempe
     model, ckpt, card = load_trained(ckpt_path)
     onnx_path = bundle / card.onnx
     export_onnx(model, card.input_size, onnx_path)
-    card = dataclasses.replace(card, temperature=float(temperature), metrics=metrics, training=training,
-                               onnx_sha256=hashlib.sha256(onnx_path.read_bytes()).hexdigest())
-    with atomic_path(bundle / "model.pt") as tmp:
-        torch.save(model.state_dict(), tmp)
-    worst = parity(model, onnx_path, card, parity_images)
-    log(f"export: ONNX Runtime vs PyTorch max |dprob| {worst:.2e} on {len(parity_images)} images (limit {PARITY_TOL:.0e})")
-    card.save(bundle)  # written last: a bundle with a card always has a verified model next to it
+    card = dataclasses.replace(card, temperature=float(temperature), metrics=metrics, training=training)
+    card = dataclasses.replace(card, onnx_sha256=write_onnx_metadata(onnx_path, card))
+    tmp = bundle / "model.pt.tmp"
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, bundle / "model.pt")
+    _program_and_parity(model, card, bundle, parity_images, log)
+    card.save(bundle)  # written last: a bundle with a card always has verified models next to it
     if results:
         (bundle / "results").mkdir(exist_ok=True)
         for name, f in results.items():
             shutil.copyfile(f, bundle / "results" / name)
-    log(f"export: {card.architecture} -> {bundle} (card.json, {card.onnx}, T={card.temperature:.3f})")
+    log(f"export: {card.architecture} -> {bundle} (card.json, {card.onnx}, model.pt2, T={card.temperature:.3f})")
     return bundle
+
+
+def add_program(bundle_dir: str | os.PathLike, parity_images: list[Path], log=print) -> Path:
+    """Bring an existing bundle (card + ONNX + model.pt) up to date: ONNX metadata and model.pt2.
+
+    The ONNX graph is untouched; only its metadata changes, so the card's onnx_sha256 is updated with it.
+    """
+    from train.models import create_model
+
+    card = load_card(bundle_dir)
+    bundle = Path(card.bundle_dir)
+    model = create_model(card.architecture, card.num_classes, pretrained="none")
+    model.load_state_dict(torch.load(bundle / "model.pt", map_location="cpu", weights_only=True))
+    card = dataclasses.replace(card, onnx_sha256=write_onnx_metadata(card.onnx_path, card))
+    _program_and_parity(model.eval(), card, bundle, parity_images, log)
+    card.save(bundle)
+    return bundle
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Add model.pt2 and ONNX metadata to a bundle that has model.pt.")
+    ap.add_argument("bundle", type=Path)
+    ap.add_argument("--images", type=Path, default=Path(__file__).resolve().parents[1] / "samples" / "simpsons",
+                    help="folder of real images for the parity checks (default: samples/simpsons)")
+    a = ap.parse_args()
+    images = sorted(p for p in a.images.rglob("*.jpg"))[:64]
+    add_program(a.bundle, images)

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from batchcls.evaluate import f1_table
+from batchcls.metrics import f1_table
 
 MIN_AGREEMENT = 0.995  # identical top-1 on at least this share of images
 MAX_CONF_DIFF = 0.02  # and top-1 confidence within this much on every image

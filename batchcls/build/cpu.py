@@ -19,38 +19,24 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+from batchcls.backends.onnxruntime import OnnxRuntimeBackend
+from batchcls.backends.record import int8_path, onnx_sha256, opt_path
+from batchcls.build.parity import compare_rows
+from batchcls.build.record import update_record
 from batchcls.card import ModelCard
-from batchcls.engines import onnx_sha256, read_record, update_record
+from batchcls.decode_stage import load_images
 from batchcls.errors import InputError
-from batchcls.pipeline import load_images
+from batchcls.infer import Classifier
+from batchcls.machine import cpu_has_vnni
+from batchcls.pipeline import RunOptions, classify
 from batchcls.presets import EvalPreset, normalize
-from batchcls.scan import InputFile, scan_dir
+from batchcls.scan import InputFile, labelled_files, scan_dir
 
 F1_TOLERANCE_POINTS = 0.5  # INT8 may lose at most this many macro-F1 points against FP32
 CALIB_IMAGES = 300
 CALIB_BATCH = 16
 MANIFEST_KEYS = ("split_manifest", "manifest", "split")  # where train/ may record the split file
-REPO = Path(__file__).resolve().parents[2]
-
-
-def opt_path(card: ModelCard) -> Path:
-    return card.onnx_path.with_name(card.onnx_path.stem + ".opt.onnx")
-
-
-def int8_path(card: ModelCard) -> Path:
-    return card.onnx_path.with_name(card.onnx_path.stem + ".int8.onnx")
-
-
-def cpu_engine_path(card: ModelCard) -> Path:
-    """The fastest CPU model a build has vouched for: INT8 if kept, else optimized, else the ONNX."""
-    entry = read_record(card).get("cpu", {})
-    if not entry or entry.get("source_sha256") != onnx_sha256(card):
-        return card.onnx_path  # never built, or built from an older model: the FP32 ONNX is the truth
-    int8, opt = int8_path(card), opt_path(card)
-    needs_vnni = not entry.get("int8_settings", {}).get("reduce_range", True)
-    if entry.get("int8_kept") and int8.is_file() and (cpu_has_vnni() or not needs_vnni):
-        return int8
-    return opt if opt.is_file() else card.onnx_path
+REPO = Path(__file__).resolve().parents[2]  # a checkout: runs/train/split.json is where `make train` writes
 
 
 def optimize(card: ModelCard) -> Path:
@@ -72,15 +58,6 @@ def optimize(card: ModelCard) -> Path:
     onnx.save(onnx.load(str(tmp)), str(tmp))
     os.replace(tmp, out)
     return out
-
-
-def cpu_has_vnni() -> bool:
-    """AVX-512 VNNI / AVX-VNNI multiply u8 x s8 without the 16-bit saturation of plain AVX2."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return " avx512_vnni" in flags or " avx_vnni" in flags or " amx_int8" in flags
 
 
 def int8_settings(vnni: bool) -> dict:
@@ -212,12 +189,6 @@ def load_split(card: ModelCard, split: str) -> list[tuple[InputFile, str]] | Non
     return pairs
 
 
-def labelled_folder(root: str | os.PathLike) -> list[tuple[InputFile, str]]:
-    from batchcls.evaluate import labelled_files
-
-    return labelled_files(root)
-
-
 def seeded_sample(items: list, n: int, seed: int = 0) -> list:
     if len(items) <= n:
         return list(items)
@@ -237,9 +208,6 @@ def calibration_files(card: ModelCard, calib_dir: str | None, n: int) -> tuple[l
 # --- the build ---------------------------------------------------------------------------------
 
 def _rows(card: ModelCard, model: Path, files: list[InputFile]) -> Iterator[dict]:
-    from batchcls.backends import OnnxRuntimeBackend
-    from batchcls.pipeline import Classifier, RunOptions, classify
-
     classifier = Classifier(card, OnnxRuntimeBackend(model))
     for rows in classify(files, classifier, RunOptions(batch_size=64)):
         yield from rows
@@ -248,8 +216,6 @@ def _rows(card: ModelCard, model: Path, files: list[InputFile]) -> Iterator[dict
 def judge_int8(card: ModelCard, int8: Path, val: list[tuple[InputFile, str]],
                tolerance_points: float = F1_TOLERANCE_POINTS) -> tuple[bool, dict]:
     """Keep INT8 only if its macro-F1 on ``val`` is within ``tolerance_points`` of FP32's."""
-    from batchcls.engines.parity import compare_rows
-
     files = [f for f, _ in val]
     truth = {f.rel: label for f, label in val}
     cmp = compare_rows(list(_rows(card, card.onnx_path, files)), list(_rows(card, int8, files)), truth)
@@ -279,7 +245,7 @@ def build_cpu_engines(card: ModelCard, *, val_dir: str | None = None, calib_dir:
         entry.update(int8=int8.name, int8_settings=settings,
                      calibration={"images": used, "source": calib_source, "format": "QDQ"})
         log(f"wrote {int8} (calibrated on {used} images from {calib_source})")
-        val = labelled_folder(val_dir) if val_dir else load_split(card, "val")
+        val = labelled_files(val_dir) if val_dir else load_split(card, "val")
         if not val:
             entry["int8_reason"] = "no labelled validation images to prove accuracy: pass --val-dir DIR/<class>/*"
         else:

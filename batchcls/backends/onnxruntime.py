@@ -1,0 +1,55 @@
+"""ONNX Runtime: the CPU backend every install has (and CUDA where onnxruntime-gpu is installed)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from batchcls.backends.record import cpu_engine_path
+from batchcls.card import ModelCard
+from batchcls.errors import ModelError
+from batchcls.machine import default_threads
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, model_path: Path, *, device: str = "cpu", threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads or default_threads()
+        opts.inter_op_num_threads = 1
+        providers = ["CPUExecutionProvider"]
+        if device.startswith("cuda"):
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise ModelError("onnxruntime has no CUDA provider here: use --device cpu or install onnxruntime-gpu")
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            self.session = ort.InferenceSession(str(model_path), opts, providers=providers)
+        except Exception as e:  # ORT raises its own untyped errors for corrupt files
+            raise ModelError(f"cannot load ONNX model {model_path}: {str(e).splitlines()[0]}") from e
+        self.input_name = self.session.get_inputs()[0].name
+        self.model_path = model_path
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: batch})[0]
+
+
+def cpu_model_path(card: ModelCard) -> Path:
+    """The fastest ONNX file the bundle holds for CPU: ``make engine`` may add optimized variants."""
+    return cpu_engine_path(card)
+
+
+def onnx_metadata(path: Path) -> dict[str, str]:
+    """The ONNX file's own ``metadata_props`` (class names, preprocessing, temperature when train/ wrote it)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # only reading, not running
+    try:
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - ORT's untyped errors for corrupt files
+        raise ModelError(f"cannot load ONNX model {path}: {str(e).splitlines()[0]}") from e
+    return dict(session.get_modelmeta().custom_metadata_map)

@@ -1,0 +1,98 @@
+"""Filing labelled files away: atomic renames into MOVE_TO/<label>/ (or ERRORS_TO/), never overwriting.
+
+A move happens only after the file's row is on disk, so after a kill -9 a file is either not in the
+ledger (labelled again on restart) or in it (and moved on restart if it wasn't yet).
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import sys
+from pathlib import Path
+
+from batchcls.scan import InputFile
+from batchcls.watch.config import WatchError
+
+log = logging.getLogger("batchcls.watch")
+
+_AT_FDCWD, _RENAME_NOREPLACE = -100, 1
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform.startswith("linux") else None
+_renameat2 = getattr(_libc, "renameat2", None)
+
+
+def rename_noreplace(src: str, dst: str) -> None:
+    """Atomically rename src to dst; FileExistsError if dst exists (os.rename would overwrite it)."""
+    if _renameat2 is not None:
+        if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # those mean: this filesystem can't
+            raise OSError(err, os.strerror(err), dst)  # EEXIST becomes FileExistsError
+    # link() refuses to overwrite; a crash between the two calls leaves two names for one inode,
+    # which move_into() recognises and finishes.
+    os.link(src, dst)
+    os.unlink(src)
+
+
+def safe_dir_name(label: str) -> str:
+    name = label.replace("/", "_").replace("\\", "_").strip()
+    return "_" if name in ("", ".", "..") else name
+
+
+def move_into(src: str, folder: Path) -> Path:
+    """Move src into folder under its own name, or name-1, name-2... on a clash; returns where it went."""
+    folder.mkdir(parents=True, exist_ok=True)
+    base = os.path.basename(src)
+    stem, ext = os.path.splitext(base)
+    for i in range(10_000):
+        dst = folder / (base if i == 0 else f"{stem}-{i}{ext}")
+        try:
+            rename_noreplace(src, str(dst))
+            return dst
+        except FileExistsError:
+            if os.path.samefile(src, dst):  # an interrupted link+unlink move: finish it
+                os.unlink(src)
+                return dst
+    raise OSError(errno.EEXIST, f"no free name for {base} in {folder}")
+
+
+class Mover:
+    """Where ok rows' files (``--move-to``) and error rows' files (``--errors-to``) go."""
+
+    def __init__(self, root: str, move_to: str | None, errors_to: str | None) -> None:
+        self.root = root
+        self.targets = {k: self._prepare(v, flag) for k, flag, v in
+                        (("ok", "--move-to", move_to), ("error", "--errors-to", errors_to)) if v}
+
+    def _prepare(self, folder: str, flag: str) -> Path:
+        path = Path(folder).resolve()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise WatchError(f"cannot create {flag} folder {folder}: {e.strerror}") from None
+        if path.stat().st_dev != os.stat(self.root).st_dev:
+            raise WatchError(f"{flag} {folder} is on another filesystem than the watched folder: "
+                             "moves must be atomic renames, so choose a folder on the same one")
+        return path
+
+    @property
+    def folders(self) -> list[Path]:
+        return list(self.targets.values())
+
+    def file_away(self, f: InputFile, row: dict) -> bool:
+        """Move ``f`` where its row says; False when there is no target or it could not move (retried on restart)."""
+        target = self.targets.get("ok" if row["status"] == "ok" else "error")
+        if target is None:
+            return False
+        folder = target / safe_dir_name(row["label"]) if row["status"] == "ok" else target
+        try:
+            move_into(f.path, folder)
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError as e:  # the row is written; the move is retried on the next start
+            log.warning("could not move %s into %s: %s", f.rel, folder, e.strerror or e)
+            return False
