@@ -26,6 +26,7 @@ from batchcls.build.record import update_record
 from batchcls.card import ModelCard
 from batchcls.decode_stage import load_images
 from batchcls.errors import InputError
+from batchcls.fsutil import atomic_path
 from batchcls.infer import Classifier
 from batchcls.machine import cpu_has_vnni
 from batchcls.pipeline import RunOptions, classify
@@ -49,14 +50,13 @@ def optimize(card: ModelCard) -> Path:
     import onnxruntime as ort
 
     out = opt_path(card)
-    tmp = out.with_name(out.name + ".tmp")
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    opts.optimized_model_filepath = str(tmp)
-    ort.InferenceSession(str(card.onnx_path), opts, providers=["CPUExecutionProvider"])
-    # ORT's file may point at the source's external weights file: inline them so it stands alone.
-    onnx.save(onnx.load(str(tmp)), str(tmp))
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        opts.optimized_model_filepath = str(tmp)
+        ort.InferenceSession(str(card.onnx_path), opts, providers=["CPUExecutionProvider"])
+        # ORT's file may point at the source's external weights file: inline them so it stands alone.
+        onnx.save(onnx.load(str(tmp)), str(tmp))
     return out
 
 
@@ -139,7 +139,8 @@ def quantize_int8(card: ModelCard, calib_files: list[InputFile], settings: dict)
                             extra_options={"CalibStridedMinMax": 1, "CalibPercentile": settings["percentile"]})
         if reader.images == 0:
             raise InputError("none of the calibration images could be decoded")
-        os.replace(Path(tmp) / "int8.onnx", out)
+        with atomic_path(out) as dst:
+            os.replace(Path(tmp) / "int8.onnx", dst)
     return out, reader.images
 
 

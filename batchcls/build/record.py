@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from batchcls.backends.record import read_record, record_path
 from batchcls.card import ModelCard
+from batchcls.fsutil import atomic_write
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(path, data)
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
