@@ -32,6 +32,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from batchcls.fsutil import atomic_open, atomic_write
 from train import data as D
 from train import models
 from train.evaluate import evaluate
@@ -270,19 +271,15 @@ def write_table(results: list[dict], out: Path) -> None:
              f"{r['test']['ece']:.4f}", f"{r['test']['ece_calibrated']:.4f}",
              f"{r['test_downscaled']['ece']:.4f}", f"{r['test_downscaled']['ece_calibrated']:.4f}",
              f"{r['temperature']:.3f}", f"{r['images_per_s']:.0f}"] for r in results]
-    tmp = out / "results.csv.tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_open(out / "results.csv", "w", newline="") as f:
         csv.writer(f).writerows([COLUMNS, *rows])
-    os.replace(tmp, out / "results.csv")
     md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     md += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
     md += ["", "weights: raw, or their EMA; epochs: the epoch each was selected at (lowest val NLL at the temperature "
            "fitted on val). ECE: 15 equal-width bins, before / after temperature scaling (T fitted on validation NLL). "
            "test_2x_down: each decoded test image shrunk by 0.5 (LANCZOS) before the eval preset. "
            "images_per_s: decode + preprocess + forward, batch 128, on this machine's CPU."]
-    tmp = out / "results.md.tmp"
-    tmp.write_text("\n".join(md) + "\n")
-    os.replace(tmp, out / "results.md")
+    atomic_write(out / "results.md", "\n".join(md) + "\n")
 
 
 def _git_commit() -> str:
