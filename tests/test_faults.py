@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from batchcls.errors import OutputError
 from faults import (HOSTILE, REPO, check_output, grow, kill_rounds, make_tree, run_cli, start_cli, tear_last_rows,
                     tmpfs, tiny_jpeg, wait_for_lock)
 
@@ -119,9 +120,8 @@ def test_a_second_writer_is_refused_while_the_first_finishes(tmp_path):
                 r = run_cli("run", root, "--out", out, "-q", *extra)
                 line = _one_line(r.stderr)
                 assert r.returncode == 1 and f"another batchcls process (PID {first.pid})" in line, line
-            inbox = tmp_path / "inbox"
-            inbox.mkdir()
-            r = run_cli("watch", inbox, "--out", out, timeout=120)  # a daemon on the same ledger
+            (tmp_path / "inbox").mkdir()
+            r = run_cli("watch", tmp_path / "inbox", "--out", out, timeout=120)  # a daemon on the same ledger
             assert r.returncode == 1 and f"PID {first.pid}" in r.stderr.decode(errors="replace"), r.stderr
             feed.write(f"{root / 'b.jpg'}\n{root / 'c.jpg'}\n")
     finally:
@@ -275,3 +275,63 @@ def test_review_never_writes_through_a_link_out_of_its_folder(tmp_path):
     r = run_cli("review", labels, "--images", images, "--below", "0.5", "--to", to)
     assert r.returncode == 1 and "leads outside" in _one_line(r.stderr)
     assert list(elsewhere.iterdir()) == []
+
+
+# --- the watch daemon: its ledger, its moves, names used twice -------------------------------------
+
+from test_watch import daemon, has_rows, inbox, jpeg, rows, wait_for  # noqa: E402,F401 - fixtures too
+
+
+def test_a_name_used_again_is_labelled_not_filed_under_the_old_row(inbox, tmp_path, daemon):
+    out, sorted_ = tmp_path / "labels.csv", tmp_path / "sorted"
+    (inbox / "a.jpg").write_bytes(jpeg("red"))
+    with daemon(inbox, move_to=str(sorted_)) as w:
+        wait_for(lambda: (sorted_ / "red" / "a.jpg").is_file(), "the first a.jpg filed")
+        (inbox / "a.jpg").write_bytes(jpeg("green"))  # while the daemon runs
+        wait_for(lambda: (sorted_ / "green" / "a.jpg").is_file(), "the second a.jpg labelled and filed")
+        wait_for(lambda: not w.waiting(), "nothing left waiting")
+    (inbox / "a.jpg").write_bytes(jpeg("blue"))  # while it is down: found by the catch-up on restart
+    with daemon(inbox, move_to=str(sorted_)) as w:
+        wait_for(lambda: (sorted_ / "blue" / "a.jpg").is_file(), "the third a.jpg labelled on restart")
+        wait_for(lambda: not w.waiting(), "nothing left waiting")
+    assert [(r["path"], r["label"]) for r in rows(out)] == [("a.jpg", "red"), ("a.jpg", "green"), ("a.jpg", "blue")]
+    assert sorted(p.name for p in sorted_.rglob("*.jpg")) == ["a.jpg"] * 3 and list(inbox.iterdir()) == []
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_ledger_deleted_or_replaced_under_the_daemon_stops_it_loudly(inbox, tmp_path, daemon, how):
+    out = tmp_path / "labels.csv"
+    (inbox / "a.jpg").write_bytes(jpeg("red"))
+    with pytest.raises(OutputError, match="deleted or replaced"):
+        with daemon(inbox) as w:
+            wait_for(has_rows(out, "a.jpg"), "the first row")
+            if how == "deleted":
+                out.unlink()
+            else:
+                (tmp_path / "new.csv").write_text("path,label,confidence,status,error\r\n")
+                os.replace(tmp_path / "new.csv", out)
+            (inbox / "b.jpg").write_bytes(jpeg("green"))
+            wait_for(lambda: w.failed, "the daemon to stop")
+    assert (inbox / "b.jpg").exists()  # not labelled into a lost file: still here for the next start
+
+
+def test_two_daemons_on_one_ledger_the_second_is_refused(inbox, tmp_path, daemon):
+    with daemon(inbox):
+        r = run_cli("watch", inbox, "--out", tmp_path / "labels.csv", timeout=120)
+        assert r.returncode == 1 and f"another batchcls process (PID {os.getpid()})" in _one_line(r.stderr)
+
+
+def test_moves_stay_inside_move_to_and_folders_never_move(inbox, tmp_path, daemon):
+    sorted_, failed, elsewhere = tmp_path / "sorted", tmp_path / "failed", tmp_path / "elsewhere"
+    for d in (sorted_, elsewhere):
+        d.mkdir()
+    (sorted_ / "red").symlink_to(elsewhere, target_is_directory=True)  # planted: would lead out of MOVE_TO
+    (inbox / "a.jpg").write_bytes(jpeg("red"))
+    (inbox / "b.jpg").write_bytes(jpeg("green"))
+    (inbox / "proc").symlink_to("/proc/self", target_is_directory=True)
+    with daemon(inbox, move_to=str(sorted_), errors_to=str(failed)) as w:
+        wait_for(has_rows(tmp_path / "labels.csv", "a.jpg", "b.jpg", "proc"), "the rows")
+        wait_for(lambda: not w.waiting(), "nothing left waiting")
+    assert list(elsewhere.iterdir()) == [] and (inbox / "a.jpg").is_file()  # refused, logged, kept
+    assert (sorted_ / "green" / "b.jpg").is_file()
+    assert (inbox / "proc").is_symlink() and list(failed.iterdir()) == []  # a link to a folder never moves

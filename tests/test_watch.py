@@ -24,7 +24,9 @@ from batchcls.cli import cli
 from batchcls.errors import OutputError
 from batchcls.output import RowWriter, columns_for, read_rows
 from batchcls.pipeline import RunOptions
+from batchcls.scan import InputFile
 from batchcls.watch import WatchConfig, Watcher, is_temporary, move_into
+from batchcls.watch.ledger import Ledger
 from batchcls.watch.arrivals import Arrivals, Scope
 from batchcls.watch.events import Event, Kind
 
@@ -324,9 +326,10 @@ def test_restart_finishes_cut_moves_and_relabels_a_cut_row(inbox, tmp_path, daem
     out, sorted_ = tmp_path / "labels.csv", tmp_path / "sorted"
     (inbox / "moved_not.jpg").write_bytes(jpeg("red"))
     (inbox / "cut_row.jpg").write_bytes(jpeg("green"))
-    w = RowWriter(str(out), columns=columns_for(1), in_place=True)
-    w.write([{"path": "moved_not.jpg", "label": "red", "confidence": 0.9, "status": "ok", "error": ""}])
-    w.close()
+    ledger = Ledger(str(out), fmt="csv", top_k=1)  # what the daemon does per batch, up to a kill -9:
+    ledger.intend([InputFile(str(inbox / "moved_not.jpg"), "moved_not.jpg")])  # which file is to move
+    ledger.write([{"path": "moved_not.jpg", "label": "red", "confidence": 0.9, "status": "ok", "error": ""}])
+    ledger.close()  # ...and killed before the move
     with open(out, "a") as fh:
         fh.write("cut_row.jpg,gre")  # no newline: the daemon died mid-row
     with daemon(inbox, move_to=str(sorted_)) as w:

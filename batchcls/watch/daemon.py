@@ -209,19 +209,28 @@ class Watcher:
         assert self.arrivals is not None and self.ledger is not None
         unmoved: list[InputFile] = []
         queued = 0
+        rows = self.ledger.rows() if startup and self.mover.targets and self.ledger.done else {}
+        here: set[str] = set()
         for f in scan_dir(self.root, recursive=self.config.recursive):
             path = os.path.abspath(f.path)
             rel = self.scope.rel(path)
             if rel is None:
                 continue
+            here.add(rel)
+            if rel in rows and self.mover.target_for(rows[rel]) is not None:  # labelled, and should have moved
+                if self.ledger.cut_short(rel, path):
+                    unmoved.append(InputFile(path, rel))
+                    continue
+                self.ledger.done.discard(rel)  # another file under a labelled name: it is labelled too
+                log.info("%s: a new file under a name labelled before: labelling it", rel)
             queued += self.arrivals.watch(rel, path, self.config.stable_s)
-            if startup and self.mover.targets and rel in self.ledger:
-                unmoved.append(InputFile(path, rel))
         if unmoved:
-            rows = self.ledger.rows()
             for f in unmoved:
-                if f.rel in rows and self.mover.file_away(f, rows[f.rel]):
+                if self.mover.file_away(f, rows[f.rel]):
                     log.info("finished moving %s (labelled before a restart)", f.rel)
+                    self.ledger.settle([f.rel])
+        if startup and self.ledger.moving:  # moved before the crash, or gone since: nothing left to finish
+            self.ledger.settle([], [rel for rel in self.ledger.moving if rel not in here])
         if startup or queued:
             log.info("%s: %d file(s) to label", "catch-up" if startup else "re-scan", queued)
 
@@ -258,10 +267,16 @@ class Watcher:
                 gone.append(f.rel)
             else:
                 kept.append((f, row))
+        to_move = [(f, row) for f, row in kept if self.mover.target_for(row) is not None]
+        if to_move:  # before the rows: a restart can tell a cut-short move from a new file under the name
+            self.ledger.intend([f for f, _ in to_move])
         self.ledger.write([row for _, row in kept])  # flushed + fsynced before any file moves
+        moved_rels = [f.rel for f, row in to_move if self.mover.file_away(f, row)]
+        if to_move:
+            self.ledger.settle(moved_rels)
         self.arrivals.finished(gone + [f.rel for f, _ in kept])
         errors = sum(row["status"] != "ok" for _, row in kept)
-        moved = sum(self.mover.file_away(f, row) for f, row in kept)
+        moved = len(moved_rels)
         self.stats.files += len(kept)
         self.stats.errors += errors
         self.stats.moved += moved

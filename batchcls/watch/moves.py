@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from batchcls.fsutil import inside, safe_name
 from batchcls.scan import InputFile
 from batchcls.watch.config import WatchError
 
@@ -35,11 +36,6 @@ def rename_noreplace(src: str, dst: str) -> None:
     # which move_into() recognises and finishes.
     os.link(src, dst)
     os.unlink(src)
-
-
-def safe_dir_name(label: str) -> str:
-    name = label.replace("/", "_").replace("\\", "_").strip()
-    return "_" if name in ("", ".", "..") else name
 
 
 def move_into(src: str, folder: Path) -> Path:
@@ -82,12 +78,19 @@ class Mover:
     def folders(self) -> list[Path]:
         return list(self.targets.values())
 
+    def target_for(self, row: dict) -> Path | None:
+        """Where a file with this row goes (None: it stays)."""
+        return self.targets.get("ok" if row["status"] == "ok" else "error")
+
     def file_away(self, f: InputFile, row: dict) -> bool:
         """Move ``f`` where its row says; False when there is no target or it could not move (retried on restart)."""
-        target = self.targets.get("ok" if row["status"] == "ok" else "error")
-        if target is None:
+        target = self.target_for(row)
+        if target is None or os.path.isdir(f.path):  # a folder the scan could not list is never moved
             return False
-        folder = target / safe_dir_name(row["label"]) if row["status"] == "ok" else target
+        folder = target / safe_name(row["label"]) if row["status"] == "ok" else target
+        if folder.exists() and not inside(target, folder):  # e.g. a symlink planted in MOVE_TO
+            log.warning("not moving %s: %s leads outside %s", f.rel, folder, target)
+            return False
         try:
             move_into(f.path, folder)
             return True
