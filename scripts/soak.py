@@ -1,6 +1,7 @@
 """`make soak`: inject faults into real `batchcls` runs and count how many were survived with nothing lost.
 
-Each fault is one of: kill -9 at a random moment (1-3 times in a row, then --resume), a torn last row
+Each fault is one of: kill -9 at a random moment (1-3 times in a row, then --resume; or of a watch
+daemon with --move-to while files arrive, then a restart), a torn last row
 (a finished output cut at a random byte, as a crash mid-write leaves it, then --resume), a full disk (a
 tiny tmpfs, then more room and --resume; skipped where mounting is not allowed), a second writer (run,
 --resume, --overwrite, a watch daemon) while a run holds the output, a hostile tree, a tampered bundle,
@@ -24,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from faults import (HOSTILE, REPO, check_output, grow, kill_rounds, make_tree, run_cli, start_cli,  # noqa: E402
-                    tear_last_rows, tiny_jpeg, tmpfs, wait_for_lock)
+                    tear_last_rows, tiny_jpeg, tmpfs, wait_for_lock, watch_kill_round)
 
 
 class Tally:
@@ -58,6 +59,12 @@ def kills(work: Path, tree: Path, expected: set[str], rounds: int, rng: random.R
         r = run_cli("run", *args, "--resume")
         problems = [] if r.returncode == 0 else [f"resume exit {r.returncode}: {r.stderr.decode()[-300:]}"]
         tally.record("kill -9 at a random moment", problems + check_output(out, expected, fmt), f"{fmt} {hits}")
+
+
+def watch_kills(work: Path, rounds: int, rng: random.Random, tally: Tally) -> None:
+    for i in range(rounds):
+        (work / f"watch{i}").mkdir()
+        tally.record("kill -9 of a watch daemon", watch_kill_round(work / f"watch{i}", rng), f"round {i}")
 
 
 def torn(work: Path, tree: Path, expected: set[str], rounds: int, rng: random.Random, tally: Tally) -> None:
@@ -187,6 +194,7 @@ def main() -> int:
         expected = make_tree(tree, copies=2)
         kills(work, tree, expected, args.rounds, rng, tally)
         torn(work, tree, expected, max(1, args.rounds // 2), rng, tally)
+        watch_kills(work, max(1, args.rounds // 5), rng, tally)
         skipped = full_disk(work, tally)
         second_writers(work, tally)
         hostile_tree(work, tally)

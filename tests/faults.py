@@ -190,3 +190,52 @@ def wait_for_lock(out: Path, pid: int, timeout: float = 60) -> bool:
                 return True
         time.sleep(0.01)
     return False
+
+
+def watch_kill_round(work: Path, rng: random.Random, files: int = 12) -> list[str]:
+    """A real `batchcls watch --move-to` daemon killed -9 at a random moment while files arrive (dropped by
+    rename, as a camera or rsync does), then restarted until the inbox is empty. Returns what was lost:
+    each file must have exactly one row and sit in sorted/<its row's label>/."""
+    from batchcls.fsutil import safe_name
+    from batchcls.output import read_rows
+
+    inbox, sorted_, ledger = work / "inbox", work / "sorted", work / "ledger.csv"
+    inbox.mkdir()
+    names = [f"frame {i:03d}\n{'x' * rng.randint(0, 40)}.jpg" for i in range(files)]
+    args = ["watch", inbox, "--out", ledger, "--move-to", sorted_, "--workers", "0", "--stable-seconds", "0.2",
+            "--max-wait", "0.05", "-q"]
+    proc = start_cli(*args)
+    t0, kill_at = time.monotonic(), rng.uniform(0.5, 4.0)
+    for i, name in enumerate(names):
+        staged = work / f".staged{i}"
+        staged.write_bytes(tiny_jpeg(i))
+        os.replace(staged, inbox / name)  # complete on arrival
+        time.sleep(rng.uniform(0, 0.15))
+        if proc.poll() is None and time.monotonic() - t0 > kill_at:
+            proc.send_signal(signal.SIGKILL)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    proc = start_cli(*args)  # the restart: catch-up, finish cut-short moves
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (any(inbox.iterdir()) or not ledger.exists()
+                                                or len(read_rows(ledger)) < files):
+            if proc.poll() is not None:
+                return [f"the restarted daemon exited {proc.returncode}: {proc.stderr.read().decode()[-300:]}"]
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        proc.stderr.close()
+    problems = check_output(ledger, set(names))
+    if problems:
+        return problems
+    for row in read_rows(ledger):
+        where = sorted_ / safe_name(row["label"]) / row["path"]
+        if row["status"] != "ok" or not where.is_file():
+            problems.append(f"{row['path']!r} is not in sorted/{row['label']}/")
+    if left := list(inbox.iterdir()):
+        problems.append(f"{len(left)} files left in the inbox")
+    return problems
