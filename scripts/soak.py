@@ -32,6 +32,7 @@ class Tally:
     def __init__(self) -> None:
         self.counts: Counter = Counter()
         self.lost: list[str] = []
+        self.hits: Counter = Counter()  # where the kills of `run` landed
 
     def record(self, kind: str, problems: list[str], detail: str = "") -> None:
         self.counts[kind, not problems] += 1
@@ -56,6 +57,7 @@ def kills(work: Path, tree: Path, expected: set[str], rounds: int, rng: random.R
         args = [str(tree), "--out", str(out), "--format", fmt, "--batch-size", str(rng.choice([1, 2, 8])),
                 "--workers", "0", "-q"]
         hits = kill_rounds(args, rng.randint(1, 3), rng)
+        tally.hits.update(hits)
         r = run_cli("run", *args, "--resume")
         problems = [] if r.returncode == 0 else [f"resume exit {r.returncode}: {r.stderr.decode()[-300:]}"]
         tally.record("kill -9 at a random moment", problems + check_output(out, expected, fmt), f"{fmt} {hits}")
@@ -204,6 +206,7 @@ def main() -> int:
     survived = sum(n for (_, ok), n in tally.counts.items() if ok)
     for kind in tally.kinds():
         print(f"  {kind:32s} {tally.counts[kind, True]:3d}/{tally.counts[kind, True] + tally.counts[kind, False]:<3d}")
+    print(f"  kills of run landed: {', '.join(f'{n} {k}' for k, n in sorted(tally.hits.items()))}")
     if skipped:
         print(f"  {'full disk':32s} skipped: {skipped}")
     for line in tally.lost:
