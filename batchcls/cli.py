@@ -73,7 +73,7 @@ model_option = click.option("--model", type=click.Path(), default=None,
 @click.option("--top-k", type=click.IntRange(1, 100), default=1, show_default=True, help="Also write the next K-1 labels and confidences.")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="Label rows below this confidence as 'unknown'; the model's own top label stays in a model_label column.")
 @click.option("--probs", is_flag=True, help="Also write every class's probability (prob_<class> columns), e.g. for cleanlab or FiftyOne.")
-@click.option("--max-pixels", type=click.IntRange(1), default=None, help="Refuse images larger than this many pixels (bomb guard).")
+@click.option("--max-pixels", type=click.IntRange(1), default=None, help="Refuse an image whose decoded bytes pass this many 8-bit RGB pixels (3 bytes each; alpha and 16-bit count more); above Pillow's own limit it raises that too. Default: 89478485.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted (or earlier) run, skipping files already in --out.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--strict", is_flag=True, help=f"Exit with status {EXIT_ROW_ERRORS} if any file could not be classified.")
