@@ -119,16 +119,18 @@ def run(source, out, model, files_from, recursive, fmt, batch_size, workers, bac
 @cli.command()
 @model_option
 def info(model) -> None:
-    """Print the model card of a bundle (classes, preprocessing, metrics).
+    """Print the model card of a bundle (classes, preprocessing, metrics) and its ONNX file's own metadata.
 
     Example: batchcls info --model engines/simpsons
     """
     import json
 
+    from batchcls.backends.onnxruntime import onnx_metadata
     from batchcls.card import load_card
 
     card = load_card(model)
-    click.echo(json.dumps({"bundle": str(card.bundle_dir), **card.to_dict()}, indent=2))
+    meta = onnx_metadata(card.onnx_path)  # what the file alone tells other runtimes (train/export.py writes it)
+    click.echo(json.dumps({"bundle": str(card.bundle_dir), **card.to_dict(), "onnx_metadata": meta}, indent=2))
 
 
 @cli.command("eval")

@@ -178,19 +178,25 @@ class DecodeStage(Generic[T]):
         """The job's result; a dead or hung worker costs a retry in a fresh pool, twice an error batch."""
         if job.future is None:
             return job.value  # type: ignore[return-value]
-        try:
-            # A worker killed at the wrong moment can leave its future pending forever instead of
-            # breaking the pool (seen with SIGKILL under load): nobody may hang on it.
-            return job.future.result(timeout=DECODE_TIMEOUT_S)
-        except Exception as e:  # noqa: BLE001 - killed, out of memory, a decoder crash, or hung
-            log.error("decode worker failed on a batch of %d files (%s): retrying in a fresh one",
-                      len(job.files), type(e).__name__ if isinstance(e, TimeoutError) or not str(e) else e)
-        self.restart()
-        try:
-            return self.submit(job.files).future.result(timeout=DECODE_TIMEOUT_S)  # type: ignore[union-attr]
-        except Exception as e:  # noqa: BLE001 - twice: one of these files kills the decoder
-            self.restart()
-            return self.fail(job.files, f"decode worker crashed twice on this batch: {type(e).__name__}")
+        for attempt in (1, 2):
+            try:
+                # A worker killed at the wrong moment can leave its future pending forever instead of
+                # breaking the pool (seen with SIGKILL under load): nobody may hang on it.
+                return job.future.result(timeout=DECODE_TIMEOUT_S)
+            except Exception as e:  # noqa: BLE001 - killed, out of memory, a decoder crash, or hung
+                reason = type(e).__name__
+                if isinstance(e, TimeoutError):
+                    self.replace()  # its worker is stuck: a pool that keeps it would wait on it at close
+                else:
+                    self.restart()
+                if attempt == 2:  # one of these files kills (or hangs) the decoder
+                    log.error("decode worker failed again on that batch (%s): its %d files get error rows",
+                              reason, len(job.files))
+                    return self.fail(job.files, f"decode worker crashed twice on this batch: {reason}")
+                log.error("decode worker failed on a batch of %d files (%s): retrying in a fresh one",
+                          len(job.files), reason if isinstance(e, TimeoutError) or not str(e) else e)
+                job = self.submit(job.files)
+        raise AssertionError("unreachable")
 
     def map(self, batches: Iterable[list[InputFile]]) -> Iterator[T]:
         """Results in input order, decoded ``window`` batches ahead of the consumer."""
@@ -218,13 +224,26 @@ class DecodeStage(Generic[T]):
         try:
             self.pool.submit(os.getpid).result(timeout=DECODE_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - BrokenProcessPool, shut down after a failure, or TimeoutError: stuck
+            self.replace()
+
+    def replace(self) -> None:
+        """Kill the pool's workers and start a fresh pool."""
+        if self.pool is not None:
             _kill(self.pool)
             self.pool = decode_pool(self.workers)
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
-            self.pool = None
+        """Let each worker finish the batch it is on (a stuck one is killed after DECODE_TIMEOUT_S)."""
+        if self.pool is None:
+            return
+        pool, self.pool = self.pool, None
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + DECODE_TIMEOUT_S
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
 
     def __enter__(self) -> "DecodeStage[T]":
         return self

@@ -219,6 +219,33 @@ def test_cli_tensorrt_build_without_tensorrt_is_one_line(bundle):
         "Error: building a TensorRT plan needs an NVIDIA GPU and the tensorrt package: pip install 'batchcls[tensorrt]'"]
 
 
+# --- what builds leave in a checkout --------------------------------------------------------------
+
+@pytest.mark.skipif(not (REPO / ".git").exists() or shutil.which("git") is None, reason="needs a git checkout")
+def test_make_engine_leaves_git_status_clean():
+    """Everything a build writes into the shipped bundle is machine-specific: ignored, never committed."""
+    import subprocess
+
+    from batchcls.backends.record import record_path
+    from batchcls.build.tensorrt import timing_cache_path
+
+    card = load_card(REPO / "engines" / "simpsons")
+    written = [record_path(card), opt_path(card), int8_path(card), plan_path(card), meta_path(card),
+               timing_cache_path(card, H200)]
+    rel = [str(p.resolve().relative_to(REPO)) for p in written]
+    ignored = subprocess.run(["git", "check-ignore", *rel], cwd=REPO, capture_output=True, text=True).stdout.split()
+    assert sorted(ignored) == sorted(rel)
+    tracked = subprocess.run(["git", "ls-files", *rel], cwd=REPO, capture_output=True, text=True).stdout.split()
+    assert tracked == []
+
+
+def test_a_bundle_without_build_records_runs_its_onnx(bundle):
+    """A fresh clone or a wheel has no engines.json: the plain ONNX model runs."""
+    card = load_card(bundle)
+    assert not (bundle / "engines.json").exists() and read_record(card) == {}
+    assert load_backend(card, "onnxruntime").model_path == bundle / "model.onnx"
+
+
 # --- CPU engines on the colour bundle: files, record, keep/reject, staleness ----------------------
 
 def test_cpu_engine_build_keeps_accurate_int8(bundle, tmp_path):
@@ -405,6 +432,36 @@ def test_cli_device_cuda_without_a_gpu_is_one_line(colour_bundle, tmp_path):
         assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
         assert res.output.startswith("Error: ") and ("--device cpu" in res.output or "unknown device" in res.output)
         assert not (tmp_path / f"{device}.csv").exists()
+
+
+SHIPPED = REPO / "engines" / "simpsons"
+
+
+def test_the_shipped_onnx_describes_itself_and_info_shows_it():
+    """Class names, preprocessing and temperature travel inside model.onnx (metadata_props) for other runtimes."""
+    from batchcls.backends.onnxruntime import onnx_metadata
+
+    card = load_card(SHIPPED)
+    assert onnx_sha256(card) == card.onnx_sha256
+    meta = onnx_metadata(card.onnx_path)
+    assert json.loads(meta["classes"]) == card.classes and float(meta["temperature"]) == card.temperature
+    pre = json.loads(meta["preprocessing"])
+    assert {k: pre[k] for k in ("input_size", "resize_mode", "crop_pct", "interpolation", "mean", "std")} == \
+        {k: getattr(card, k) for k in ("input_size", "resize_mode", "crop_pct", "interpolation", "mean", "std")}
+    res = CliRunner().invoke(cli, ["info", "--model", str(SHIPPED)])
+    assert res.exit_code == 0 and json.loads(res.output)["onnx_metadata"] == meta
+
+
+@needs_torch
+def test_the_shipped_program_matches_onnxruntime_on_real_frames():
+    """engines/simpsons/model.pt2 against model.onnx through the whole pipeline, on the 40 sample frames."""
+    from batchcls.backends.pytorch import TorchBackend
+
+    card = load_card(SHIPPED)
+    ref = rows_for(card, OnnxRuntimeBackend(card.onnx_path), sample_files())
+    got = rows_for(card, TorchBackend(card), sample_files())
+    cmp = compare_rows(ref, got)
+    assert cmp.n == 40 and cmp.agreement == 1.0 and cmp.max_conf_diff < 1e-4, cmp
 
 
 def bad_inputs(root: Path) -> Path:

@@ -490,6 +490,19 @@ def test_sigterm_or_ctrl_c_finishes_the_batch_flushes_and_exits_0(inbox, tmp_pat
     assert {r["status"] for r in rows(out)} == {"ok"}  # no batch was broken by the signals
 
 
+def test_kill_9_of_watch_leaves_no_process_behind(inbox, tmp_path, colour_bundle):
+    from test_decode_stage import group_members
+
+    d = Daemon(*watch_args(inbox, tmp_path, colour_bundle))  # its own process group, as in a terminal
+    (inbox / "a.jpg").write_bytes(jpeg("red"))
+    wait_for(has_rows(tmp_path / "labels.csv", "a.jpg"), "a row")
+    members = group_members(d.proc.pid)
+    assert len(members) >= 3, members  # the daemon, the forkserver, a decode worker (+ resource tracker)
+    d.proc.kill()
+    d.proc.wait()
+    wait_for(lambda: not group_members(d.proc.pid), f"the daemon's processes {members} to exit", timeout=15)
+
+
 def test_kill_9_at_any_moment_then_restart_loses_and_duplicates_nothing(inbox, tmp_path, colour_bundle):
     out, sorted_ = tmp_path / "labels.csv", tmp_path / "sorted"
     names = list(COLOURS)
