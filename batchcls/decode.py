@@ -17,6 +17,9 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from batchcls.fsutil import open_long
 
 ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+# File names that mean "an image" where a name must decide (train/ lists its dataset by them): the
+# extensions Pillow registers for exactly the formats above, so the two lists can't drift apart.
+IMAGE_EXTS = tuple(sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in ALLOWED_FORMATS))
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own bomb threshold (~ 9459²); the limit is this many 8-bit RGB pixels' bytes
 
 # We enforce the limit ourselves with a clear message; Pillow's warning would only be noise.

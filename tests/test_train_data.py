@@ -134,3 +134,22 @@ def test_pixel_cache_decodes_every_item_once_and_is_reused(tmp_path):
     assert path.stat().st_mtime_ns == mtime  # reused, not rebuilt
     D.pixel_cache(SAMPLES, items[:4], preset, tmp_path, workers=0, log=lambda *a: None)
     assert len(list(tmp_path.glob("pixels-80-*.npy"))) == 2 and not list(tmp_path.glob("*.tmp.npy"))
+
+
+def test_train_lists_every_format_the_runtime_reads(tmp_path):
+    """One list of image extensions: train/ finds a dataset's files by the runtime's formats, not its own."""
+    from PIL import Image
+
+    from batchcls.decode import ALLOWED_FORMATS, IMAGE_EXTS
+    from train.data import scan
+
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP", ".gif": "GIF",
+           ".tif": "TIFF", ".tiff": "TIFF"}
+    (tmp_path / "cls").mkdir()
+    for ext, f in fmt.items():
+        Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "cls" / f"a{ext}", format=f)
+    (tmp_path / "cls" / "notes.txt").write_text("not an image")
+    listed = scan(tmp_path)["cls"]
+    assert sorted(listed) == sorted(f"cls/a{ext}" for ext in fmt)
+    assert all(decode_image(tmp_path / rel).size == (8, 8) for rel in listed)  # and the runtime reads each
+    assert {f for e, f in Image.registered_extensions().items() if e in IMAGE_EXTS} == set(ALLOWED_FORMATS)

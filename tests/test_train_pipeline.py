@@ -97,6 +97,13 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     sess = ort.InferenceSession(str(card.onnx_path), providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == ["input"] and sess.get_outputs()[0].name == "logits"
     assert sess.run(None, {"input": x})[0].shape == (3, card.num_classes)
+    # model.pt2 beside it for the torch backend, and the ONNX file describes itself (metadata_props)
+    from batchcls.backends import load_backend
+    from batchcls.backends.onnxruntime import onnx_metadata
+    assert "model.pt2 vs ONNX Runtime" in r.stdout
+    np.testing.assert_allclose(load_backend(card, "torch").infer(x), sess.run(None, {"input": x})[0], atol=1e-4)
+    meta = onnx_metadata(card.onnx_path)
+    assert json.loads(meta["classes"]) == card.classes and float(meta["temperature"]) == card.temperature
 
     # A second stage from that checkpoint (make train-more): keeps the head, and exports only if validation
     # improves on where it started (val NLL). Here the checkpoint claims a perfect score, so nothing is exported.

@@ -19,11 +19,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from batchcls.decode import decode_image
+from batchcls.decode import IMAGE_EXTS, decode_image  # the runtime's formats: what it can read, train lists
 from batchcls.fsutil import atomic_path, atomic_write
 
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SAMPLERS = ("sqrt", "inverse", "none")
 
 

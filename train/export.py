@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from batchcls.card import ModelCard, load_card
+from batchcls.fsutil import atomic_open, atomic_path
 from train.evaluate import load_trained
 from train.presets import EvalTransform
 
@@ -41,12 +42,11 @@ class ParityError(RuntimeError):
 
 
 def export_onnx(model: torch.nn.Module, input_size: int, path: Path) -> None:
-    tmp = path.with_suffix(".onnx.tmp")
     x = torch.zeros(1, 3, input_size, input_size)
-    torch.onnx.export(model.eval(), (x,), str(tmp), input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
-                      dynamo=False)  # the TorchScript exporter handles timm's "same" padding at a fixed size
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.onnx.export(model.eval(), (x,), str(tmp), input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
+                          dynamo=False)  # the TorchScript exporter handles timm's "same" padding at a fixed size
 
 
 def onnx_metadata(card: ModelCard) -> dict[str, str]:
@@ -75,9 +75,8 @@ def write_onnx_metadata(path: Path, card: ModelCard) -> str:
     for key, value in kept + list(ours.items()):
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
-    tmp = path.with_suffix(".onnx.tmp")
-    onnx.save(model, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -88,10 +87,9 @@ def export_program(model: torch.nn.Module, input_size: int, path: Path, *, sourc
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     x = torch.zeros(2, 3, input_size, input_size)  # 2, not 1: export specialises a size-1 dimension
     program = torch.export.export(model.eval(), (x,), dynamic_shapes=({0: batch},))
-    tmp = path.with_name(path.stem + ".tmp.pt2")  # torch.export.save wants the .pt2 suffix
-    torch.export.save(program, str(tmp), extra_files={PROGRAM_META: json.dumps(
-        {"source_onnx_sha256": source_onnx_sha256, "max_batch": MAX_BATCH})})
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as fh:  # a file object: torch.export.save wants a .pt2 name or a buffer
+        torch.export.save(program, fh, extra_files={PROGRAM_META: json.dumps(
+            {"source_onnx_sha256": source_onnx_sha256, "max_batch": MAX_BATCH})})
 
 
 def parity(model: torch.nn.Module, onnx_path: Path, card, images: list[Path], *, tol: float = PARITY_TOL) -> float:
@@ -134,9 +132,8 @@ def export(ckpt_path: str | os.PathLike, bundle_dir: str | os.PathLike, *, tempe
     export_onnx(model, card.input_size, onnx_path)
     card = dataclasses.replace(card, temperature=float(temperature), metrics=metrics, training=training)
     card = dataclasses.replace(card, onnx_sha256=write_onnx_metadata(onnx_path, card))
-    tmp = bundle / "model.pt.tmp"
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, bundle / "model.pt")
+    with atomic_open(bundle / "model.pt", "wb") as fh:
+        torch.save(model.state_dict(), fh)
     _program_and_parity(model, card, bundle, parity_images, log)
     card.save(bundle)  # written last: a bundle with a card always has verified models next to it
     if results:

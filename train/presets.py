@@ -16,7 +16,7 @@ from PIL import Image
 
 from batchcls.card import ModelCard
 from batchcls.decode import decode_image
-from batchcls.presets import EvalPreset, normalize
+from batchcls.presets import EvalPreset, normalization, normalize
 
 
 def preprocessing_card(*, architecture: str, classes: list[str], input_size: int, mean, std,
@@ -84,9 +84,8 @@ class BatchAugment:
                  size: int = 0) -> torch.Tensor:
         """``size`` overrides the card's input side (progressive resizing trains early epochs smaller)."""
         n, dev, size = pixels.shape[0], pixels.device, size or self.size
-        mean = torch.tensor(self.mean, device=dev).view(1, 3, 1, 1) * 255
-        std = torch.tensor(self.std, device=dev).view(1, 3, 1, 1) * 255
-        x = (pixels.permute(0, 3, 1, 2).float() - mean) / std
+        shift, scale = (torch.from_numpy(v).to(dev).view(1, 3, 1, 1) for v in normalization(self.mean, self.std))
+        x = (pixels.permute(0, 3, 1, 2).float() - shift) / scale  # the runtime's normalize, on torch tensors
 
         def uniform(lo, hi):
             return lo + (hi - lo) * torch.rand(n, generator=generator, device=dev)

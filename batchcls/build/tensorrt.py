@@ -6,6 +6,7 @@ TensorRT 10 Python API: explicit batch is the only mode (``create_network(0)``).
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -13,9 +14,9 @@ from typing import Callable, Sequence
 
 from batchcls.backends.record import onnx_sha256
 from batchcls.backends.tensorrt import INSTALL_HINT, GpuFacts, current_facts, meta_path, plan_path
-from batchcls.build.record import atomic_write_bytes, atomic_write_json
 from batchcls.card import ModelCard
 from batchcls.errors import ModelError
+from batchcls.fsutil import atomic_write
 
 DEFAULT_MAX_BATCH = 256
 
@@ -91,13 +92,13 @@ def build_plan(card: ModelCard, *, fp16: bool = True, max_batch: int = DEFAULT_M
     if serialized is None:
         raise ModelError("TensorRT failed to build the plan (see its log above): try a smaller --max-batch")
     plan = plan_path(card)
-    atomic_write_bytes(plan, bytes(serialized))
-    atomic_write_bytes(cache_file, bytes(config.get_timing_cache().serialize()))
+    atomic_write(plan, bytes(serialized))
+    atomic_write(cache_file, bytes(config.get_timing_cache().serialize()))
     outputs = [network.get_output(i).name for i in range(network.num_outputs)]
     meta = {**asdict(facts), "fp16": use_fp16, "input_name": inp.name, "output_name": outputs[0],
             "profile": {k: list(v) for k, v in shapes.items()}, "source_onnx": card.onnx,
             "source_sha256": onnx_sha256(card), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "build_seconds": round(time.perf_counter() - start, 1)}
-    atomic_write_json(meta_path(card), meta)
+    atomic_write(meta_path(card), json.dumps(meta, indent=2) + "\n")
     log(f"wrote {plan} ({plan.stat().st_size / 2**20:.1f} MiB) in {meta['build_seconds']}s")
     return plan
