@@ -103,7 +103,7 @@ def run(source, out, model, files_from, recursive, fmt, batch_size, workers, bac
                                "--overwrite replaces it; pass one")
     try:
         if engine == "ray":
-            from batchcls.ray_engine import run_ray_job
+            from batchcls.ray_runner import run_ray_job
             summary = run_ray_job(job, address=address)
         else:
             summary = run_job(job)

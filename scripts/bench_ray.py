@@ -105,7 +105,7 @@ def main() -> None:
     import ray
 
     from batchcls.pipeline import RunOptions
-    from batchcls.ray_engine import run_ray_job
+    from batchcls.ray_runner import run_ray_job
     from batchcls.runner import RunJob, run_job
 
     cores = len(os.sched_getaffinity(0))

@@ -191,4 +191,4 @@ def test_job_spec_runs_our_cli_with_a_valid_runtime_env():
     assert ctx.params["engine"] == "ray" and ctx.params["address"] == "auto" and ctx.params["resume"]
     env = RuntimeEnv(**spec["runtime_env"])
     assert Path(env["working_dir"]) == repo
-    assert (repo / "batchcls" / "ray_engine.py").is_file()  # what the workers import from working_dir
+    assert (repo / "batchcls" / "ray_runner.py").is_file()  # what the workers import from working_dir

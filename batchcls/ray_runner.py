@@ -39,7 +39,7 @@ from batchcls.scan import InputFile, scan
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # s3://, gs://, hdfs://, file:// ... (whatever pyarrow.fs reads)
 
 
-class RayEngineError(BatchclsError):
+class RayRunError(BatchclsError):
     """Ray is missing or unreachable, or the cluster cannot run the job."""
 
 
@@ -156,7 +156,7 @@ def _import_ray():  # noqa: ANN202 - returns the ray module
         import ray
         import ray.data  # noqa: F401
     except ImportError:
-        raise RayEngineError("--engine ray needs Ray Data: pip install 'batchcls[ray]'") from None
+        raise RayRunError("--engine ray needs Ray Data: pip install 'batchcls[ray]'") from None
     return ray
 
 
@@ -178,7 +178,7 @@ def connect(address: str | None) -> bool:
     try:
         ray.init(address=address, **kwargs)
     except Exception as e:  # ConnectionError, RuntimeError, ValueError... Ray is not specific here
-        raise RayEngineError(f"cannot connect to Ray at {address or os.environ.get('RAY_ADDRESS', 'a new local instance')}"
+        raise RayRunError(f"cannot connect to Ray at {address or os.environ.get('RAY_ADDRESS', 'a new local instance')}"
                              f" ({_first_line(e)}): check --address, or start a cluster with `ray start --head`") from None
     return True
 
@@ -206,7 +206,7 @@ def _classify(ray, files: list[InputFile], card: ModelCard, job: RunJob,  # noqa
     cpus, gpus = max(1, int(resources.get("CPU", 1))), int(resources.get("GPU", 0))
     on_gpu = (job.device or ("cuda" if gpus else "cpu")).startswith("cuda")
     if on_gpu and not gpus:
-        raise RayEngineError("--device cuda but the Ray cluster has no GPUs: add GPU nodes or use --device cpu")
+        raise RayRunError("--device cuda but the Ray cluster has no GPUs: add GPU nodes or use --device cpu")
     # One actor per GPU; on CPU half the cores run the model (1 ORT thread each), the rest decode.
     pool = actors or (gpus if on_gpu else max(1, cpus // 2))
     # Decode may use every CPU: Ray only runs a task where a CPU is free. Sizing it unlike the actor
@@ -242,7 +242,7 @@ def _classify(ray, files: list[InputFile], card: ModelCard, job: RunJob,  # noqa
         if ready:
             yield ready
     if next_idx != len(files):
-        raise RayEngineError(f"Ray returned rows for {next_idx} of {len(files)} files: rerun with --resume to finish")
+        raise RayRunError(f"Ray returned rows for {next_idx} of {len(files)} files: rerun with --resume to finish")
 
 
 def _abandon(writer: RowWriter) -> None:
@@ -289,7 +289,7 @@ def run_ray_job(job: RunJob, *, address: str | None = None, actors: int | None =
         cause = getattr(e, "cause", None)
         if isinstance(cause, BatchclsError):  # e.g. the actor could not load the model
             raise cause from e
-        raise RayEngineError(f"the Ray job failed after {writer.rows_written} rows ({_first_line(e)}): "
+        raise RayRunError(f"the Ray job failed after {writer.rows_written} rows ({_first_line(e)}): "
                              "fix the cause and rerun with --resume; --verbose shows the traceback") from e
     finally:
         signal.signal(signal.SIGTERM, previous)
