@@ -17,7 +17,6 @@ from PIL import Image
 from batchcls.backends import load_backend
 from batchcls.card import ModelCard, load_card
 from batchcls.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, upright_rgb
-from batchcls.output import columns_for
 from batchcls.pipeline import Classifier, DecodedBatch, RunOptions, classify
 from batchcls.scan import InputFile, scan
 
@@ -31,15 +30,16 @@ Row = dict
 
 
 def load(path: str | os.PathLike | None = None, *, backend: str | None = None, device: str | None = None,
-         threads: int | None = None) -> "Model":
+         threads: int | None = None, tta: str | None = None) -> "Model":
     """Load a model bundle (a folder with card.json + ONNX); None: the shipped Simpsons model.
 
     ``backend`` (auto, onnxruntime, tensorrt, cuda, torch) and ``device`` (cpu, cuda, cuda:N) mean what
     ``batchcls run --backend/--device`` mean; None picks as the CLI does (device "cpu" keeps it on ONNX
-    Runtime). Raises ``batchcls.ModelError`` with a one-line reason when the bundle can't be used.
+    Runtime). ``tta="flip"`` averages each image with its mirror, as ``--tta flip`` does (2x the work).
+    Raises ``batchcls.ModelError`` with a one-line reason when the bundle can't be used.
     """
     card = load_card(path)
-    return Model(Classifier(card, load_backend(card, backend, device=device, threads=threads)))
+    return Model(Classifier(card, load_backend(card, backend, device=device, threads=threads), tta=tta))
 
 
 class Model:
@@ -84,6 +84,7 @@ class Model:
         file (JPEGs are draft-decoded as the CLI does); a PIL image is used at the size it has.
         """
         options = _options(top_k, threshold, probs, max_pixels)
+        columns = self._columns(options)  # refuses a top_k past the class count before any work
         single = not isinstance(items, (list, tuple))
         batch = [items] if single else list(items)
         rows: list[Row | None] = [None] * len(batch)
@@ -97,7 +98,6 @@ class Model:
             decoded = self._decode([batch[i] for i in chunk], max_pixels)
             for i, row in zip(chunk, self._classifier.rows(decoded, top_k=top_k, threshold=threshold, probs=probs)):
                 rows[i] = row
-        columns = self._columns(options)
         out = [{c: r.get(c, None if c.startswith(("confidence", "prob_")) else "") for c in columns}
                for r in rows if r is not None]
         assert len(out) == len(batch), "one row per item"
@@ -112,12 +112,12 @@ class Model:
         ``pandas.DataFrame(model.predict_folder(...))`` makes it a table.
         """
         options = _options(top_k, threshold, probs, max_pixels, workers=workers)
+        self._columns(options)
         return [row for rows in classify(scan(folder, recursive=recursive), self._classifier, options)
                 for row in rows]
 
     def _columns(self, options: RunOptions) -> list[str]:
-        return columns_for(options.top_k, model_label=options.threshold is not None,
-                           prob_classes=self.card.classes if options.probs else ())
+        return options.columns(self.card)
 
     def _decode(self, items: list, max_pixels: int) -> DecodedBatch:
         """In-memory items -> the card's input size, as the decode workers do for files."""

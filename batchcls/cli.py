@@ -54,6 +54,10 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     ctx.obj = {"verbose": verbose}
 
 
+tta_option = click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+                          callback=lambda ctx, param, value: None if value == "none" else value,
+                          help="Test-time augmentation: flip averages each image's probabilities with its mirror's "
+                               "(2x the inference; README: Train, for its gain and cost).")
 model_option = click.option("--model", type=click.Path(), default=None,
                             help="Model bundle folder (card.json + ONNX). Default: the shipped model.")
 
@@ -74,6 +78,7 @@ model_option = click.option("--model", type=click.Path(), default=None,
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="Label rows below this confidence as 'unknown'; the model's own top label stays in a model_label column.")
 @click.option("--probs", is_flag=True, help="Also write every class's probability (prob_<class> columns), e.g. for cleanlab or FiftyOne.")
 @click.option("--max-pixels", type=click.IntRange(1), default=None, help="Refuse an image whose decoded bytes pass this many 8-bit RGB pixels (3 bytes each; alpha and 16-bit count more); above Pillow's own limit it raises that too. Default: 89478485.")
+@tta_option
 @click.option("--resume", is_flag=True, help="Continue an interrupted (or earlier) run, skipping files already in --out.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--strict", is_flag=True, help=f"Exit with status {EXIT_ROW_ERRORS} if any file could not be classified.")
@@ -81,7 +86,7 @@ model_option = click.option("--model", type=click.Path(), default=None,
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="Run here, or on Ray Data across a cluster (needs the ray extra).")
 @click.option("--address", default=None, help="With --engine ray: 'auto' or 'ray://HEAD:10001'. Default: $RAY_ADDRESS, else Ray on this machine.")
 def run(source, out, model, files_from, recursive, fmt, batch_size, workers, backend, device, cpu_decode, top_k,
-        threshold, probs, max_pixels, resume, overwrite, strict, quiet, engine, address) -> None:
+        threshold, probs, max_pixels, tta, resume, overwrite, strict, quiet, engine, address) -> None:
     """Classify every image in SOURCE (a folder or a file) and write one row per file.
 
     Example: batchcls run ./images --out labels.csv --top-k 3
@@ -91,7 +96,7 @@ def run(source, out, model, files_from, recursive, fmt, batch_size, workers, bac
     from batchcls.runner import Interrupted, RunJob, describe, run_job
 
     options = RunOptions(batch_size=batch_size, workers=workers, top_k=top_k, threshold=threshold, probs=probs,
-                         max_pixels=max_pixels or DEFAULT_MAX_PIXELS, gpu_decode=not cpu_decode)
+                         max_pixels=max_pixels or DEFAULT_MAX_PIXELS, gpu_decode=not cpu_decode, tta=tta)
     job = RunJob(source=source, out=out, model=model, backend=backend, device=device, recursive=recursive,
                  files_from=files_from, fmt=fmt, resume=resume, overwrite=overwrite, quiet=quiet, options=options)
     if address and engine != "ray":
@@ -139,7 +144,8 @@ def info(model) -> None:
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=None, help="Images per inference batch.  [default: 64; 512 on a GPU]")
 @click.option("--workers", type=click.IntRange(0), default=None, help="Decode processes. Default: one per core.")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt", "cuda", "torch"]), default="auto", show_default=True, help="Inference backend; auto: TensorRT plan, else CUDA, else CPU (INT8 if `make engine` kept it).")
-def evaluate(labelled_dir, model, batch_size, workers, backend) -> None:
+@tta_option
+def evaluate(labelled_dir, model, batch_size, workers, backend, tta) -> None:
     """Score a model on LABELLED_DIR/<class>/*: accuracy, macro/micro-F1, per-class table.
 
     Example: batchcls eval samples/simpsons
@@ -148,7 +154,7 @@ def evaluate(labelled_dir, model, batch_size, workers, backend) -> None:
     from batchcls.pipeline import RunOptions
 
     report = evaluate_folder(labelled_dir, model=model, backend=backend,
-                             options=RunOptions(batch_size=batch_size, workers=workers))
+                             options=RunOptions(batch_size=batch_size, workers=workers, tta=tta))
     click.echo(format_report(report))
 
 
@@ -195,11 +201,12 @@ def engine_build(model, target, fp16, max_batch, val_dir, calib_dir, calib_image
 @click.option("--errors-to", type=click.Path(file_okay=False), help="Move files that could not be classified to DIR/.")
 @click.option("--recursive/--no-recursive", default=True, show_default=True, help="Watch sub-folders too.")
 @click.option("--top-k", type=click.IntRange(1, 100), default=1, show_default=True, help="Also write the next K-1 labels and confidences.")
-@click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="Label rows below this confidence as 'unknown'.")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="Label rows below this confidence as 'unknown'; the model's own top label stays in a model_label column.")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: the auto backend's (a GPU when there is one, else cpu).")
+@tta_option
 @click.option("--quiet", "-q", is_flag=True, help="Log warnings only, not one line per batch.")
 def watch(folder, out, model, fmt, polling, stable_seconds, batch_size, max_wait, workers, move_to, errors_to,
-          recursive, top_k, threshold, device, quiet) -> None:
+          recursive, top_k, threshold, device, tta, quiet) -> None:
     """Label images as they arrive in FOLDER until SIGINT/SIGTERM; a restart catches up first.
 
     Example: batchcls watch ./inbox --out labels.csv --move-to ./sorted
@@ -208,7 +215,7 @@ def watch(folder, out, model, fmt, polling, stable_seconds, batch_size, max_wait
     from batchcls.watch import WatchConfig, log_to_stderr, watch as watch_folder
 
     log_to_stderr(quiet)
-    options = RunOptions(batch_size=batch_size, workers=workers, top_k=top_k, threshold=threshold)
+    options = RunOptions(batch_size=batch_size, workers=workers, top_k=top_k, threshold=threshold, tta=tta)
     watch_folder(WatchConfig(folder=folder, out=out, model=model, device=device, fmt=fmt, recursive=recursive,
                              polling=polling, stable_s=stable_seconds, max_wait_s=max_wait, move_to=move_to,
                              errors_to=errors_to, options=options))

@@ -31,7 +31,7 @@ class EvalReport:
 def evaluate_folder(root: str | os.PathLike, *, model: str | None = None, backend: str | None = None,
                     options: RunOptions = RunOptions()) -> EvalReport:
     card = load_card(model)
-    classifier = Classifier(card, load_backend(card, backend))
+    classifier = Classifier(card, load_backend(card, backend), tta=options.tta)
     pairs = labelled_files(root)
     truth = dict((f.rel, label) for f, label in pairs)
     y_true, y_pred, conf = [], [], []

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from batchcls.card import ModelCard
 from batchcls.decode import DEFAULT_MAX_PIXELS
 from batchcls.decode_stage import DecodedBatch, DecodeStage, decode_one
-from batchcls.infer import Classifier, softmax
+from batchcls.infer import Classifier, mean_of_views, softmax
 from batchcls.presets import EvalPreset
 from batchcls.scan import InputFile
 
@@ -189,6 +189,9 @@ class GpuClassifier(Classifier):
         """Queue the batch on the GPU now; the returned callable waits for it and gives probabilities."""
         if len(images) == 0:
             return lambda: np.empty((0, self.card.num_classes), np.float32)
+        views = 2 if self.tta == "flip" else 1
+        if views == 2:
+            images = torch.cat([images, images.flip(3)])  # NCHW: the mirror flips W
         try:
             logits = self.backend.infer_images(images)  # type: ignore[attr-defined]  # async: no sync here
         except Exception as e:  # noqa: BLE001 - raised again inside rows(), which turns it into error rows
@@ -197,7 +200,7 @@ class GpuClassifier(Classifier):
             def fail() -> np.ndarray:
                 raise error
             return fail
-        return lambda: softmax(logits.cpu().numpy(), self.card.temperature)
+        return lambda: mean_of_views(softmax(logits.cpu().numpy(), self.card.temperature), views)
 
     def probabilities(self, images: torch.Tensor) -> np.ndarray:  # type: ignore[override]
         return self.launch(images)()

@@ -12,9 +12,18 @@ import numpy as np
 from batchcls.backends import Backend
 from batchcls.card import ModelCard, check_against_model
 from batchcls.decode_stage import DecodedBatch
+from batchcls.errors import ModelError
 from batchcls.presets import EvalPreset, normalize
 
 UNKNOWN_LABEL = "unknown"
+TTA_MODES = (None, "flip")  # flip: the mean of the image's and its mirror's probabilities
+
+
+def mean_of_views(p: np.ndarray, views: int) -> np.ndarray:
+    """Probabilities of ``views`` stacked copies of a batch (view-major) averaged back to one per image."""
+    if views == 1:
+        return p
+    return p.reshape(views, -1, p.shape[1]).mean(axis=0).astype(np.float32)
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -27,17 +36,24 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 class Classifier:
     """A card and a backend: uint8 images in, calibrated probabilities and result rows out."""
 
-    def __init__(self, card: ModelCard, backend: Backend) -> None:
+    def __init__(self, card: ModelCard, backend: Backend, *, tta: str | None = None) -> None:
         check_against_model(card, backend)  # a card from another model fails here, not mid-run
+        if tta not in TTA_MODES:
+            raise ModelError(f"unknown test-time augmentation {tta!r}: choose one of {', '.join(map(str, TTA_MODES))}")
         self.card = card
         self.backend = backend
         self.preset = EvalPreset.from_card(card)
+        self.tta = tta
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities of uint8 NHWC images; with tta='flip', the mean over each image and
+        its mirror (one batch of 2N through the backend)."""
         if len(images) == 0:
             return np.empty((0, self.card.num_classes), np.float32)
-        logits = self.backend.infer(normalize(images, self.card.mean, self.card.std))
-        return softmax(logits, self.card.temperature)
+        if self.tta == "flip":
+            images = np.concatenate([images, images[:, :, ::-1]])
+        p = softmax(self.backend.infer(normalize(images, self.card.mean, self.card.std)), self.card.temperature)
+        return mean_of_views(p, 2 if self.tta == "flip" else 1)
 
     def rows(self, batch: DecodedBatch, *, top_k: int = 1, threshold: float | None = None, probs: bool = False,
              probabilities: Callable[[], np.ndarray] | None = None) -> list[dict]:

@@ -16,10 +16,13 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 from batchcls.backends import Backend
+from batchcls.card import ModelCard
 from batchcls.decode import DEFAULT_MAX_PIXELS
 from batchcls.decode_stage import DecodedBatch, batched, image_stage, load_images
+from batchcls.errors import ModelError
 from batchcls.infer import Classifier, softmax
 from batchcls.machine import default_threads
+from batchcls.output import columns_for
 from batchcls.presets import EvalPreset
 from batchcls.scan import InputFile
 
@@ -61,9 +64,18 @@ class RunOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     gpu_decode: bool = True  # GPU backends decode JPEGs with nvJPEG; False: Pillow, the CPU path's exact pixels
     probs: bool = False  # every class's probability in the rows (prob_<class>)
+    tta: str | None = None  # "flip": average each image with its mirror (2x the inference)
 
     def batch(self, gpu: bool = False) -> int:
         return self.batch_size or (GPU_BATCH if gpu else CPU_BATCH)
+
+    def columns(self, card: ModelCard) -> list[str]:
+        """The output's columns for this model; a --top-k past its class count is refused, not padded."""
+        if self.top_k > card.num_classes:
+            raise ModelError(f"--top-k {self.top_k} is more than the {card.num_classes} classes of model "
+                             f"{card.name!r}: use --top-k {card.num_classes} or less")
+        return columns_for(self.top_k, model_label=self.threshold is not None,
+                           prob_classes=card.classes if self.probs else ())
 
 
 def _first_and_rest(files: Iterable[InputFile], size: int) -> tuple[list[InputFile] | None, Iterator[list[InputFile]]]:
@@ -105,7 +117,8 @@ def classify(files: Iterable[InputFile], classifier: Classifier, options: RunOpt
         if first is None:
             return
         readers = 0 if len(first) < options.batch(gpu=True) else min(workers, READ_WORKERS)
-        yield from classify_gpu(itertools.chain([first], rest), GpuClassifier(card, backend), loader=loader,
+        yield from classify_gpu(itertools.chain([first], rest), GpuClassifier(card, backend, tta=classifier.tta),
+                                loader=loader,
                                 workers=readers, top_k=options.top_k, threshold=options.threshold,
                                 probs=options.probs)
         return

@@ -30,7 +30,7 @@ import numpy as np
 from batchcls.backends import load_backend
 from batchcls.card import CARD_FILE, ModelCard, load_card
 from batchcls.errors import BatchclsError
-from batchcls.output import RowWriter, columns_for
+from batchcls.output import RowWriter
 from batchcls.pipeline import Classifier, DecodedBatch, RunSummary, load_images
 from batchcls.presets import EvalPreset
 from batchcls.runner import Interrupted, RunJob, _pending, _raise_interrupt
@@ -123,7 +123,7 @@ class ModelActor:
     """Ray actor: unpacks the bundle and loads card + backend once, then turns decoded batches into rows."""
 
     def __init__(self, bundle: Any, *, backend: str | None, device: str | None, threads: int | None,
-                 top_k: int, threshold: float | None) -> None:
+                 top_k: int, threshold: float | None, probs: bool = False, tta: str | None = None) -> None:
         import ray
 
         files = ray.get(bundle) if isinstance(bundle, ray.ObjectRef) else bundle
@@ -133,15 +133,15 @@ class ModelActor:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
         card = load_card(self._folder.name)
-        self.classifier = Classifier(card, load_backend(card, backend, device=device, threads=threads))
-        self.top_k, self.threshold = top_k, threshold
+        self.classifier = Classifier(card, load_backend(card, backend, device=device, threads=threads), tta=tta)
+        self.top_k, self.threshold, self.probs = top_k, threshold, probs
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         files = [InputFile(_s(p), _s(r)) for p, r in zip(batch["path"], batch["rel"])]
         ok = batch["ok"].astype(bool)
         errors = [None if good else _s(e) for good, e in zip(ok, batch["error"])]
         decoded = DecodedBatch(files, np.ascontiguousarray(batch["image"][ok]), errors)
-        rows = self.classifier.rows(decoded, top_k=self.top_k, threshold=self.threshold)
+        rows = self.classifier.rows(decoded, top_k=self.top_k, threshold=self.threshold, probs=self.probs)
         # JSON carries each row exactly as Classifier.rows made it: '' vs float cells, extra top-k keys,
         # undecodable path bytes (as \udcxx escapes) all survive Arrow unchanged.
         return {"idx": batch["idx"], "row": np.array([json.dumps(r) for r in rows], dtype=object)}
@@ -226,7 +226,8 @@ def _classify(ray, files: list[InputFile], card: ModelCard, job: RunJob,  # noqa
                                                # On CPU, None picks the backend exactly as a local run would.
                                                "device": "cuda" if on_gpu else job.device,
                                                "threads": None if on_gpu else 1,
-                                               "top_k": options.top_k, "threshold": options.threshold},
+                                               "top_k": options.top_k, "threshold": options.threshold,
+                                               "probs": options.probs, "tta": options.tta},
                         compute=ray.data.ActorPoolStrategy(size=pool), num_cpus=1, num_gpus=1 if on_gpu else 0)
     # Batches arrive in completion order; hold them until every earlier file's row is in.
     waiting: dict[int, str] = {}
@@ -259,7 +260,8 @@ def run_ray_job(job: RunJob, *, address: str | None = None, actors: int | None =
     sizes the model pool (default: one per GPU, else half the CPUs).
     """
     card = load_card(job.model)  # fail on a bad bundle before starting anything
-    writer = RowWriter(job.out, fmt=job.fmt, columns=columns_for(job.options.top_k),
+    columns = job.options.columns(card)
+    writer = RowWriter(job.out, fmt=job.fmt, columns=columns,
                        resume=job.resume, overwrite=job.overwrite)
     exclude = [] if writer.to_stdout else [str(writer.out), str(writer.partial)]
     files = list(_pending(scan(job.source, recursive=job.recursive, files_from=job.files_from, exclude=exclude),

@@ -8,7 +8,7 @@ from typing import Iterator
 
 from batchcls.backends import load_backend
 from batchcls.card import load_card
-from batchcls.output import RowWriter, columns_for
+from batchcls.output import RowWriter
 from batchcls.pipeline import Classifier, RunOptions, RunSummary, run
 from batchcls.scan import InputFile, scan
 
@@ -60,8 +60,9 @@ def _progress(job: RunJob):
 def run_job(job: RunJob) -> RunSummary:
     card = load_card(job.model)
     backend = load_backend(card, job.backend, device=job.device)
-    classifier = Classifier(card, backend)
-    writer = RowWriter(job.out, fmt=job.fmt, columns=columns_for(job.options.top_k),
+    columns = job.options.columns(card)
+    classifier = Classifier(card, backend, tta=job.options.tta)
+    writer = RowWriter(job.out, fmt=job.fmt, columns=columns,
                        resume=job.resume, overwrite=job.overwrite)
     exclude = [] if writer.to_stdout else [str(writer.out), str(writer.partial)]
     files = _pending(scan(job.source, recursive=job.recursive, files_from=job.files_from, exclude=exclude),

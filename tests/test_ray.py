@@ -73,7 +73,7 @@ def assert_same_output(ray_csv: Path, local_csv: Path) -> None:
     assert [r[0] for r in ray_rows] == [r[0] for r in local_rows]
     for got, want in zip(ray_rows[1:], local_rows[1:]):
         for col, g, w in zip(header, got, want):
-            if col.startswith("confidence") and g and w:
+            if col.startswith(("confidence", "prob_")) and g and w:
                 assert abs(float(g) - float(w)) <= 1e-5, (got, want)
             else:
                 assert g == w, (col, got, want)
@@ -82,9 +82,10 @@ def assert_same_output(ray_csv: Path, local_csv: Path) -> None:
 @needs_ray
 def test_ray_run_matches_local_run(ray_cluster, mixed_folder, colour_bundle, tmp_path):
     local, ray_out = tmp_path / "local.csv", tmp_path / "ray.csv"
-    r = invoke("run", mixed_folder, "--out", local, "--model", colour_bundle, "--top-k", "2", "--workers", "0")
+    opts = ["--top-k", "2", "--threshold", "0.9", "--probs"]  # every column a row can have
+    r = invoke("run", mixed_folder, "--out", local, "--model", colour_bundle, *opts, "--workers", "0")
     assert r.exit_code == 0, r.output
-    r = invoke("run", mixed_folder, "--out", ray_out, "--model", colour_bundle, "--top-k", "2",
+    r = invoke("run", mixed_folder, "--out", ray_out, "--model", colour_bundle, *opts,
                "--engine", "ray", "--batch-size", "5")
     assert r.exit_code == 0, r.output
     assert "classified 17 files (3 errors)" in r.output

@@ -13,6 +13,7 @@ from PIL import Image
 
 from batchcls.cli import EXIT_ROW_ERRORS, cli
 from batchcls.output import read_rows
+from conftest import SAMPLES
 
 
 def invoke(*args, input=None):
@@ -238,3 +239,37 @@ def test_resume_refuses_when_both_output_and_partial_exist(colour_images, colour
     r = invoke("run", colour_images, "--out", out, "--model", colour_bundle, "--resume")
     assert r.exit_code == 1 and "both" in r.output
     assert out.read_text() == before
+
+
+def test_top_k_past_the_class_count_is_refused_before_any_file(colour_images, colour_bundle, tmp_path):
+    out = tmp_path / "labels.csv"
+    r = invoke("run", colour_images, "--out", out, "--model", colour_bundle, "--top-k", "4")
+    assert r.exit_code == 1 and "--top-k 4 is more than the 3 classes" in r.output, r.output
+    assert r.output.count("\n") == 1 and not list(tmp_path.glob("labels.csv*"))
+
+
+def test_tta_flip_is_the_mean_of_the_image_and_its_mirror(tmp_path):
+    """The shipped model on real frames: --tta flip's probabilities are the mean of two plain passes."""
+    import numpy as np
+
+    import batchcls
+
+    plain, tta = batchcls.load(), batchcls.load(tta="flip")
+    frames = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(SAMPLES.glob("*/*.jpg"))[:8]]
+    keys = [f"prob_{c}" for c in plain.classes]
+    moved = 0.0
+    for frame in frames:
+        a, b = plain.predict(frame, probs=True), plain.predict(np.ascontiguousarray(frame[:, ::-1]), probs=True)
+        t = tta.predict(frame, probs=True)
+        want = np.array([(a[k] + b[k]) / 2 for k in keys])
+        got = np.array([t[k] for k in keys])
+        assert np.abs(got - want).max() < 1e-5
+        assert t["label"] == plain.classes[int(want.argmax())]
+        moved = max(moved, float(np.abs(got - np.array([a[k] for k in keys])).max()))
+    assert moved > 1e-3  # the mirror really changed something: this test can fail
+    out = tmp_path / "tta.csv"
+    r = invoke("run", SAMPLES, "--out", out, "--tta", "flip", "--probs")
+    assert r.exit_code == 0, r.output
+    row = read_rows(out)[0]
+    file_row = tta.predict(str(SAMPLES / row["path"]), probs=True)
+    assert abs(float(row["confidence"]) - file_row["confidence"]) < 1e-5 and row["label"] == file_row["label"]

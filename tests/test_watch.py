@@ -326,7 +326,7 @@ def test_restart_finishes_cut_moves_and_relabels_a_cut_row(inbox, tmp_path, daem
     out, sorted_ = tmp_path / "labels.csv", tmp_path / "sorted"
     (inbox / "moved_not.jpg").write_bytes(jpeg("red"))
     (inbox / "cut_row.jpg").write_bytes(jpeg("green"))
-    ledger = Ledger(str(out), fmt="csv", top_k=1)  # what the daemon does per batch, up to a kill -9:
+    ledger = Ledger(str(out), fmt="csv", columns=columns_for(1))  # what the daemon does per batch, up to a kill -9:
     ledger.intend([InputFile(str(inbox / "moved_not.jpg"), "moved_not.jpg")])  # which file is to move
     ledger.write([{"path": "moved_not.jpg", "label": "red", "confidence": 0.9, "status": "ok", "error": ""}])
     ledger.close()  # ...and killed before the move

@@ -80,8 +80,9 @@ class Watcher:
         self.mover = Mover(self.root, cfg.move_to, cfg.errors_to)
         if self.classifier is None:
             card = load_card(cfg.model)
-            self.classifier = Classifier(card, load_backend(card, cfg.backend, device=cfg.device))
-        self.ledger = Ledger(cfg.out, fmt=cfg.fmt, top_k=cfg.options.top_k)
+            self.classifier = Classifier(card, load_backend(card, cfg.backend, device=cfg.device),
+                                         tta=cfg.options.tta)
+        self.ledger = Ledger(cfg.out, fmt=cfg.fmt, columns=cfg.options.columns(self.classifier.card))
         self.scope = Scope(self.root, recursive=cfg.recursive, excluded_files=self.ledger.files,
                            excluded_dirs=[str(p) for p in self.mover.folders])
         workers = default_threads() if cfg.options.workers is None else cfg.options.workers
@@ -259,7 +260,7 @@ class Watcher:
         start = time.perf_counter()
         batch = self.stage.result(job)
         opts = self.config.options
-        rows = self.classifier.rows(batch, top_k=opts.top_k, threshold=opts.threshold)  # type: ignore[union-attr]
+        rows = self.classifier.rows(batch, top_k=opts.top_k, threshold=opts.threshold, probs=opts.probs)  # type: ignore[union-attr]
         kept, gone = [], []
         for f, row in zip(job.files, rows):
             # Deleted between arrival and decode: no longer an input, so no row (it may come back).
