@@ -48,13 +48,11 @@ def baseline(files: list[Path], model_dir: str, threads: int, batch_size: int) -
     from torchvision import transforms
 
     from batchcls.card import load_card
-    from train.models import create_model
+    from train.models import load_for_inference
 
     card = load_card(model_dir)
     torch.set_num_threads(threads)
-    model = create_model(card.architecture, card.num_classes, pretrained="none")
-    model.load_state_dict(torch.load(Path(model_dir) / "model.pt", map_location="cpu"))
-    model.eval()
+    model = load_for_inference(card)
     tf = transforms.Compose([transforms.Resize((card.input_size, card.input_size)), transforms.ToTensor(),
                              transforms.Normalize(card.mean, card.std)])
 

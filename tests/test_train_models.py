@@ -191,3 +191,33 @@ def test_eval_and_training_report_the_same_macro_f1():
     assert [r["support"] for r in rows] == np.bincount(y, minlength=6).tolist()
     macro, _, rows = f1_table(["a", "b"], ["a", "<error>"])  # an unreadable file: listed, never averaged
     assert macro == 0.5 and {r["label"] for r in rows} == {"a", "b", "<error>"}
+
+
+def test_shipped_bundle_weights_come_back_from_its_program():
+    """model.pt2 is the bundle's one copy of the weights: a timm model loaded from it is the ONNX model."""
+    import numpy as np
+
+    from batchcls.card import load_card
+    from conftest import SAMPLES
+    from batchcls.decode_stage import load_images
+    from batchcls.infer import Classifier
+    from batchcls.backends import load_backend
+    from batchcls.presets import normalize
+    from batchcls.scan import InputFile
+    from train.models import create_model, is_bundle, load_for_inference
+
+    card = load_card(None)
+    assert is_bundle(card.bundle_dir) and not (card.bundle_dir / "model.pt").exists()
+    files = [InputFile(str(p), p.name) for p in sorted(SAMPLES.glob("*/*.jpg"))[:6]]
+    classifier = Classifier(card, load_backend(card, "onnxruntime", device="cpu"))
+    batch = load_images(files, classifier.preset)
+    want = classifier.probabilities(batch.images)
+    with torch.inference_mode():
+        logits = load_for_inference(card)(torch.from_numpy(normalize(batch.images, card.mean, card.std)))
+    got = torch.softmax(logits / card.temperature, 1).numpy()
+    assert np.abs(got - want).max() < 1e-4
+    trained_on = create_model(card.architecture, card.num_classes, pretrained=str(card.bundle_dir),
+                              classes=card.classes)  # --pretrained engines/simpsons keeps the head too
+    with torch.inference_mode():
+        assert torch.allclose(trained_on.eval()(torch.from_numpy(normalize(batch.images, card.mean, card.std))),
+                              logits, atol=1e-5)

@@ -6,14 +6,15 @@
 - ``model.pt2`` is the same network as a ``torch.export`` program with a dynamic batch: the runtime's one
   torch backend (``--backend cuda``/``torch``) loads it without timm or train/. It records the sha256 of
   the ONNX it was exported beside, so a retrained ONNX never runs through a stale program.
-- ``model.pt`` (the plain state_dict) rides along for training tools (``--pretrained`` from the shipped
-  model, the benchmark's timm baseline); the runtime never reads it.
+- No separate state_dict file: the program keeps every weight under its module path, and training tools
+  (``--pretrained`` from the shipped model, the benchmark's timm baseline) read them from it
+  (``train.models.bundle_state_dict``).
 
 Both graphs output RAW logits; the runtime applies softmax(logits / card.temperature). ONNX Runtime must
 match PyTorch, and the exported program ONNX Runtime, on >= 64 real images (max abs prob diff < 1e-4), or
 export fails.
 
-    python -m train.export BUNDLE   # add model.pt2 + ONNX metadata to a bundle that has model.pt
+    python -m train.export BUNDLE   # renew model.pt2 + the ONNX metadata of a bundle
 """
 from __future__ import annotations
 
@@ -132,8 +133,6 @@ def export(ckpt_path: str | os.PathLike, bundle_dir: str | os.PathLike, *, tempe
     export_onnx(model, card.input_size, onnx_path)
     card = dataclasses.replace(card, temperature=float(temperature), metrics=metrics, training=training)
     card = dataclasses.replace(card, onnx_sha256=write_onnx_metadata(onnx_path, card))
-    with atomic_open(bundle / "model.pt", "wb") as fh:
-        torch.save(model.state_dict(), fh)
     _program_and_parity(model, card, bundle, parity_images, log)
     card.save(bundle)  # written last: a bundle with a card always has verified models next to it
     if results:
@@ -145,16 +144,16 @@ def export(ckpt_path: str | os.PathLike, bundle_dir: str | os.PathLike, *, tempe
 
 
 def add_program(bundle_dir: str | os.PathLike, parity_images: list[Path], log=print) -> Path:
-    """Bring an existing bundle (card + ONNX + model.pt) up to date: ONNX metadata and model.pt2.
+    """Bring an existing bundle (card + ONNX + model.pt or model.pt2) up to date: ONNX metadata and model.pt2.
 
     The ONNX graph is untouched; only its metadata changes, so the card's onnx_sha256 is updated with it.
     """
-    from train.models import create_model
+    from train.models import bundle_state_dict, create_model
 
     card = load_card(bundle_dir)
     bundle = Path(card.bundle_dir)
     model = create_model(card.architecture, card.num_classes, pretrained="none")
-    model.load_state_dict(torch.load(bundle / "model.pt", map_location="cpu", weights_only=True))
+    model.load_state_dict(bundle_state_dict(bundle))
     card = dataclasses.replace(card, onnx_sha256=write_onnx_metadata(card.onnx_path, card))
     _program_and_parity(model.eval(), card, bundle, parity_images, log)
     card.save(bundle)
@@ -162,7 +161,7 @@ def add_program(bundle_dir: str | os.PathLike, parity_images: list[Path], log=pr
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Add model.pt2 and ONNX metadata to a bundle that has model.pt.")
+    ap = argparse.ArgumentParser(description="Add (or renew) model.pt2 and the ONNX metadata of a bundle.")
     ap.add_argument("bundle", type=Path)
     ap.add_argument("--images", type=Path, default=Path(__file__).resolve().parents[1] / "samples" / "simpsons",
                     help="folder of real images for the parity checks (default: samples/simpsons)")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-SOURCES = ("offline", "hub", "none", "<path to a .pt/.pth file>", "<bundle folder with model.pt + card.json>")
+SOURCES = ("offline", "hub", "none", "<path to a .pt/.pth file>", "<bundle folder with model.pt2 + card.json>")
 
 
 @dataclass(frozen=True)
@@ -175,8 +175,8 @@ def create_model(name: str, num_classes: int, pretrained: str = "offline", class
     elif Path(pretrained).is_file():
         obj = _read_file(pretrained)  # read once: weights, and the classes a checkpoint of ours was trained on
         sd, file_classes = _state_dict(obj, pretrained), _info(obj).get("classes")
-    elif (Path(pretrained) / "model.pt").is_file():  # a bundle (engines/simpsons): its card names the classes
-        sd = _state_dict(_read_file(Path(pretrained) / "model.pt"), pretrained)
+    elif is_bundle(pretrained):  # a bundle (engines/simpsons): its card names the classes
+        sd = bundle_state_dict(pretrained)
         file_classes = json.loads((Path(pretrained) / "card.json").read_text())["classes"]
     else:
         raise ValueError(f"unknown weight source {pretrained!r}: choose one of {', '.join(SOURCES)}")
@@ -221,16 +221,33 @@ def check_weights(name: str, pretrained: str) -> None:
     elif pretrained == "hub" and not _probe(s.hub_host):
         raise WeightsError(f"cannot download {name} ImageNet weights from {s.hub_host} (no network?): "
                            f"use --pretrained offline or a local file")
-    elif pretrained not in ("offline", "hub", "none") and not (Path(pretrained).is_file()
-                                                                or (Path(pretrained) / "model.pt").is_file()):
+    elif pretrained not in ("offline", "hub", "none") and not (Path(pretrained).is_file() or is_bundle(pretrained)):
         raise ValueError(f"unknown weight source {pretrained!r}: choose one of {', '.join(SOURCES)}")
 
 
+def is_bundle(folder: str | Path) -> bool:
+    return (Path(folder) / "card.json").is_file() and any((Path(folder) / n).is_file() for n in BUNDLE_WEIGHTS)
+
+
+BUNDLE_WEIGHTS = ("model.pt2", "model.pt")  # the exported program holds the weights; model.pt: older bundles
+
+
+def bundle_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
+    """A bundle's trained weights under the model's own names, read from its ``model.pt2``.
+
+    ``torch.export`` keeps every parameter and buffer under its module path, so the program is the one copy
+    of the weights a bundle needs (training on from it, benchmarks); a plain ``model.pt`` is read if present.
+    """
+    folder = Path(folder)
+    if (folder / "model.pt").is_file():
+        return _state_dict(_read_file(folder / "model.pt"), str(folder))
+    if not (folder / "model.pt2").is_file():
+        raise WeightsError(f"{folder} has no model.pt2: re-export the bundle with `python -m train.export`")
+    return {k: v.detach().clone() for k, v in torch.export.load(folder / "model.pt2").state_dict.items()}
+
+
 def load_for_inference(card) -> nn.Module:
-    """A bundle's network in PyTorch (``model.pt`` beside its card), for the torch/CUDA backends and benchmarks."""
-    weights = card.bundle_dir / "model.pt"
-    if not weights.is_file():
-        raise WeightsError(f"{weights} is missing: re-export the bundle with `make train` to use PyTorch backends")
+    """A bundle's network as a timm/torchvision module (weights from its model.pt2), for benchmarks."""
     model = create_model(card.architecture, card.num_classes, pretrained="none")
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    model.load_state_dict(bundle_state_dict(card.bundle_dir))
     return model.eval()
