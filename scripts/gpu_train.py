@@ -1,6 +1,6 @@
 """Bring the training data to a lent GPU machine in pieces the device tool carries, and the bundle back.
 
-The device tool moves at most 64 MiB a call, the working tree that travels included (~43 MiB here, mostly the
+The device tool moves at most 64 MiB a call, the working tree that travels included (~30 MiB here, mostly the
 shipped bundle), and brings back at most 8 files of <= 16 MiB. So both ways one tar stream is cut into numbered
 parts with a JSON index (sha256 of every part and of the whole):
 
