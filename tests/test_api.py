@@ -1,7 +1,6 @@
 """The Python API (batchcls.load / Model.predict) and rows that lose nothing (--threshold keeps model_label,
 --probs adds prob_<class>): against real images, the shipped model and the real CLI's output files."""
 import io
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image, ImageOps
+from PIL import Image
 
 import batchcls
 from batchcls.card import default_bundle

@@ -17,6 +17,7 @@ from batchcls.decode_stage import DecodeStage, image_stage
 from batchcls.output import read_rows
 from batchcls.presets import EvalPreset
 from batchcls.scan import InputFile
+from procs import group_members, wait_for
 
 PRESET = EvalPreset(input_size=8, resize_mode="squash", crop_pct=1.0, interpolation="bilinear")
 DEADLINE = 30.0
@@ -100,32 +101,6 @@ def test_image_stage_gives_error_rows_for_bad_files(tmp_path):
 
 
 # --- the real command in a real process ------------------------------------------------------------
-
-def group_members(pgid: int) -> list[int]:
-    """Live processes (not zombies) in process group ``pgid``."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rpartition(")")[2].split()
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            out.append(int(entry))
-    return out
-
-
-def wait_for(condition, what: str, timeout: float = DEADLINE):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
 
 def many_images(root: Path, n: int) -> Path:
     root.mkdir()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from batchcls.errors import OutputError
+from procs import nested
 from faults import (HOSTILE, REPO, check_output, grow, kill_rounds, make_tree, run_cli, start_cli, tear_last_rows,
                     tmpfs, tiny_jpeg, wait_for_lock)
 
@@ -150,17 +151,7 @@ def test_a_failed_start_leaves_no_file_and_does_not_block_the_fixed_command(tree
 
 
 def _deep(root: Path, name: str, depth: int) -> str:
-    fd = os.open(root, os.O_RDONLY)
-    for _ in range(depth):
-        os.mkdir(name, dir_fd=fd)
-        nxt = os.open(name, os.O_RDONLY, dir_fd=fd)
-        os.close(fd)
-        fd = nxt
-    f = os.open("deep.jpg", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
-    os.write(f, tiny_jpeg(3))
-    os.close(f)
-    os.close(fd)
-    return "/".join([name] * depth + ["deep.jpg"])
+    return "/".join(nested(root, name, depth, "deep.jpg", tiny_jpeg(3)))
 
 
 def test_a_hostile_tree_gives_every_file_a_row_and_the_run_goes_on(tmp_path):

@@ -10,23 +10,13 @@ import pytest
 from batchcls.decode import decode_image
 from batchcls.fsutil import open_long
 from batchcls.scan import scan_dir
+from procs import nested
 
 SAMPLE = sorted((Path(__file__).resolve().parent.parent / "samples" / "simpsons").glob("*/*.jpg"))[0]
 
 
 def _chain(root: Path, name: str, depth: int) -> list[str]:
-    """depth nested folders named ``name`` under root, made through folder fds (their path passes PATH_MAX)."""
-    fd = os.open(root, os.O_RDONLY)
-    for _ in range(depth):
-        os.mkdir(name, dir_fd=fd)
-        nxt = os.open(name, os.O_RDONLY, dir_fd=fd)
-        os.close(fd)
-        fd = nxt
-    out = os.open("bottom.jpg", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
-    os.write(out, SAMPLE.read_bytes())
-    os.close(out)
-    os.close(fd)
-    return [name] * depth + ["bottom.jpg"]
+    return nested(root, name, depth, "bottom.jpg", SAMPLE.read_bytes())
 
 
 def unprivileged(argv: list[str]) -> list[str]:

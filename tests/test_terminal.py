@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from batchcls.output import read_rows
+from procs import session_members
 from terminal import Terminal, run_in_terminal
 
 REPO = Path(__file__).resolve().parent.parent
@@ -21,25 +22,9 @@ SAMPLES = REPO / "samples" / "simpsons"
 N_SAMPLES = len(list(SAMPLES.glob("*/*.jpg")))
 
 
-def session_survivors(sid: int) -> list[str]:
-    """Processes still in the command's session (it was its own session leader)."""
-    alive = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[3]) == sid and fields[0] != "Z":
-            alive.append(f"{pid} {stat[:stat.rindex(')') + 1]}")
-    return alive
-
-
 def assert_no_survivors(term: Terminal, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
-    while (left := session_survivors(term.proc.pid)) and time.monotonic() < deadline:
+    while (left := session_members(term.proc.pid)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, f"processes outlived the command: {left}"
 

@@ -29,6 +29,7 @@ from batchcls.watch import WatchConfig, Watcher, is_temporary, move_into
 from batchcls.watch.ledger import Ledger
 from batchcls.watch.arrivals import Arrivals, Scope
 from batchcls.watch.events import Event, Kind
+from procs import wait_for
 
 COLOURS = {"red": (230, 10, 10), "green": (10, 220, 10), "blue": (10, 10, 240)}
 DEADLINE = 30.0
@@ -44,16 +45,6 @@ def jpeg(colour: str, size=(40, 30), noise: bool = False) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=95)
     return buf.getvalue()
-
-
-def wait_for(condition, what: str, timeout: float = DEADLINE):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def rows(out: Path) -> list[dict]:
