@@ -248,8 +248,21 @@ class DecodeStage(Generic[T]):
     def __enter__(self) -> "DecodeStage[T]":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # Ctrl-C, a consumer that stopped early, an error: nobody wants what the workers are on
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop the queued batches and let the workers end after the one they are on, without waiting here.
+
+        Not a kill: a worker killed halfway through sending a result leaves the pool's reader thread waiting
+        for the rest forever, and the interpreter joins that thread at exit.
+        """
+        if self.pool is not None:
+            pool, self.pool = self.pool, None
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def image_stage(preset: EvalPreset, *, workers: int, max_pixels: int = DEFAULT_MAX_PIXELS,

@@ -36,8 +36,25 @@ class Interrupted(Exception):
         super().__init__(f"interrupted after {rows} rows; they are kept in {partial}: rerun with --resume to finish")
 
 
-def _raise_interrupt(signum, frame):  # noqa: ANN001 - signal handler signature
-    raise KeyboardInterrupt
+class _StopRequested:
+    """SIGINT/SIGTERM handler: the run stops at the next batch boundary, never inside library code.
+
+    A KeyboardInterrupt raised wherever the main thread happens to be can land inside concurrent.futures
+    while it starts a decode worker, and leave a worker that never gets its exit sentinel (seen under load:
+    a Ctrl-C'd run hung at exit). A second signal is the user insisting: it interrupts at once.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum, frame):  # noqa: ANN001 - signal handler signature
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
 
 
 def _pending(files: Iterator[InputFile], done: set[str]) -> Iterator[InputFile]:
@@ -68,14 +85,23 @@ def run_job(job: RunJob) -> RunSummary:
     files = _pending(scan(job.source, recursive=job.recursive, files_from=job.files_from, exclude=exclude),
                      writer.done)
     bar = _progress(job)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    stop = _StopRequested()
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def write(rows: list[dict]) -> None:
+        writer.write(rows)
+        if bar is not None:
+            bar.update(len(rows))
+        stop.check()  # after the batch is on disk: what was classified is kept
+
     try:
-        summary = run(files, classifier, writer.write, job.options, on_batch=None if bar is None else bar.update)
+        summary = run(files, classifier, write, job.options)
     except KeyboardInterrupt:
         writer.close(complete=False)
         raise Interrupted(writer.rows_written, "stdout" if writer.to_stdout else str(writer.partial)) from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         if bar is not None:
             bar.close()
     writer.close(complete=True)
