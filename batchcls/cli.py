@@ -35,6 +35,9 @@ class Group(click.Group):
             return super().invoke(ctx)
         except BrokenPipeError:
             _quiet_broken_pipe()
+        except KeyboardInterrupt:  # eval, report, review, info: nothing half-written to keep
+            click.echo("Error: interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
         except (BatchclsError, OSError) as e:
             if ctx.obj and ctx.obj.get("verbose"):
                 traceback.print_exc()

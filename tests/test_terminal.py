@@ -174,3 +174,15 @@ def test_closed_pipe_ends_quietly(samples, tmp_path):
     assert "Error" not in term.screen and "Broken pipe" not in term.screen, term.screen
     assert_clean_screen(term.screen)
     assert_no_survivors(term)
+
+
+def test_ctrl_c_during_eval_is_one_line(many, tmp_path):
+    term = Terminal("batchcls", "eval", many, "--batch-size", "8", cwd=tmp_path)
+    time.sleep(2.0)  # loading the model, then classifying
+    term.ctrl_c()
+    rc = term.wait()
+    assert rc == 130, term.screen
+    assert_clean_screen(term.screen)
+    last = [line for line in term.screen.splitlines() if line.strip()][-1]
+    assert last.endswith("Error: interrupted"), term.screen  # after the terminal's own echo of ^C
+    assert_no_survivors(term)
