@@ -18,7 +18,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ from batchcls.errors import BatchclsError
 from batchcls.output import RowWriter
 from batchcls.pipeline import Classifier, DecodedBatch, RunSummary, load_images
 from batchcls.presets import EvalPreset
-from batchcls.runner import Interrupted, RunJob, _pending, _raise_interrupt
+from batchcls.runner import Interrupted, RunJob, StopRequested, _pending
 from batchcls.scan import InputFile, scan
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # s3://, gs://, hdfs://, file:// ... (whatever pyarrow.fs reads)
@@ -273,13 +272,15 @@ def run_ray_job(job: RunJob, *, address: str | None = None, actors: int | None =
         _abandon(writer)
         raise
     quiet_ray = _QuietRayData(ray, progress=not job.quiet and sys.stderr.isatty())
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    stop = StopRequested()
+    previous = stop.install()
     summary = RunSummary()
     start = time.perf_counter()
     try:
         for rows in _classify(ray, files, card, job, actors) if files else ():
             writer.write(rows)
             summary.add(rows)
+            stop.check()
     except KeyboardInterrupt:
         writer.close(complete=False)
         raise Interrupted(writer.rows_written, "stdout" if writer.to_stdout else str(writer.partial)) from None
@@ -294,7 +295,7 @@ def run_ray_job(job: RunJob, *, address: str | None = None, actors: int | None =
         raise RayRunError(f"the Ray job failed after {writer.rows_written} rows ({_first_line(e)}): "
                              "fix the cause and rerun with --resume; --verbose shows the traceback") from e
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        stop.restore(previous)
         quiet_ray.restore()
         if started:
             ray.shutdown()

@@ -36,7 +36,7 @@ class Interrupted(Exception):
         super().__init__(f"interrupted after {rows} rows; they are kept in {partial}: rerun with --resume to finish")
 
 
-class _StopRequested:
+class StopRequested:
     """SIGINT/SIGTERM handler: the run stops at the next batch boundary, never inside library code.
 
     A KeyboardInterrupt raised wherever the main thread happens to be can land inside concurrent.futures
@@ -55,6 +55,15 @@ class _StopRequested:
     def check(self) -> None:
         if self.requested:
             raise KeyboardInterrupt
+
+    def install(self) -> dict:
+        """Handle SIGINT and SIGTERM; returns the previous handlers, for ``restore``."""
+        return {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    @staticmethod
+    def restore(previous: dict) -> None:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _pending(files: Iterator[InputFile], done: set[str]) -> Iterator[InputFile]:
@@ -85,8 +94,8 @@ def run_job(job: RunJob) -> RunSummary:
     files = _pending(scan(job.source, recursive=job.recursive, files_from=job.files_from, exclude=exclude),
                      writer.done)
     bar = _progress(job)
-    stop = _StopRequested()
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop = StopRequested()
+    previous = stop.install()
 
     def write(rows: list[dict]) -> None:
         writer.write(rows)
@@ -100,8 +109,7 @@ def run_job(job: RunJob) -> RunSummary:
         writer.close(complete=False)
         raise Interrupted(writer.rows_written, "stdout" if writer.to_stdout else str(writer.partial)) from None
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        stop.restore(previous)
         if bar is not None:
             bar.close()
     writer.close(complete=True)

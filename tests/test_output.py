@@ -1,8 +1,6 @@
 """Output files and the file-system primitives under them: name escaping, crash repair, the one-writer lock,
 atomic writes, safe names and confined paths. Real files in tmp_path; other processes where a lock is judged."""
 import csv
-import io
-import json
 import os
 import subprocess
 import sys
