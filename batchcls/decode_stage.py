@@ -232,37 +232,30 @@ class DecodeStage(Generic[T]):
             _kill(self.pool)
             self.pool = decode_pool(self.workers)
 
-    def close(self) -> None:
-        """Let each worker finish the batch it is on (a stuck one is killed after DECODE_TIMEOUT_S)."""
+    def close(self, *, cancel: bool = False) -> None:
+        """Let each worker finish the batch it is on (``cancel``: drop the queued ones), and wait for the
+        pool to be shut down here, not at interpreter exit, where concurrent.futures would race its own
+        manager thread. A worker still stuck after DECODE_TIMEOUT_S is killed."""
         if self.pool is None:
             return
         pool, self.pool = self.pool, None
         procs = list((getattr(pool, "_processes", None) or {}).values())
-        pool.shutdown(wait=False, cancel_futures=True)
-        deadline = time.monotonic() + DECODE_TIMEOUT_S
-        for proc in procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
-            if proc.is_alive():
-                proc.kill()
+        shutdown = threading.Thread(target=pool.shutdown, kwargs={"wait": True, "cancel_futures": cancel},
+                                    name="batchcls-decode-shutdown", daemon=True)
+        shutdown.start()
+        shutdown.join(DECODE_TIMEOUT_S)
+        if shutdown.is_alive():
+            for proc in procs:
+                with contextlib.suppress(Exception):
+                    proc.kill()
+            shutdown.join(DECODE_TIMEOUT_S)
 
     def __enter__(self) -> "DecodeStage[T]":
         return self
 
     def __exit__(self, exc_type: type | None, *exc: object) -> None:
-        if exc_type is None:
-            self.close()
-        else:  # Ctrl-C, a consumer that stopped early, an error: nobody wants what the workers are on
-            self.abort()
-
-    def abort(self) -> None:
-        """Drop the queued batches and let the workers end after the one they are on, without waiting here.
-
-        Not a kill: a worker killed halfway through sending a result leaves the pool's reader thread waiting
-        for the rest forever, and the interpreter joins that thread at exit.
-        """
-        if self.pool is not None:
-            pool, self.pool = self.pool, None
-            pool.shutdown(wait=False, cancel_futures=True)
+        # Ctrl-C, a consumer that stopped early, an error: nobody wants the queued batches
+        self.close(cancel=exc_type is not None)
 
 
 def image_stage(preset: EvalPreset, *, workers: int, max_pixels: int = DEFAULT_MAX_PIXELS,
