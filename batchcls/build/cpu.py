@@ -157,8 +157,8 @@ def _resolve(p: str, bases: list[Path]) -> Path:
 
 
 def find_manifest(card: ModelCard) -> Path | None:
-    """The split manifest train/ used: named in the card, or found where `make train` writes it
-    (runs/train/split.json) and matched by the sha256 the card records."""
+    """The split manifest train/ used: named in the card, or found where the training targets write it
+    (runs/<run>/split.json: make train, train-more, train-long) and matched by the sha256 the card records."""
     assert card.bundle_dir is not None
     ref = next((card.training[k] for k in MANIFEST_KEYS if isinstance(card.training.get(k), str)), None)
     if ref is not None:
@@ -166,7 +166,8 @@ def find_manifest(card: ModelCard) -> Path | None:
     sha = card.training.get("split_manifest_sha256")
     if not sha:
         return None
-    for path in (card.bundle_dir / "split.json", Path.cwd() / "runs/train/split.json", REPO / "runs/train/split.json"):
+    runs = [p for base in dict.fromkeys((Path.cwd(), REPO)) for p in sorted((base / "runs").glob("*/split.json"))]
+    for path in [card.bundle_dir / "split.json", *runs]:
         if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == sha:
             return path
     return None
