@@ -84,7 +84,7 @@ class Model:
         file (JPEGs are draft-decoded as the CLI does); a PIL image is used at the size it has.
         """
         options = _options(top_k, threshold, probs, max_pixels)
-        columns = self._columns(options)  # refuses a top_k past the class count before any work
+        columns = options.columns(self.card)  # refuses a top_k past the class count before any work
         single = not isinstance(items, (list, tuple))
         batch = [items] if single else list(items)
         rows: list[Row | None] = [None] * len(batch)
@@ -112,12 +112,9 @@ class Model:
         ``pandas.DataFrame(model.predict_folder(...))`` makes it a table.
         """
         options = _options(top_k, threshold, probs, max_pixels, workers=workers)
-        self._columns(options)
+        options.columns(self.card)  # refuses a top_k past the class count before any work
         return [row for rows in classify(scan(folder, recursive=recursive), self._classifier, options)
                 for row in rows]
-
-    def _columns(self, options: RunOptions) -> list[str]:
-        return options.columns(self.card)
 
     def _decode(self, items: list, max_pixels: int) -> DecodedBatch:
         """In-memory items -> the card's input size, as the decode workers do for files."""

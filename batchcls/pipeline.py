@@ -129,14 +129,12 @@ def classify(files: Iterable[InputFile], classifier: Classifier, options: RunOpt
 
 
 def run(files: Iterable[InputFile], classifier: Classifier, write: Callable[[list[dict]], None],
-        options: RunOptions, on_batch: Callable[[int], None] | None = None) -> RunSummary:
+        options: RunOptions) -> RunSummary:
     """Classify ``files`` and hand each finished batch of rows to ``write``."""
     summary = RunSummary()
     start = time.perf_counter()
     for rows in classify(files, classifier, options):
         write(rows)
         summary.add(rows)
-        if on_batch is not None:
-            on_batch(len(rows))
     summary.seconds = time.perf_counter() - start
     return summary

@@ -23,6 +23,15 @@ def _rows(names):
             for i, n in enumerate(names)]
 
 
+def _resume_and_add(out, name: str) -> None:
+    """--resume after a cut: the complete rows are done, the cut one is written again, the file reads back whole."""
+    w = RowWriter(str(out), columns=columns_for(1), resume=True)
+    assert w.done == {"a.jpg"}
+    w.write(_rows([name]))
+    w.close()
+    assert [r["path"] for r in read_rows(out)] == ["a.jpg", name]
+
+
 @pytest.mark.parametrize("name", HOSTILE)
 def test_name_escape_round_trips_and_is_utf8(name):
     text = encode_name(name)
@@ -87,11 +96,7 @@ def test_a_cut_inside_a_quoted_newline_is_not_taken_for_a_row_end(tmp_path):
     partial = tmp_path / "o.csv.partial"
     out.unlink()
     partial.write_bytes(data[:inside])
-    w = RowWriter(str(out), columns=columns_for(1), resume=True)
-    assert w.done == {"a.jpg"}
-    w.write(_rows(["two\nlines.jpg"]))
-    w.close()
-    assert [r["path"] for r in read_rows(out)] == ["a.jpg", "two\nlines.jpg"]
+    _resume_and_add(out, "two\nlines.jpg")
 
 
 def test_nothing_is_created_before_the_first_row(tmp_path):
@@ -218,11 +223,7 @@ def test_a_full_disk_mid_row_is_one_error_and_resume_repairs_it(tmp_path):
     with pytest.raises(OutputError, match="No space left on device.*--resume"):
         w.write(_rows(["bb\nbbbbbbbbbbbbbbbbbbbbbbbbb.jpg"]))
     w.close(complete=False)
-    w = RowWriter(str(out), columns=columns_for(1), resume=True)
-    assert w.done == {"a.jpg"}
-    w.write(_rows(["bb\nbbbbbbbbbbbbbbbbbbbbbbbbb.jpg"]))
-    w.close()
-    assert [r["path"] for r in read_rows(out)] == ["a.jpg", "bb\nbbbbbbbbbbbbbbbbbbbbbbbbb.jpg"]
+    _resume_and_add(out, "bb\nbbbbbbbbbbbbbbbbbbbbbbbbb.jpg")
 
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
