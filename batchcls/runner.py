@@ -1,7 +1,6 @@
 """``batchcls run`` as a library call: a typed job config in, a summary out."""
 from __future__ import annotations
 
-import signal
 import sys
 from dataclasses import dataclass
 from typing import Iterator
@@ -11,6 +10,7 @@ from batchcls.card import load_card
 from batchcls.output import RowWriter
 from batchcls.pipeline import Classifier, RunOptions, RunSummary, run
 from batchcls.scan import InputFile, scan
+from batchcls.stopping import StopRequested
 
 
 @dataclass(frozen=True)
@@ -34,36 +34,6 @@ class Interrupted(Exception):
 
     def __init__(self, rows: int, partial: str) -> None:
         super().__init__(f"interrupted after {rows} rows; they are kept in {partial}: rerun with --resume to finish")
-
-
-class StopRequested:
-    """SIGINT/SIGTERM handler: the run stops at the next batch boundary, never inside library code.
-
-    A KeyboardInterrupt raised wherever the main thread happens to be can land inside concurrent.futures
-    while it starts a decode worker, and leave a worker that never gets its exit sentinel (seen under load:
-    a Ctrl-C'd run hung at exit). A second signal is the user insisting: it interrupts at once.
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def __call__(self, signum, frame):  # noqa: ANN001 - signal handler signature
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def check(self) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-
-    def install(self) -> dict:
-        """Handle SIGINT and SIGTERM; returns the previous handlers, for ``restore``."""
-        return {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    @staticmethod
-    def restore(previous: dict) -> None:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def _pending(files: Iterator[InputFile], done: set[str]) -> Iterator[InputFile]:

@@ -481,6 +481,42 @@ def test_sigterm_or_ctrl_c_finishes_the_batch_flushes_and_exits_0(inbox, tmp_pat
     assert {r["status"] for r in rows(out)} == {"ok"}  # no batch was broken by the signals
 
 
+RACY_STOP = """
+import os, signal, sys, threading, time
+from batchcls.pipeline import RunOptions
+from batchcls.watch import WatchConfig
+from batchcls.watch.daemon import log_to_stderr, watch
+
+
+class RacyEvent(threading.Event):
+    \"\"\"A real Event whose first wait() takes the signal while it holds the Event's own lock: the
+    instant at which CI once caught `watch` hanging after Ctrl-C (the handler called stop.set()).\"\"\"
+
+    fired = False
+
+    def wait(self, timeout=None):
+        if not self.fired:
+            self.fired = True
+            with self._cond:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)  # the handler runs here, in this thread, with the lock held
+        return super().wait(timeout)
+
+
+folder, out, model = sys.argv[1:4]
+log_to_stderr()
+watch(WatchConfig(folder=folder, out=out, model=model, options=RunOptions(workers=0)), stop=RacyEvent())
+print("stopped")
+"""
+
+
+def test_a_signal_landing_inside_the_stop_wait_still_stops_the_daemon(inbox, tmp_path, colour_bundle):
+    r = subprocess.run([sys.executable, "-c", RACY_STOP, str(inbox), str(tmp_path / "labels.csv"), str(colour_bundle)],
+                       capture_output=True, text=True, timeout=DEADLINE * 2)
+    assert r.returncode == 0 and r.stdout == "stopped\n", r.stderr
+    assert "SIGINT: finishing the batch in flight" in r.stderr
+
+
 def test_kill_9_of_watch_leaves_no_process_behind(inbox, tmp_path, colour_bundle):
     from test_decode_stage import group_members
 

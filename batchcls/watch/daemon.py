@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import signal
 import sys
 import threading
 import time
@@ -31,6 +30,7 @@ from batchcls.errors import InputError, OutputError
 from batchcls.infer import Classifier
 from batchcls.machine import default_threads
 from batchcls.scan import InputFile, scan_dir
+from batchcls.stopping import StopRequested
 from batchcls.watch.arrivals import Arrivals, Scope
 from batchcls.watch.config import WATCH_FORMATS, WatchConfig, WatchError, WatchStats
 from batchcls.watch.events import Event, Kind
@@ -295,25 +295,22 @@ def log_to_stderr(quiet: bool = False) -> None:
 
 def watch(config: WatchConfig, stop: threading.Event | None = None) -> WatchStats:
     """Run the daemon until SIGINT/SIGTERM (or ``stop`` is set); the batch in flight is finished
-    and the ledger flushed before it returns."""
+    and the ledger flushed before it returns. The signal handler only sets a flag:
+    setting ``stop`` from it could deadlock on the lock ``stop.wait`` holds."""
     stop = stop or threading.Event()
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        def on_signal(signum: int, frame: object) -> None:
-            log.info("%s: finishing the batch in flight", signal.Signals(signum).name)
-            signal.signal(signum, signal.SIG_DFL)  # a second one stops at once
-            stop.set()
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    signalled = StopRequested()
+    previous = signalled.install() if threading.current_thread() is threading.main_thread() else {}
     watcher = Watcher(config)
     try:
         watcher.start()
-        while not stop.wait(0.2) and not watcher.failed:
+        while not (signalled.requested or stop.wait(0.2) or watcher.failed):
             pass
+        if signalled.requested:
+            log.info("%s: finishing the batch in flight", signalled.name)
     finally:
         try:
             watcher.close()
         finally:
-            for s, handler_ in previous.items():
-                signal.signal(s, handler_)
+            StopRequested.restore(previous)
     log.info("stopped: labelled %d files (%d errors) since start", watcher.stats.files, watcher.stats.errors)
     return watcher.stats
