@@ -169,7 +169,8 @@ class DecodeStage(Generic[T]):
             return Job(files, value=self.work(files))
         try:
             return Job(files, self.pool.submit(self.work, files))
-        except RuntimeError:  # BrokenProcessPool: a worker died since the last batch
+        except RuntimeError as e:  # BrokenProcessPool: a worker died while no batch of ours was on it
+            log.error("decode worker died between batches (%s): starting a fresh pool", type(e).__name__)
             self.restart()
             assert self.pool is not None
             return Job(files, self.pool.submit(self.work, files))

@@ -151,14 +151,22 @@ def test_a_decode_worker_killed_during_run_costs_no_file(tmp_path, colour_bundle
                Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace") and
                int(Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()[1]) != proc.pid]
     assert workers, "no decode worker found"
+    killed = 0
     for pid in workers:  # every one: the batches in flight are lost for certain, whichever worker held them
-        os.kill(pid, signal.SIGKILL)
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+        except ProcessLookupError:  # gone between the listing and the kill
+            pass
+    assert killed, f"every worker of {workers} was gone before the kill"
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    # The stage's recovery itself (retry in a fresh pool, and saying so) is pinned down deterministically by
-    # test_a_killed_or_hung_worker_costs_no_file; here the promise is the CLI's: no file lost, none twice.
-    # (About one run in 40 here the log line is missing although the kills landed: not understood yet.)
+    # The stage's recovery itself is pinned down deterministically by test_a_killed_or_hung_worker_costs_no_file;
+    # here: no file lost, none twice, and the recovery said in one line. Which line depends on the moment: a
+    # batch on a worker is retried; with the look-ahead window full of finished batches the workers sit idle,
+    # and the next submit finds the pool broken.
     assert "Traceback" not in err, err
+    assert "retrying in a fresh one" in err or "died between batches" in err, err
     rows = read_rows(out)
     assert sorted(r["path"] for r in rows) == sorted(p.name for p in root.iterdir())
     assert len(rows) == 3000 and {r["status"] for r in rows} == {"ok"}
