@@ -33,8 +33,8 @@ from batchcls.output import RowWriter
 from batchcls.pipeline import Classifier, DecodedBatch, RunSummary, load_images
 from batchcls.presets import EvalPreset
 from batchcls.runner import Interrupted, RunJob, _pending
-from batchcls.stopping import StopRequested
 from batchcls.scan import InputFile, scan
+from batchcls.stopping import StopRequested
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # s3://, gs://, hdfs://, file:// ... (whatever pyarrow.fs reads)
 
