@@ -7,7 +7,7 @@ IMAGES ?= samples/simpsons
 OUT ?= labels.csv
 MODEL ?= engines/simpsons
 
-.PHONY: install install-dev run test bench train train-more train-long train-gpu train-smoke audit engine soak
+.PHONY: install install-dev run test lint bench train train-more train-long train-gpu train-smoke audit engine soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,11 @@ install-dev: $(BIN)/python  ## everything: training stack, Ray, test tools
 run: install  ## classify the committed sample folder with the shipped model
 	$(BIN)/batchcls run $(IMAGES) --out $(OUT) --overwrite
 
-test: install-dev
+test: install-dev lint  ## lint, then the test suite (what CI runs)
 	$(BIN)/python -m pytest -q
+
+lint: install-dev  ## ruff (rules and import order in pyproject.toml)
+	$(BIN)/ruff check .
 
 bench: install-dev
 	$(BIN)/python scripts/bench_run.py

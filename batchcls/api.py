@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import itertools
 import os
-from typing import Sequence, Union, overload
+from collections.abc import Sequence
+from typing import Union, overload
 
 import numpy as np
 from PIL import Image
@@ -22,7 +23,7 @@ from batchcls.scan import InputFile, scan
 
 __all__ = ["Item", "Model", "Row", "load"]
 
-Item = Union[str, os.PathLike, Image.Image, np.ndarray, bytes]
+Item = Union[str, os.PathLike, Image.Image, np.ndarray, bytes]  # noqa: UP007 - a runtime alias on Python 3.10
 """A path, a PIL image (any mode), an HWC (or HW) uint8 RGB array, or a file's encoded bytes."""
 Row = dict
 """One result: the output file's columns (``path``, ``label``, ``confidence``, ``status``, ``error``, ...)."""
@@ -30,7 +31,7 @@ Row = dict
 
 
 def load(path: str | os.PathLike | None = None, *, backend: str | None = None, device: str | None = None,
-         threads: int | None = None, tta: str | None = None) -> "Model":
+         threads: int | None = None, tta: str | None = None) -> Model:
     """Load a model bundle (a folder with card.json + ONNX); None: the shipped Simpsons model.
 
     ``backend`` (auto, onnxruntime, tensorrt, cuda, torch) and ``device`` (cpu, cuda, cuda:N) mean what

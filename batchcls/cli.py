@@ -183,7 +183,7 @@ def engine_build(model, target, fp16, max_batch, val_dir, calib_dir, calib_image
 
     Example: batchcls engine build --model engines/simpsons --val-dir data/val
     """
-    from batchcls.build import build_engines
+    from batchcls.builders import build_engines
 
     built = build_engines(model, target=target, fp16=fp16, max_batch=max_batch, val_dir=val_dir,
                           calib_dir=calib_dir, calib_images=calib_images, log=lambda m: click.echo(m, err=True))
@@ -215,7 +215,8 @@ def watch(folder, out, model, fmt, polling, stable_seconds, batch_size, max_wait
     Example: batchcls watch ./inbox --out labels.csv --move-to ./sorted
     """
     from batchcls.pipeline import RunOptions
-    from batchcls.watch import WatchConfig, log_to_stderr, watch as watch_folder
+    from batchcls.watch import WatchConfig, log_to_stderr
+    from batchcls.watch import watch as watch_folder
 
     log_to_stderr(quiet)
     options = RunOptions(batch_size=batch_size, workers=workers, top_k=top_k, threshold=threshold, tta=tta)
@@ -260,7 +261,8 @@ def review(labels, images, below, to, link, errors) -> None:
 
     Example: batchcls review labels.csv --images ./images --below 0.9 --to review/
     """
-    from batchcls.review import describe, review as review_rows
+    from batchcls.review import describe
+    from batchcls.review import review as review_rows
 
     summary = review_rows(labels, to, below=below, images=images, link=link, errors=errors)
     click.echo(describe(summary, images), err=True)

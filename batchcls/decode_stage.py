@@ -27,9 +27,10 @@ import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Generic, Iterable, Iterator, TypeVar
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -58,7 +59,7 @@ def decode_one(f: InputFile, preset: EvalPreset, max_pixels: int = DEFAULT_MAX_P
         return preset(decode_image(f.path, min_side=preset.min_decode_side, max_pixels=max_pixels)), None
     except DecodeError as e:
         return None, str(e)
-    except Exception as e:  # noqa: BLE001 - whatever a decoder raises becomes this file's reason
+    except Exception as e:  # whatever a decoder raises becomes this file's reason
         return None, f"unexpected decode failure: {type(e).__name__}: {e}"
 
 
@@ -184,7 +185,7 @@ class DecodeStage(Generic[T]):
                 # A worker killed at the wrong moment can leave its future pending forever instead of
                 # breaking the pool (seen with SIGKILL under load): nobody may hang on it.
                 return job.future.result(timeout=DECODE_TIMEOUT_S)
-            except Exception as e:  # noqa: BLE001 - killed, out of memory, a decoder crash, or hung
+            except Exception as e:  # killed, out of memory, a decoder crash, or hung
                 reason = type(e).__name__
                 if isinstance(e, TimeoutError):
                     self.replace()  # its worker is stuck: a pool that keeps it would wait on it at close
@@ -224,7 +225,7 @@ class DecodeStage(Generic[T]):
             return
         try:
             self.pool.submit(os.getpid).result(timeout=DECODE_TIMEOUT_S)
-        except Exception:  # noqa: BLE001 - BrokenProcessPool, shut down after a failure, or TimeoutError: stuck
+        except Exception:  # BrokenProcessPool, shut down after a failure, or TimeoutError: stuck
             self.replace()
 
     def replace(self) -> None:
@@ -251,7 +252,7 @@ class DecodeStage(Generic[T]):
                     proc.kill()
             shutdown.join(DECODE_TIMEOUT_S)
 
-    def __enter__(self) -> "DecodeStage[T]":
+    def __enter__(self) -> DecodeStage[T]:
         return self
 
     def __exit__(self, exc_type: type | None, *exc: object) -> None:

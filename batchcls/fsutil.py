@@ -13,8 +13,9 @@ import errno
 import fcntl
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 PATH_MAX = os.pathconf("/", "PC_PATH_MAX") if hasattr(os, "pathconf") else 4096  # bytes, NUL included
 NAME_MAX = 255  # bytes in one path component on every Linux file system we write to
@@ -227,7 +228,7 @@ class FileLock:
         os.close(self._fd)  # closing drops the flock
         self._fd = None
 
-    def __enter__(self) -> "FileLock":
+    def __enter__(self) -> FileLock:
         self.acquire()
         return self
 

@@ -14,8 +14,8 @@ import functools
 import os
 import stat
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -194,7 +194,7 @@ class GpuClassifier(Classifier):
             images = torch.cat([images, images.flip(3)])  # NCHW: the mirror flips W
         try:
             logits = self.backend.infer_images(images)  # type: ignore[attr-defined]  # async: no sync here
-        except Exception as e:  # noqa: BLE001 - raised again inside rows(), which turns it into error rows
+        except Exception as e:  # raised again inside rows(), which turns it into error rows
             error = e
 
             def fail() -> np.ndarray:

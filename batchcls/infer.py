@@ -5,7 +5,7 @@ card's temperature after it happen here, once, so all backends give the same pro
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -27,8 +27,9 @@ import os
 import re
 import sys
 import weakref
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator, Sequence
+from typing import Any, BinaryIO
 
 from batchcls.errors import OutputError
 from batchcls.fsutil import FileLock, LockHeld, atomic_path, fsync_dir, lock_path
@@ -155,8 +156,8 @@ def csv_records(data: bytes, source: str | os.PathLike = "") -> Iterator[tuple[l
 
 def _csv_cut(data: bytes, source: Path) -> int:
     end = 0
-    for _, end in csv_records(data, source):
-        pass
+    for _, record_end in csv_records(data, source):
+        end = record_end
     return end
 
 

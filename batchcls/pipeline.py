@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
 
 from batchcls.backends import Backend
 from batchcls.card import ModelCard

@@ -28,7 +28,7 @@ class EvalPreset:
         self.resample = _RESAMPLE[interpolation]
 
     @classmethod
-    def from_card(cls, card: ModelCard) -> "EvalPreset":
+    def from_card(cls, card: ModelCard) -> EvalPreset:
         return cls(input_size=card.input_size, resize_mode=card.resize_mode,
                    crop_pct=card.crop_pct, interpolation=card.interpolation)
 

@@ -21,8 +21,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -150,11 +151,11 @@ class ModelActor:
 # --- driver --------------------------------------------------------------------------------------
 
 
-def _import_ray():  # noqa: ANN202 - returns the ray module
+def _import_ray():  # returns the ray module
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reporting: clusters may be air-gapped
     try:
         import ray
-        import ray.data  # noqa: F401
+        import ray.data
     except ImportError:
         raise RayRunError("--engine ray needs Ray Data: pip install 'batchcls[ray]'") from None
     return ray
@@ -186,7 +187,7 @@ def connect(address: str | None) -> bool:
 class _QuietRayData:
     """Ray Data's per-run INFO logs off, its progress bars only on a terminal; restore() puts both back."""
 
-    def __init__(self, ray, *, progress: bool) -> None:  # noqa: ANN001 - ray module
+    def __init__(self, ray, *, progress: bool) -> None:  # ray module
         self.ctx = ray.data.DataContext.get_current()
         self.logger = logging.getLogger("ray.data")
         self.saved = (self.ctx.enable_progress_bars, self.ctx.print_on_execution_start, self.logger.level)
@@ -199,7 +200,7 @@ class _QuietRayData:
         self.logger.setLevel(level)
 
 
-def _classify(ray, files: list[InputFile], card: ModelCard, job: RunJob,  # noqa: ANN001 - ray module
+def _classify(ray, files: list[InputFile], card: ModelCard, job: RunJob,  # ray module
               actors: int | None) -> Iterator[list[dict]]:
     """Rows for ``files`` in input order, batch by batch, computed on the cluster."""
     resources = ray.cluster_resources()

@@ -20,10 +20,10 @@ import multiprocessing
 import os
 import re
 import sys
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 from urllib.parse import quote
 
 from batchcls.errors import InputError, OutputError

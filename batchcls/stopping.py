@@ -19,7 +19,7 @@ class StopRequested:
         self.requested = False
         self.signum: int | None = None
 
-    def __call__(self, signum, frame):  # noqa: ANN001 - signal handler signature
+    def __call__(self, signum, frame):  # signal handler signature
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True

@@ -22,14 +22,14 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from batchcls.pipeline import GPU_BATCH  # noqa: E402
-from batchcls.scan import InputFile  # noqa: E402
+from batchcls.pipeline import GPU_BATCH  # noqa: E402 - after the sys.path line that makes it runnable as a script
+from batchcls.scan import InputFile  # noqa: E402 - after the sys.path line that makes it runnable as a script
 
 
 def dataset_files(data: Path, n: int) -> list[InputFile]:
@@ -115,7 +115,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from batchcls.build.parity import compare_rows
+    from batchcls.builders.parity import compare_rows
     from batchcls.card import load_card
     from batchcls.decode_stage import batched, load_images
     from batchcls.gpu import GpuClassifier, GpuJpegLoader, classify_gpu

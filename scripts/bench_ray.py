@@ -46,7 +46,7 @@ def pick_model(requested: str | None, tmp: Path) -> tuple[str, str]:
                                                        "yet), so inference is nearly free and decode dominates")
 
 
-def median_time(fn, repeats: int) -> float:  # noqa: ANN001
+def median_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -36,11 +36,12 @@ def main() -> None:
     mark("import torch")
     torch.zeros(1, device="cuda")
     mark("CUDA context")
-    from batchcls.card import load_card
+    from bench_engines import dataset_files
+
     from batchcls.backends.pytorch import TorchBackend
+    from batchcls.card import load_card
     from batchcls.decode_stage import batched
     from batchcls.gpu import GpuClassifier, GpuJpegLoader, classify_gpu
-    from bench_engines import dataset_files
     card = load_card(args.model)
     backend = TorchBackend(card, device="cuda")
     mark("model.pt2 on the GPU")

@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
             weights = None
             if args.weights:
                 import torch
+
                 from train import models
                 sd = models.offline_state_dict(args.weights)
                 head = set(models._head_keys(args.weights, models.create_model(args.weights, 1, pretrained="none")))

@@ -24,8 +24,21 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from faults import (HOSTILE, REPO, check_output, grow, kill_rounds, make_tree, run_cli, start_cli,  # noqa: E402
-                    tear_last_rows, tiny_jpeg, tmpfs, wait_for_lock, watch_kill_round)
+from faults import (
+    HOSTILE,
+    REPO,
+    check_output,
+    grow,
+    kill_rounds,
+    make_tree,
+    run_cli,
+    start_cli,
+    tear_last_rows,
+    tiny_jpeg,
+    tmpfs,
+    wait_for_lock,
+    watch_kill_round,
+)
 
 
 class Tally:

@@ -1,12 +1,9 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
+from bundles import make_colour_bundle
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).parent))
-from bundles import make_colour_bundle  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "samples" / "simpsons"

@@ -16,8 +16,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from PIL import Image
 
@@ -88,7 +88,7 @@ def check_output(out: Path, expected: set[str], fmt: str = "csv") -> list[str]:
             problems.append(f"{leftover.name} left behind")
     try:
         paths = [r["path"] for r in read_rows(out)]
-    except Exception as e:  # noqa: BLE001 - any failure to read is the finding
+    except Exception as e:  # any failure to read is the finding
         return problems + [f"read_rows failed: {type(e).__name__}: {e}"]
     dupes = len(paths) - len(set(paths))
     if dupes:
@@ -108,7 +108,7 @@ def check_output(out: Path, expected: set[str], fmt: str = "csv") -> list[str]:
             cells = None
         if cells is not None and sorted(decode_name(c) for c in cells) != sorted(paths):
             problems.append(f"the {fmt} module reads other paths than read_rows")
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         problems.append(f"{fmt} reader failed: {type(e).__name__}: {e}")
     try:
         import pandas as pd
@@ -119,7 +119,7 @@ def check_output(out: Path, expected: set[str], fmt: str = "csv") -> list[str]:
                  "parquet": pd.read_parquet}[fmt](out)
         if len(frame) != len(paths):
             problems.append(f"pandas reads {len(frame)} rows, read_rows {len(paths)}")
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         problems.append(f"pandas failed: {type(e).__name__}: {e}")
     return problems
 

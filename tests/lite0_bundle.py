@@ -17,14 +17,13 @@ import random
 import sys
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from batchcls.card import ModelCard  # noqa: E402
-from batchcls.decode_stage import load_images  # noqa: E402
-from batchcls.presets import EvalPreset, normalize  # noqa: E402
-from batchcls.scan import InputFile  # noqa: E402
+from batchcls.card import ModelCard  # noqa: E402 - after the sys.path line that makes it runnable as a script
+from batchcls.decode_stage import load_images  # noqa: E402 - after the sys.path line that makes it runnable as a script
+from batchcls.presets import EvalPreset, normalize  # noqa: E402 - after the sys.path line that makes it runnable as a script
+from batchcls.scan import InputFile  # noqa: E402 - after the sys.path line that makes it runnable as a script
 
 ARCH = "tf_efficientnet_lite0"
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import real_jpegs
 from PIL import Image
 
 from batchcls.decode import DecodeError, decode_image
 from batchcls.output import read_rows
-from conftest import real_jpegs
 
 
 def _png_with_header_size(path: Path, width: int, height: int) -> None:

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from procs import group_members, wait_for
 
 from batchcls.decode_stage import DecodeStage, image_stage
 from batchcls.output import read_rows
 from batchcls.presets import EvalPreset
 from batchcls.scan import InputFile
-from procs import group_members, wait_for
 
 PRESET = EvalPreset(input_size=8, resize_mode="squash", crop_pct=1.0, interpolation="bilinear")
 DEADLINE = 30.0

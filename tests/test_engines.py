@@ -11,20 +11,29 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bundles import colour_onnx, make_colour_bundle
 from click.testing import CliRunner
+from conftest import REPO, SAMPLES
 from PIL import Image
 
 from batchcls.backends import BACKENDS, OnnxRuntimeBackend, auto_backends, check_device, load_backend
 from batchcls.backends.record import int8_path, onnx_sha256, opt_path, read_record
-from batchcls.backends.tensorrt import GpuFacts, PlanMismatch, check_plan, chunk_size, meta_path, plan_path, plan_problem
-from batchcls.build.parity import MAX_CONF_DIFF, MIN_AGREEMENT, compare_rows
-from batchcls.build.tensorrt import profile_shapes
+from batchcls.backends.tensorrt import (
+    GpuFacts,
+    PlanMismatch,
+    check_plan,
+    chunk_size,
+    meta_path,
+    plan_path,
+    plan_problem,
+)
+from batchcls.builders.parity import MAX_CONF_DIFF, MIN_AGREEMENT, compare_rows
+from batchcls.builders.tensorrt import profile_shapes
 from batchcls.card import load_card
 from batchcls.cli import cli
 from batchcls.decode_stage import DecodedBatch, batched, load_images
@@ -34,10 +43,6 @@ from batchcls.machine import MachineFacts, cpu_has_vnni
 from batchcls.pipeline import RunOptions, classify
 from batchcls.presets import EvalPreset
 from batchcls.scan import labelled_files, scan_dir
-
-sys.path.insert(0, str(Path(__file__).parent))
-from bundles import colour_onnx, make_colour_bundle  # noqa: E402
-from conftest import REPO, SAMPLES  # noqa: E402
 
 try:
     import torch
@@ -227,7 +232,7 @@ def test_make_engine_leaves_git_status_clean():
     import subprocess
 
     from batchcls.backends.record import record_path
-    from batchcls.build.tensorrt import timing_cache_path
+    from batchcls.builders.tensorrt import timing_cache_path
 
     card = load_card(REPO / "engines" / "simpsons")
     written = [record_path(card), opt_path(card), int8_path(card), plan_path(card), meta_path(card),
@@ -273,7 +278,7 @@ def test_cpu_engine_build_keeps_accurate_int8(bundle, tmp_path):
 def test_int8_built_for_vnni_is_not_used_on_other_cpus(bundle, tmp_path):
     """A model quantized without reduce_range saturates on AVX2-only CPUs: only VNNI CPUs run it."""
     from batchcls.backends.record import cpu_engine_path
-    from batchcls.build.record import update_record
+    from batchcls.builders.record import update_record
 
     labelled = colour_folder(tmp_path / "val")
     CliRunner().invoke(cli, ["engine", "build", "--model", str(bundle), "--target", "cpu",
@@ -298,7 +303,7 @@ def test_cpu_engine_without_validation_images_is_not_kept(bundle, tmp_path):
 
 def test_int8_judge_rejects_a_less_accurate_model(bundle, tmp_path):
     """The decision itself: a candidate that loses macro-F1 (here one that swaps green and blue) is refused."""
-    from batchcls.build.cpu import judge_int8
+    from batchcls.builders.cpu import judge_int8
 
     card = load_card(bundle)
     worse = tmp_path / "worse.onnx"
@@ -319,7 +324,7 @@ def test_int8_judge_rejects_a_less_accurate_model(bundle, tmp_path):
 
 
 def test_split_manifest_paths(bundle, tmp_path):
-    from batchcls.build.cpu import calibration_files, load_split
+    from batchcls.builders.cpu import calibration_files, load_split
 
     data = colour_folder(tmp_path / "data")
     manifest = {"root": str(data), "classes": ["red", "green", "blue"],
@@ -343,7 +348,7 @@ def test_split_manifest_found_by_its_hash(bundle, tmp_path):
     """`make train` records only the manifest's sha256; the manifest is found where train writes it."""
     import hashlib
 
-    from batchcls.build.cpu import find_manifest, load_split
+    from batchcls.builders.cpu import find_manifest, load_split
 
     data = colour_folder(tmp_path / "data")
     text = json.dumps({"root": str(data), "classes": ["red", "green", "blue"], "train": [], "val": [["red/2.png", 0]]})
@@ -550,7 +555,7 @@ def lite0_source(request) -> Path:
 @pytest.fixture(scope="session")
 def lite0_engines(lite0_source, tmp_path_factory) -> Path:
     """The Lite0 bundle with its CPU engines built by the real build (calibration from the manifest)."""
-    from batchcls.build.cpu import build_cpu_engines
+    from batchcls.builders.cpu import build_cpu_engines
 
     bundle = tmp_path_factory.mktemp("lite0") / "bundle"
     shutil.copytree(lite0_source, bundle)
@@ -584,7 +589,7 @@ def test_cpu_int8_gate_keeps_what_it_measured(lite0_engines):
     """What the INT8 build promises on any CPU: the decision follows the figures it recorded, the figures are
     what the gate measures on this CPU, and runs use INT8 exactly when it was kept. How far INT8 drifts from
     FP32 is not a promise: its kernels round differently on AVX2, AVX-512 and VNNI."""
-    from batchcls.build.cpu import judge_int8, load_split
+    from batchcls.builders.cpu import judge_int8, load_split
 
     card = load_card(lite0_engines)
     entry = read_record(card)["cpu"]
@@ -681,7 +686,7 @@ def test_pipeline_feeds_a_cuda_backend_through_nvjpeg(request):
 @pytest.fixture(scope="session")
 def trt_bundle(request, tmp_path_factory) -> Path:
     pytest.importorskip("tensorrt", reason="TensorRT is not installed here (pip install 'batchcls[tensorrt]')")
-    from batchcls.build.tensorrt import build_plan
+    from batchcls.builders.tensorrt import build_plan
 
     bundle = tmp_path_factory.mktemp("trt") / "bundle"
     shutil.copytree(gpu_bundle(request), bundle,

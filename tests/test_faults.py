@@ -14,11 +14,23 @@ import sys
 from pathlib import Path
 
 import pytest
+from faults import (
+    HOSTILE,
+    REPO,
+    check_output,
+    grow,
+    kill_rounds,
+    make_tree,
+    run_cli,
+    start_cli,
+    tear_last_rows,
+    tiny_jpeg,
+    tmpfs,
+    wait_for_lock,
+)
+from procs import nested
 
 from batchcls.errors import OutputError
-from procs import nested
-from faults import (HOSTILE, REPO, check_output, grow, kill_rounds, make_tree, run_cli, start_cli, tear_last_rows,
-                    tmpfs, tiny_jpeg, wait_for_lock)
 
 SEED = int(os.environ.get("BATCHCLS_FAULT_SEED", "16"))
 SHIPPED = REPO / "engines" / "simpsons"
@@ -213,7 +225,7 @@ def test_review_and_report_only_read_inside_images(tmp_path):
     labels = tmp_path / "labels.csv"
     rows = [("ok.jpg", "bart_simpson"), ("../secret.jpg", "../../escape"), (str(secret), "homer_simpson"),
             ("../../../../etc/passwd", "lisa_simpson"), ("/etc/shadow", "lisa_simpson")]
-    labels.write_text("path,label,confidence,status,error\n" + "".join(f"{p},{l},0.1,ok,\n" for p, l in rows))
+    labels.write_text("path,label,confidence,status,error\n" + "".join(f"{p},{lbl},0.1,ok,\n" for p, lbl in rows))
     to = tmp_path / "review"
     r = run_cli("review", labels, "--images", images, "--below", "0.5", "--to", to, "--errors")
     assert r.returncode == 0, r.stderr
@@ -270,7 +282,7 @@ def test_review_never_writes_through_a_link_out_of_its_folder(tmp_path):
 
 # --- the watch daemon: its ledger, its moves, names used twice -------------------------------------
 
-from test_watch import daemon, has_rows, inbox, jpeg, rows, wait_for  # noqa: E402,F401 - fixtures too
+from test_watch import daemon, has_rows, inbox, jpeg, rows, wait_for  # noqa: E402, F401 - fixtures too
 
 
 def test_a_name_used_again_is_labelled_not_filed_under_the_old_row(inbox, tmp_path, daemon):

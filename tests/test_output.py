@@ -10,8 +10,18 @@ import pytest
 
 from batchcls.errors import OutputError
 from batchcls.fsutil import FileLock, LockHeld, atomic_open, atomic_write, confined, lock_path, open_long, safe_name
-from batchcls.output import (RowWriter, columns_for, csv_records, decode_name, encode_name, read_rows, repair,
-                             unescape_cell, CsvFormat, JsonlFormat)
+from batchcls.output import (
+    CsvFormat,
+    JsonlFormat,
+    RowWriter,
+    columns_for,
+    csv_records,
+    decode_name,
+    encode_name,
+    read_rows,
+    repair,
+    unescape_cell,
+)
 
 HOSTILE = ["plain.jpg", "new\nline.jpg", "cr\rname.jpg", "crlf\r\nboth.jpg", os.fsdecode(b"latin1-\xe9t\xe9.jpg"),
            os.fsdecode(b"\xff\xfe\x80.jpg"), "back\\slash\\x80.jpg", "=SUM(A1).jpg", "'quoted.jpg", '"dq",.jpg',

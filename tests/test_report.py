@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import SAMPLES
 from PIL import Image
 
 from batchcls.cli import cli
 from batchcls.output import RowWriter, columns_for, read_rows
 from batchcls.report import build_report, files_dir
 from batchcls.review import review
-from conftest import SAMPLES
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium")) if p and os.path.exists(p)), None)
 EVIL = "<img src=x onerror=alert(1)>.jpg"

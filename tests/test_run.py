@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import SAMPLES
 from PIL import Image
 
 from batchcls.cli import EXIT_ROW_ERRORS, cli
 from batchcls.output import read_rows
-from conftest import SAMPLES
 
 
 def invoke(*args, input=None):

@@ -6,11 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from procs import nested
 
 from batchcls.decode import decode_image
 from batchcls.fsutil import open_long
 from batchcls.scan import scan_dir
-from procs import nested
 
 SAMPLE = sorted((Path(__file__).resolve().parent.parent / "samples" / "simpsons").glob("*/*.jpg"))[0]
 

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from batchcls.output import read_rows
 from procs import session_members
 from terminal import Terminal, run_in_terminal
+
+from batchcls.output import read_rows
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "samples" / "simpsons"

@@ -6,12 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from batchcls.decode import decode_image
 from batchcls.presets import EvalPreset, normalize
 from train import data as D
-import torch
-
 from train.presets import BatchAugment, EvalTransform, cache_preset, cache_side, preprocessing_card
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "simpsons"

@@ -7,14 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gpu_train as G
 import pytest
-
 from conftest import REPO, SAMPLES
 
-sys.path.insert(0, str(REPO / "scripts"))
-import gpu_train as G  # noqa: E402
-
-from train import data as D  # noqa: E402
+from train import data as D
 
 KIB = 1024
 
@@ -114,6 +111,7 @@ def test_the_device_script_runs_end_to_end_on_cpu_at_tiny_size(tmp_path):
     gpu = tmp_path / "gpu"
     weights = tmp_path / "w.pt"
     import torch
+
     from train.models import offline_state_dict
     torch.save(offline_state_dict("efficientnet_lite0"), weights)
     G.pack(SAMPLES, gpu / "pack", 8 << 20, weights=weights, split=D.make_split(SAMPLES, seed=1337, log=lambda *_: None))

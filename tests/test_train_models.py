@@ -9,9 +9,9 @@ import pytest
 import timm
 import torch
 
-from train import models
 from batchcls.metrics import macro_f1
 from batchcls.pipeline import softmax
+from train import models
 from train.metrics import ece, fit_temperature
 
 
@@ -158,6 +158,7 @@ def test_cached_search_is_reused_only_for_the_same_trials():
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "vgg16"])
 def test_frozen_stages_get_no_gradient_and_keep_their_weights(name):
     import torch
+
     from train import models
     from train.train import set_backbone_trainable
 
@@ -196,12 +197,12 @@ def test_eval_and_training_report_the_same_macro_f1():
 def test_shipped_bundle_weights_come_back_from_its_program():
     """model.pt2 is the bundle's one copy of the weights: a timm model loaded from it is the ONNX model."""
     import numpy as np
-
-    from batchcls.card import load_card
     from conftest import SAMPLES
+
+    from batchcls.backends import load_backend
+    from batchcls.card import load_card
     from batchcls.decode_stage import load_images
     from batchcls.infer import Classifier
-    from batchcls.backends import load_backend
     from batchcls.presets import normalize
     from batchcls.scan import InputFile
     from train.models import create_model, is_bundle, load_for_inference

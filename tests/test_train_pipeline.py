@@ -77,10 +77,11 @@ def test_smoke_pipeline_end_to_end(tmp_path):
         assert (run / f).is_file(), f
     assert "ONNX Runtime vs PyTorch" in r.stdout
 
+    import onnxruntime as ort
+
     from batchcls.card import load_card
     from batchcls.decode import decode_image
     from batchcls.presets import EvalPreset, normalize
-    import onnxruntime as ort
     card = load_card(engine)
     assert card.classes == sorted(p.name for p in SAMPLES.iterdir() if p.is_dir())
     assert card.input_size == 64 and card.resize_mode == "squash" and card.mean == [0.5] * 3

@@ -8,11 +8,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from conftest import SAMPLES
 
 from batchcls.metrics import macro_f1
-from train.train import TrainConfig, main as train_main, val_scores
-
-from conftest import SAMPLES
+from train.train import TrainConfig, val_scores
+from train.train import main as train_main
 
 # 24 train / 8 val images at 64 px, 3 steps an epoch: about a second an epoch on 2 cores.
 TINY = dict(data=str(SAMPLES), model="efficientnet_lite0", input_size=64, start_size=0, batch_size=8,

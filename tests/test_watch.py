@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+from procs import wait_for
 
 from batchcls.cli import cli
 from batchcls.errors import OutputError
@@ -26,10 +27,9 @@ from batchcls.output import RowWriter, columns_for, read_rows
 from batchcls.pipeline import RunOptions
 from batchcls.scan import InputFile
 from batchcls.watch import WatchConfig, Watcher, is_temporary, move_into
-from batchcls.watch.ledger import Ledger
 from batchcls.watch.arrivals import Arrivals, Scope
 from batchcls.watch.events import Event, Kind
-from procs import wait_for
+from batchcls.watch.ledger import Ledger
 
 COLOURS = {"red": (230, 10, 10), "green": (10, 220, 10), "blue": (10, 10, 240)}
 DEADLINE = 30.0

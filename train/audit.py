@@ -106,7 +106,7 @@ def contact_sheets(disputed: list[dict], root: str, prefix: Path, *, per_sheet: 
                 thumb = decode_image(os.path.join(root, r["path"]))
                 thumb.thumbnail((tile - 6, tile - 6))
                 sheet.paste(thumb, (x, y))
-            except Exception as e:  # noqa: BLE001 - an unreadable image still gets its captioned slot
+            except Exception as e:  # an unreadable image still gets its captioned slot
                 draw.text((x + 4, y + 4), f"unreadable: {e}"[:40], fill="gray", font=font)
             draw.text((x + 2, y + tile - 2), f"{start + i} {r['label']}"[:34], fill="black", font=font)
             draw.text((x + 2, y + tile + 14), f"-> {r['predicted']} {float(r['confidence']):.2f}"[:34],

@@ -16,10 +16,10 @@ from torch.utils.data import DataLoader
 
 from batchcls.card import ModelCard
 from batchcls.fsutil import atomic_open, atomic_path, atomic_write
-from train import data as D
-from train import models
 from batchcls.metrics import confusion, macro_f1, per_class
 from batchcls.pipeline import softmax
+from train import data as D
+from train import models
 from train.metrics import ece, fit_temperature, nll, reliability
 from train.presets import EvalTransform
 from train.train import predict

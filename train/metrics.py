@@ -6,7 +6,6 @@ import numpy as np
 import torch
 
 
-
 def ece(probs: np.ndarray, y_true: np.ndarray, bins: int = 15) -> float:
     """Expected calibration error: top-1 confidence vs accuracy over equal-width bins."""
     conf, pred = probs.max(1), probs.argmax(1)

@@ -126,19 +126,19 @@ def hub_state_dict(name: str) -> dict[str, torch.Tensor]:
             return timm.create_model(s.arch, pretrained=True).state_dict()
         import torchvision
         return getattr(torchvision.models, s.arch)(weights="IMAGENET1K_V1").state_dict()
-    except Exception as e:  # noqa: BLE001 - any download/parse failure is one line for the user
+    except Exception as e:  # any download/parse failure is one line for the user
         raise WeightsError(f"cannot download {name} ImageNet weights ({type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}): use --pretrained offline or a local file") from None
 
 
-def _read_file(path: str | os.PathLike):  # noqa: ANN202 - whatever torch.save wrote
+def _read_file(path: str | os.PathLike):  # whatever torch.save wrote
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise WeightsError(f"cannot read weights file {path}: {e}") from None
 
 
-def _info(obj) -> dict:  # noqa: ANN001
+def _info(obj) -> dict:
     keys = ("classes", "best_val_nll", "best_val_f1", "split_sha256")
     return {k: obj[k] for k in keys if isinstance(obj, dict) and k in obj}
 
@@ -148,7 +148,7 @@ def checkpoint_info(path: str | os.PathLike) -> dict:
     return _info(_read_file(path))
 
 
-def _state_dict(obj, path: str | os.PathLike) -> dict[str, torch.Tensor]:  # noqa: ANN001
+def _state_dict(obj, path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A plain state_dict or one of our checkpoints ({"model": ...}); DDP/compile prefixes stripped."""
     sd = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):

@@ -38,7 +38,8 @@ from train import models
 from train.evaluate import evaluate
 from train.export import export
 from train.search import GRID, SEARCH_SUBSET, SEARCH_VAL_SUBSET, best_row, search
-from train.train import RUN_LOCAL, TrainConfig, main as train_main, schedule_cost
+from train.train import RUN_LOCAL, TrainConfig, schedule_cost
+from train.train import main as train_main
 
 # Per-model recipe sized for the CPU budget above; anything in --config overrides it for every model.
 RECIPES = {

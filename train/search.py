@@ -11,7 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from batchcls.fsutil import atomic_open
-from train.train import TrainConfig, main as train_main
+from train.train import TrainConfig
+from train.train import main as train_main
 
 # 4 trials: learning rate x how deep the frozen stem is; TrainConfig's defaults (what ships) are one of them.
 GRID = {"lr": [1e-3, 3e-3], "freeze_stages": [2, 3]}

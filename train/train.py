@@ -28,15 +28,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
-from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from train import data as D
-from train import models
 from batchcls.fsutil import atomic_path
 from batchcls.metrics import macro_f1
+from train import data as D
+from train import models
 from train.metrics import fit_temperature, nll
 from train.presets import BatchAugment, EvalTransform, cache_preset, cache_side, preprocessing_card
 

@@ -2,7 +2,7 @@
 
 Every backend maps a float32 NCHW batch to raw logits; softmax and temperature are applied once, in
 ``batchcls.infer``, so all backends give the same probabilities. Building engines is another job, in
-``batchcls.build``; this package only reads what a build left beside the card, and never imports it.
+``batchcls.builders``; this package only reads what a build left beside the card, and never imports it.
 
 - ``onnxruntime``: ONNX Runtime, the CPU backend every install has (``onnxruntime.py``), running the
   best CPU model ``make engine`` vouched for (``record.py``);

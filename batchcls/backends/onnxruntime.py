@@ -50,6 +50,6 @@ def onnx_metadata(path: Path) -> dict[str, str]:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # only reading, not running
     try:
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - ORT's untyped errors for corrupt files
+    except Exception as e:  # ORT's untyped errors for corrupt files
         raise ModelError(f"cannot load ONNX model {path}: {str(e).splitlines()[0]}") from e
     return dict(session.get_modelmeta().custom_metadata_map)

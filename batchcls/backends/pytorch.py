@@ -37,7 +37,7 @@ def load_program(card: ModelCard) -> torch.nn.Module:
     extra = {PROGRAM_META: ""}
     try:
         program = torch.export.load(str(path), extra_files=extra)
-    except Exception as e:  # noqa: BLE001 - torch's untyped errors for corrupt or foreign files
+    except Exception as e:  # torch's untyped errors for corrupt or foreign files
         raise ModelError(f"cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     try:
         meta = json.loads(extra[PROGRAM_META] or "{}")
@@ -81,8 +81,8 @@ class GraphedForward:
         if self.graph is None:
             try:
                 self._capture(x)
-            except Exception as e:  # noqa: BLE001 - fall back, never fail a run over an optimisation
-                warnings.warn(f"CUDA graph capture failed, running eagerly: {type(e).__name__}: {e}")
+            except Exception as e:  # fall back, never fail a run over an optimisation
+                warnings.warn(f"CUDA graph capture failed, running eagerly: {type(e).__name__}: {e}", stacklevel=2)
                 self.failed = True
                 return self.model(x)
         size = self.static_in.shape[0]

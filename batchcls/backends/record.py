@@ -1,6 +1,6 @@
 """The reading side of a bundle's engine records: which built engine, if any, may run this model.
 
-``batchcls engine build`` (``batchcls.build``) writes engines beside the card and records in
+``batchcls engine build`` (``batchcls.builders``) writes engines beside the card and records in
 ``engines.json`` what each was built from and whether it was kept. That record describes this machine's
 build, so it lives beside the engine, ignored by git; a bundle without one (a fresh clone, a wheel)
 runs its plain ONNX model. Every engine records the sha256 of the ONNX it came from, so a retrained

@@ -4,7 +4,7 @@ A serialized plan only runs on the GPU model and TensorRT version that built it,
 beside it records the TensorRT version, GPU name and compute capability (and the hash of the ONNX it
 came from). ``check_plan`` compares those facts with this machine before deserializing and, on a
 mismatch, says which fact differs and the command that rebuilds. Building the plan is
-``batchcls.build.tensorrt``'s job.
+``batchcls.builders.tensorrt``'s job.
 
 Only ``TensorRTBackend`` touches ``tensorrt``; everything else is plain Python so the tests cover it
 on machines without a GPU. Written against the TensorRT 10 Python API: I/O is addressed by tensor name
@@ -106,7 +106,7 @@ def chunk_size(n: int, max_batch: int, min_chunk: int = 16) -> int:
 class _Slot:
     """One execution context with its own stream and pinned/device buffers (double buffering)."""
 
-    def __init__(self, engine, torch, device, in_shape, out_shape, in_dtype, out_dtype) -> None:  # noqa: ANN001
+    def __init__(self, engine, torch, device, in_shape, out_shape, in_dtype, out_dtype) -> None:
         self.context = engine.create_execution_context()
         self.stream = torch.cuda.Stream(device)
         self.host_in = torch.empty(in_shape, dtype=in_dtype).pin_memory()
@@ -156,7 +156,7 @@ class TensorRTBackend:
         self.normalize = DeviceNormalize(card, self.device)
         self.meta = meta
 
-    def _enqueue(self, slot: _Slot, dev_in, dev_out, n: int, stream) -> None:  # noqa: ANN001
+    def _enqueue(self, slot: _Slot, dev_in, dev_out, n: int, stream) -> None:
         ctx = slot.context
         ok = ctx.set_input_shape(self.input_name, (n, *self.in_shape[1:]))
         ok &= ctx.set_tensor_address(self.input_name, dev_in.data_ptr())
@@ -192,7 +192,7 @@ class TensorRTBackend:
             self._collect(slot, out)
         return out
 
-    def infer_device(self, x):  # noqa: ANN001, ANN201 - torch float NCHW already on the GPU -> logits
+    def infer_device(self, x):  # torch float NCHW already on the GPU -> logits
         torch = self.torch
         stream = torch.cuda.current_stream(self.device)
         x = x.to(self.in_dtype).contiguous()
@@ -202,5 +202,5 @@ class TensorRTBackend:
             self._enqueue(self.slots[0], x[a:b], out[a:b], b - a, stream)
         return out.float()
 
-    def infer_images(self, images):  # noqa: ANN001, ANN201 - torch uint8 NCHW on the GPU -> logits
+    def infer_images(self, images):  # torch uint8 NCHW on the GPU -> logits
         return self.infer_device(self.normalize(images))

@@ -15,8 +15,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
-from typing import Callable, Container, Iterable
 
 from batchcls.scan import InputFile
 from batchcls.watch.config import is_temporary

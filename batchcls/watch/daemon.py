@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 from batchcls.decode_stage import DecodedBatch, DecodeStage, Job, image_stage
 from batchcls.errors import InputError, OutputError
@@ -61,14 +61,14 @@ class Watcher:
 
     # --- lifecycle ---
 
-    def start(self) -> "Watcher":
+    def start(self) -> Watcher:
         try:
             return self._start()
         except BaseException:
             self.close()  # a half-started daemon leaves no threads, pool or open ledger behind
             raise
 
-    def _start(self) -> "Watcher":
+    def _start(self) -> Watcher:
         from batchcls.backends import load_backend
         from batchcls.card import load_card
 
@@ -129,7 +129,7 @@ class Watcher:
             failure, self._failure = self._failure, None
             raise failure
 
-    def __enter__(self) -> "Watcher":
+    def __enter__(self) -> Watcher:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -148,7 +148,7 @@ class Watcher:
         def run() -> None:
             try:
                 target()
-            except BaseException as e:  # noqa: BLE001 - handed to the main thread: failed, then close()
+            except BaseException as e:  # handed to the main thread: failed, then close()
                 log.error("watch %s thread failed: %s", target.__name__.strip("_"), e)
                 self._failure = e
                 self.arrivals.stop()  # type: ignore[union-attr]

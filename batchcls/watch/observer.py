@@ -6,7 +6,8 @@ this one only enqueues. inotify reports close-after-write (a file is complete); 
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from batchcls.watch.config import WatchConfig
 from batchcls.watch.events import Event, Kind
@@ -17,23 +18,23 @@ def handler(put: Callable[[Event], None]) -> Any:
     from watchdog.events import FileSystemEventHandler
 
     class Events(FileSystemEventHandler):
-        def on_closed(self, event) -> None:  # noqa: ANN001 - inotify IN_CLOSE_WRITE: the writer is done
+        def on_closed(self, event) -> None:  # inotify IN_CLOSE_WRITE: the writer is done
             put(Event(Kind.CLOSED, event.src_path))
 
-        def on_created(self, event) -> None:  # noqa: ANN001
+        def on_created(self, event) -> None:
             put(Event(Kind.DIR_CREATED if event.is_directory else Kind.CREATED, event.src_path))
 
-        def on_modified(self, event) -> None:  # noqa: ANN001
+        def on_modified(self, event) -> None:
             if not event.is_directory:
                 put(Event(Kind.CREATED, event.src_path))
 
-        def on_moved(self, event) -> None:  # noqa: ANN001 - src or dest may be '' when the other side is outside
+        def on_moved(self, event) -> None:  # src or dest may be '' when the other side is outside
             if event.src_path:
                 put(Event(Kind.GONE, event.src_path))
             if event.dest_path:
                 put(Event(Kind.DIR_MOVED_IN if event.is_directory else Kind.MOVED, event.dest_path))
 
-        def on_deleted(self, event) -> None:  # noqa: ANN001
+        def on_deleted(self, event) -> None:
             put(Event(Kind.GONE, event.src_path))
 
     return Events()
@@ -55,8 +56,15 @@ def make_observer(config: WatchConfig) -> tuple[Any, bool]:
 def event_filter(close_events: bool) -> list | None:
     if not close_events:
         return None
-    from watchdog.events import (DirCreatedEvent, DirDeletedEvent, DirMovedEvent, FileClosedEvent,
-                                 FileCreatedEvent, FileDeletedEvent, FileMovedEvent)
+    from watchdog.events import (
+        DirCreatedEvent,
+        DirDeletedEvent,
+        DirMovedEvent,
+        FileClosedEvent,
+        FileCreatedEvent,
+        FileDeletedEvent,
+        FileMovedEvent,
+    )
     # No modify events: with close-after-write they add nothing, and each write() makes one.
     return [FileClosedEvent, FileCreatedEvent, FileMovedEvent, FileDeletedEvent,
             DirCreatedEvent, DirMovedEvent, DirDeletedEvent]

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Sequence
 
 from batchcls.backends.record import onnx_sha256
 from batchcls.backends.tensorrt import INSTALL_HINT, GpuFacts, current_facts, meta_path, plan_path

@@ -16,13 +16,13 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from batchcls.backends.onnxruntime import OnnxRuntimeBackend
 from batchcls.backends.record import int8_path, onnx_sha256, opt_path
-from batchcls.build.parity import compare_rows
-from batchcls.build.record import update_record
+from batchcls.builders.parity import compare_rows
+from batchcls.builders.record import update_record
 from batchcls.card import ModelCard
 from batchcls.decode_stage import load_images
 from batchcls.errors import InputError
@@ -76,7 +76,7 @@ def int8_settings(vnni: bool) -> dict:
             "fp32_nodes": "stem conv, depthwise convs, classifier head"}
 
 
-def fp32_nodes(model) -> list[str]:  # noqa: ANN001 - onnx.ModelProto
+def fp32_nodes(model) -> list[str]:  # onnx.ModelProto
     """Nodes kept in FP32: the first Conv (reads the image), depthwise Convs and the Gemm/MatMul head."""
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     depthwise = [n for n in convs if any(a.name == "group" and a.i > 1 for a in n.attribute)]
@@ -116,7 +116,13 @@ class ImageCalibrationReader:
 def quantize_int8(card: ModelCard, calib_files: list[InputFile], settings: dict) -> tuple[Path, int]:
     """Static INT8 (QDQ, MinMax calibration); returns the model and the images calibrated on."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(ImageCalibrationReader, CalibrationDataReader):

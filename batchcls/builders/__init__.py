@@ -11,7 +11,7 @@ runtime only reads what they leave (``batchcls.backends.record``), so imports po
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from batchcls.card import load_card
 from batchcls.errors import ModelError
@@ -37,13 +37,13 @@ def build_engines(model: str | None, *, target: str = "auto", fp16: bool = True,
             log(f"{facts.gpu_name} found but no tensorrt package: building CPU engines; the cuda backend "
                 "needs no build (pip install 'batchcls[tensorrt]' for a TensorRT plan)")
     if target == "tensorrt":
-        from batchcls.build.tensorrt import build_plan
+        from batchcls.builders.tensorrt import build_plan
 
         build_plan(card, fp16=fp16, max_batch=max_batch, log=log)
     else:
         import importlib.util
 
-        from batchcls.build.cpu import build_cpu_engines
+        from batchcls.builders.cpu import build_cpu_engines
 
         # onnx reads the graph; ONNX Runtime's quantizer imports ml_dtypes, its pre-processing sympy
         missing = [m for m in ("onnx", "ml_dtypes", "sympy") if importlib.util.find_spec(m) is None]
