@@ -7,7 +7,7 @@ IMAGES ?= samples/simpsons
 OUT ?= labels.csv
 MODEL ?= engines/simpsons
 
-.PHONY: install install-dev run test lint bench train train-more train-long train-gpu train-smoke audit engine soak
+.PHONY: install install-dev run test lint bench train train-more train-long train-smoke audit engine soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -83,13 +83,6 @@ train-long:  ## long Lite0 run from $(FROM) with EMA, resumable; exports to $(OU
 	BATCHCLS_TRAIN_COMMAND='make train-long DATA=$(DATA) FROM=$(FROM) OUT=$(OUT) EXPORT=$(EXPORT) RECIPE=$(RECIPE) EPOCHS=$(EPOCHS)' \
 	$(BIN)/python -m train --data $(DATA) --models efficientnet_lite0 --pretrained $(FROM) --no-search \
 	  --config $(RECIPE) $(if $(EPOCHS),--epochs $(EPOCHS)) --out $(OUT) --export $(EXPORT) --budget-min 0
-
-# The GPU recipe (jobs/train-gpu.json: Lite0 from ImageNet at 224 px, bf16 autocast, 32 epochs, EMA) for a lent
-# GPU machine: packs $(DATA) + the ImageNet weights into parts one device call carries beside this working tree and
-# prints the calls to make, back to back; the last runs scripts/gpu_train.sh there (train, evaluate, export, cut
-# the bundle into <= 15 MiB parts); `scripts/gpu_train.py join <fetched>/bundle` puts it back together here.
-train-gpu:  ## pack $(DATA) for a lent GPU machine and print the device calls (scripts/gpu_train.py)
-	$(BIN)/python scripts/gpu_train.py pack --data $(DATA)
 
 # A person's check of the labels: the val images the model disputes, most confident first, with contact sheets;
 # with a reviewed CSV (VERDICTS=docs/label-audit-val.csv for the shipped split) it prints what the labels allow.

@@ -4,11 +4,11 @@ The device tool moves at most 64 MiB a call, the working tree that travels inclu
 shipped bundle), and brings back at most 8 files of <= 16 MiB. So both ways one tar stream is cut into numbered
 parts with a JSON index (sha256 of every part and of the whole):
 
-    python scripts/gpu_train.py pack --data ../shared/data/simpsons/train   # here -> runs/gpu/pack/data.tar.NNN
+    python tools/gpu-transfer/gpu_train.py pack --data ../shared/data/simpsons/train   # here -> runs/gpu/pack/data.tar.NNN
     # then one device call per part, back to back (the machine keeps files only while warm, ~30 s after a call):
-    #   carry=["runs/gpu/pack/data.json", "runs/gpu/pack/data.tar.000"], command="python3 scripts/gpu_train.py unpack"
-    #   ... and with the last part: command="bash scripts/gpu_train.sh"  (unpack, train, export, parts to $OUT)
-    python scripts/gpu_train.py join <fetched>/bundle --out runs/gpu       # here: check and unpack what came back
+    #   carry=["runs/gpu/pack/data.json", "runs/gpu/pack/data.tar.000"], command="python3 tools/gpu-transfer/gpu_train.py unpack"
+    #   ... and with the last part: command="bash tools/gpu-transfer/gpu_train.sh"  (unpack, train, export, parts to $OUT)
+    python tools/gpu-transfer/gpu_train.py join <fetched>/bundle --out runs/gpu       # here: check and unpack what came back
 
 Each call checks the parts it finds against the index, so a part damaged on the way is named at once (carry it
 again); the last one checks the whole and extracts it. The data parts hold the class folders' files as they are,
@@ -29,7 +29,7 @@ MIB = 1 << 20
 TOOL_LIMIT = 64 * MIB  # what one device call carries, the travelling working tree included
 RETURN_LIMIT = 16 * MIB  # each file brought back from $OUT
 RETURN_FILES = 8  # files brought back from $OUT, all together
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 class PackError(RuntimeError):
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"({index['bytes'] / MIB:.0f} MiB) in {args.out}")
             for i, piece in enumerate(index["parts"]):
                 print(f"device call {i + 1}/{n}: carry {args.out}/data.json {args.out}/{piece['name']}; command: "
-                      f"{'bash scripts/gpu_train.sh' if i == n - 1 else 'python3 scripts/gpu_train.py unpack'}")
+                      f"{'bash tools/gpu-transfer/gpu_train.sh' if i == n - 1 else 'python3 tools/gpu-transfer/gpu_train.py unpack'}")
         elif args.cmd == "unpack":
             missing = unpack(Path(args.pack), Path(args.into), complete=args.all)
             print(f"unpack: {'data in ' + args.into if args.all else 'parts check out'}"

@@ -94,19 +94,19 @@ def test_bundle_parts_round_trip_and_too_many_parts_are_refused(tmp_path):
 
 
 def test_cli_pack_prints_one_device_call_per_part(tmp_path):
-    r = subprocess.run([sys.executable, "scripts/gpu_train.py", "pack", "--data", str(SAMPLES), "--out",
+    r = subprocess.run([sys.executable, "tools/gpu-transfer/gpu_train.py", "pack", "--data", str(SAMPLES), "--out",
                         str(tmp_path / "pack"), "--max-mib", "0.15", "--weights", ""],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     index = json.loads((tmp_path / "pack" / "data.json").read_text())
     calls = [line for line in r.stdout.splitlines() if line.startswith("device call")]
-    assert len(calls) == len(index["parts"]) >= 2 and calls[-1].endswith("bash scripts/gpu_train.sh")
+    assert len(calls) == len(index["parts"]) >= 2 and calls[-1].endswith("bash tools/gpu-transfer/gpu_train.sh")
     assert index["split_lists_sha256"] and index["weights"] is None
 
 
 @pytest.mark.slow
 def test_the_device_script_runs_end_to_end_on_cpu_at_tiny_size(tmp_path):
-    """scripts/gpu_train.sh as the device runs it (pieces carried, unpack, split check, train, export, parts),
+    """tools/gpu-transfer/gpu_train.sh as the device runs it (pieces carried, unpack, split check, train, export, parts),
     on CPU with the sample images and a 1-epoch 64 px recipe; then the parts are joined back here."""
     gpu = tmp_path / "gpu"
     weights = tmp_path / "w.pt"
@@ -120,7 +120,7 @@ def test_the_device_script_runs_end_to_end_on_cpu_at_tiny_size(tmp_path):
                                   "device": "cpu", "amp": True, "patience": 0, "resume": True, "progress": False}))
     env = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "GPU_DIR": str(gpu), "RECIPE": str(recipe),
            "OUT": str(tmp_path / "out"), "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
-    r = subprocess.run(["bash", "scripts/gpu_train.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(["bash", "tools/gpu-transfer/gpu_train.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "has the packed split's lists" in r.stdout and "split-out:" in r.stdout
     back = tmp_path / "out" / "bundle"
