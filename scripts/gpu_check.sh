@@ -41,7 +41,7 @@ except ImportError:
 EOF
 
 echo "== pytest -m gpu"
-$PY -m pytest -m gpu tests/test_engines.py -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log"
+$PY -m pytest -m gpu tests/test_backends*.py tests/test_builders*.py tests/test_gpu.py -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log"
 tests_rc=${PIPESTATUS[0]}
 
 echo "== benchmark ($DATA, model $MODEL)"
