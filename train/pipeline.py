@@ -29,7 +29,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from batchcls.fsutil import atomic_open, atomic_write
@@ -79,23 +79,35 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace, log=print) -> dict:
-    t_start = time.time()
-    commit = _git_commit()  # at start: the code that actually ran, even if HEAD moves during the run
-    names = args.models.split()
-    for name in names:  # fail in one line before any work: unknown names, missing weights, no network
-        models.check_weights(name, args.pretrained)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+@dataclass
+class Recipe:
+    """One model's TrainConfig for this run: TrainConfig's defaults, then RECIPES[name], then the run's overrides
+    (--config, --smoke, --epochs), then per-model epochs a budget cut set, then the caller's extras."""
+    data: str
+    split: str
+    pretrained: str
+    overrides: dict
+
+    def __call__(self, name: str, **extra) -> TrainConfig:
+        cut = self.overrides.get("per_model_epochs", {})
+        base = {k: v for k, v in self.overrides.items() if k != "per_model_epochs"}
+        return TrainConfig(**{"data": self.data, "split": self.split, "model": name, "pretrained": self.pretrained,
+                              **RECIPES.get(name, {}), **base, **({"epochs": cut[name]} if name in cut else {}),
+                              **extra})
+
+
+def run_overrides(args: argparse.Namespace) -> dict:
+    """TrainConfig overrides for every model of the run: --config, then --smoke's sizes under it, then --epochs."""
     overrides = json.loads(Path(args.config).read_text()) if args.config else {}
     if args.smoke:
         overrides = {**SMOKE, **overrides}
     if args.epochs:
         overrides["epochs"] = args.epochs
-    log(f"pipeline: models {names}, weights {args.pretrained}, data {args.data}, out {out}, export {args.export}"
-        f"{' (SMOKE)' if args.smoke else ''}")
+    return overrides
 
-    # 1. one split manifest for everything that follows
+
+def prepare_split(args: argparse.Namespace, out: Path, log) -> tuple[Path, dict, str]:
+    """One split manifest for everything that follows; a run folder never mixes splits of two datasets."""
     split_path = out / "split.json"
     if not split_path.is_file():
         D.write_manifest(D.make_split(args.data, seed=TrainConfig.seed, log=log), split_path)
@@ -103,42 +115,43 @@ def run(args: argparse.Namespace, log=print) -> dict:
     if Path(manifest["root"]).resolve() != Path(args.data).resolve():
         raise SystemExit(f"{split_path} was made from {manifest['root']}, not {args.data}: use another --out")
     log(f"split manifest {split_path} sha256 {split_sha}")
+    return split_path, manifest, split_sha
 
-    def config(name: str, **extra) -> TrainConfig:
-        cut = overrides.get("per_model_epochs", {})
-        base = {k: v for k, v in overrides.items() if k != "per_model_epochs"}
-        return TrainConfig(**{"data": args.data, "split": str(split_path), "model": name, "pretrained": args.pretrained,
-                              **RECIPES.get(name, {}), **base, **({"epochs": cut[name]} if name in cut else {}),
-                              **extra})
 
-    # 2. search on the first (cheapest) model; its winner is reused by every model
-    best_point = {}
-    if args.search:
-        grid, subset = (SMOKE_GRID, 0) if args.smoke else (GRID, SEARCH_SUBSET)
-        t0 = time.time()
-        key = search_key(config(names[0]), grid, subset, split_sha)
-        cached = out / "search" / "search.json"
-        if cached.is_file() and json.loads(cached.read_text())["key"] == key:  # same search already run here
-            rows = json.loads(cached.read_text())["rows"]
-            best_point = {k: best_row(rows)[k] for k in grid}
-            log(f"search: reusing {cached}")
-        else:
-            best_point, rows = search(config(names[0], progress=False), out / "search", grid=grid, subset=subset,
-                                      val_subset=0 if args.smoke else SEARCH_VAL_SUBSET, log=log)
-            cached.write_text(json.dumps({"key": key, "rows": rows}, indent=1) + "\n")
-        log(f"search: best {best_point} by val NLL ({(time.time() - t0) / 60:.1f} min); "
-            f"grid {grid}, 1 epoch on {subset or 'all'} train images, model {names[0]}")
-        if args.budget_min and not args.smoke:
-            # Plan with the winner's own speed (its frozen depth is what trains: depth 2 runs ~1.3x slower than
-            # 3 here), or the median trial's if that is slower; 25-step trials still run ~10 % fast.
-            winner = best_row(rows)["train_images_per_s"]
-            ips = min(winner, sorted(r["train_images_per_s"] for r in rows)[len(rows) // 2])
-            if "epochs" not in overrides:  # epochs a person set are kept
-                cut = fit_budget(names, config, ips, len(manifest["train"]), len(manifest["val"]),
-                                 args.budget_min * 60 - (time.time() - t_start), log)
-                overrides = {**overrides, "per_model_epochs": cut}
+def search_step(args: argparse.Namespace, config: Recipe, names: list[str], out: Path, manifest: dict,
+                split_sha: str, t_start: float, log) -> dict:
+    """Search on the first (cheapest) model; its winner is reused by every model. With a budget, the search's
+    measured speed may cut every model's epochs (recorded in ``config.overrides``)."""
+    grid, subset = (SMOKE_GRID, 0) if args.smoke else (GRID, SEARCH_SUBSET)
+    t0 = time.time()
+    key = search_key(config(names[0]), grid, subset, split_sha)
+    cached = out / "search" / "search.json"
+    if cached.is_file() and json.loads(cached.read_text())["key"] == key:  # same search already run here
+        rows = json.loads(cached.read_text())["rows"]
+        best_point = {k: best_row(rows)[k] for k in grid}
+        log(f"search: reusing {cached}")
+    else:
+        best_point, rows = search(config(names[0], progress=False), out / "search", grid=grid, subset=subset,
+                                  val_subset=0 if args.smoke else SEARCH_VAL_SUBSET, log=log)
+        cached.write_text(json.dumps({"key": key, "rows": rows}, indent=1) + "\n")
+    log(f"search: best {best_point} by val NLL ({(time.time() - t0) / 60:.1f} min); "
+        f"grid {grid}, 1 epoch on {subset or 'all'} train images, model {names[0]}")
+    if args.budget_min and not args.smoke:
+        # Plan with the winner's own speed (a shallower frozen depth trains slower), or the median trial's if
+        # that is slower; short trials run a little faster than full epochs.
+        winner = best_row(rows)["train_images_per_s"]
+        ips = min(winner, sorted(r["train_images_per_s"] for r in rows)[len(rows) // 2])
+        if "epochs" not in config.overrides:  # epochs a person set are kept
+            cut = fit_budget(names, config, ips, len(manifest["train"]), len(manifest["val"]),
+                             args.budget_min * 60 - (time.time() - t_start), log)
+            config.overrides = {**config.overrides, "per_model_epochs": cut}
+    return best_point
 
-    # 3. train, then 4. evaluate + calibrate (the only test pass) each model
+
+def train_and_evaluate(args: argparse.Namespace, config: Recipe, names: list[str], best_point: dict, out: Path,
+                       manifest: dict, t_start: float, log) -> list[dict]:
+    """Train each model, then evaluate + calibrate its raw and EMA weights (the only test pass); one result row
+    per weights. Each model after the first is re-planned with the speed measured on the one before."""
     results, ref_ips = [], None
     for i, name in enumerate(names):
         extra = {}
@@ -153,6 +166,48 @@ def run(args: argparse.Namespace, log=print) -> dict:
         for weights, ckpt in summary["ckpts"].items():  # raw and EMA: each is a model, tested once
             m = evaluate(ckpt, out / name / weights, num_workers=cfg.num_workers, log=log)
             results.append({**m, "ckpt": ckpt, "dir": str(out / name / weights), "ema_decay": cfg.ema_decay})
+    return results
+
+
+def card_metrics(best: dict) -> dict:
+    """The selected model's scores as the card records them."""
+    return {"val_nll": best["val"]["nll"], "val_macro_f1": best["val"]["macro_f1"], "val_acc": best["val"]["acc"],
+            "test_macro_f1": best["test"]["macro_f1"], "test_acc": best["test"]["acc"],
+            "test_downscaled_macro_f1": best["test_downscaled"]["macro_f1"],
+            "test_downscaled_acc": best["test_downscaled"]["acc"],
+            "test_ece": best["test"]["ece"], "test_ece_calibrated": best["test"]["ece_calibrated"],
+            "test_downscaled_ece": best["test_downscaled"]["ece"],
+            "test_downscaled_ece_calibrated": best["test_downscaled"]["ece_calibrated"]}
+
+
+def card_training(args: argparse.Namespace, best: dict, best_point: dict, commit: str, split_sha: str) -> dict:
+    """How the selected model was made, as the card records it: commit, command, data, split, schedule."""
+    return {"git_commit": commit, "command": _command(), "dataset": str(args.data),
+            "split_manifest_sha256": split_sha, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "epochs": best["epochs"], "train_time_s": round(best["train_time_s"], 1), **best_point,
+            "weights": best["weights"], "ema_decay": best["ema_decay"],
+            "selected_by": "val NLL at the fitted temperature"}
+
+
+def run(args: argparse.Namespace, log=print) -> dict:
+    t_start = time.time()
+    commit = _git_commit()  # at start: the code that actually ran, even if HEAD moves during the run
+    names = args.models.split()
+    for name in names:  # fail in one line before any work: unknown names, missing weights, no network
+        models.check_weights(name, args.pretrained)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = Recipe(args.data, "", args.pretrained, run_overrides(args))
+    log(f"pipeline: models {names}, weights {args.pretrained}, data {args.data}, out {out}, export {args.export}"
+        f"{' (SMOKE)' if args.smoke else ''}")
+
+    # 1. one split manifest for everything that follows
+    split_path, manifest, split_sha = prepare_split(args, out, log)
+    config.split = str(split_path)
+    # 2. search on the first (cheapest) model; its winner is reused by every model
+    best_point = search_step(args, config, names, out, manifest, split_sha, t_start, log) if args.search else {}
+    # 3. train, then 4. evaluate + calibrate (the only test pass) each model
+    results = train_and_evaluate(args, config, names, best_point, out, manifest, t_start, log)
     write_table(results, out)
 
     # 5. select by validation NLL at the fitted temperature (ties: faster), export, verify ORT parity
@@ -161,18 +216,6 @@ def run(args: argparse.Namespace, log=print) -> dict:
         f"acc {best['val']['acc']:.4f}, macro-F1 {best['val']['macro_f1']:.4f})")
     root = Path(manifest["root"])
     parity_items = (manifest["test"] + manifest["val"] + manifest["train"])[:128]
-    metrics = {"val_nll": best["val"]["nll"], "val_macro_f1": best["val"]["macro_f1"], "val_acc": best["val"]["acc"],
-               "test_macro_f1": best["test"]["macro_f1"], "test_acc": best["test"]["acc"],
-               "test_downscaled_macro_f1": best["test_downscaled"]["macro_f1"],
-               "test_downscaled_acc": best["test_downscaled"]["acc"],
-               "test_ece": best["test"]["ece"], "test_ece_calibrated": best["test"]["ece_calibrated"],
-               "test_downscaled_ece": best["test_downscaled"]["ece"],
-               "test_downscaled_ece_calibrated": best["test_downscaled"]["ece_calibrated"]}
-    training = {"git_commit": commit, "command": _command(), "dataset": str(args.data),
-                "split_manifest_sha256": split_sha, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "epochs": best["epochs"], "train_time_s": round(best["train_time_s"], 1), **best_point,
-                "weights": best["weights"], "ema_decay": best["ema_decay"],
-                "selected_by": "val NLL at the fitted temperature"}
     files = {"results.md": out / "results.md", "results.csv": out / "results.csv"}
     for r in results:
         for png in ("confusion.png", "reliability.png"):
@@ -182,7 +225,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
         log(f"NOT exported: val NLL {best['val']['nll']:.4f} / macro-F1 {best['val']['macro_f1']:.4f} does not beat "
             f"the checkpoint this run started from ({args.pretrained}: {start}); {args.export} is unchanged")
         return {"best": best["model"], "results": results, "export": None}
-    export(best["ckpt"], args.export, temperature=best["temperature"], metrics=metrics, training=training,
+    export(best["ckpt"], args.export, temperature=best["temperature"], metrics=card_metrics(best),
+           training=card_training(args, best, best_point, commit, split_sha),
            parity_images=[root / rel for rel, _ in parity_items], results=files, log=log)
     log(f"pipeline done in {(time.time() - t_start) / 60:.1f} min")
     return {"best": best["model"], "results": results, "export": args.export}

@@ -22,7 +22,8 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -166,8 +167,62 @@ def schedule_cost(cfg: TrainConfig) -> float:
     return sum((epoch_input_size(e, cfg) / cfg.input_size) ** 2 for e in range(cfg.epochs))
 
 
-def main(cfg: TrainConfig, log=print) -> dict:
-    # --- derived setup: DDP, device, seeds, threads --------------------------------------------------
+@dataclass
+class Runtime:
+    """Where this process trains: DDP rank and world, device, autocast, rank-0-only logging, the run folder."""
+    ddp: bool
+    rank: int
+    world: int
+    use_cuda: bool
+    device: torch.device
+    master: bool
+    say: Callable
+    autocast: torch.autocast
+    out: Path
+
+
+@dataclass
+class Data:
+    """The split and what is read from it: train pixels (cached) and labels, the sampler, the val loader."""
+    split_path: Path
+    split_sha: str
+    classes: list[str]
+    card: object  # the preprocessing card every transform and the exported bundle share
+    train_items: list
+    train_pixels: np.ndarray
+    train_labels: torch.Tensor
+    augment: BatchAugment
+    val_ds: D.ImageDataset
+    sampler: D.WeightedShardSampler
+    per_rank_batch: int
+    val_loader: DataLoader
+
+
+@dataclass
+class Schedule:
+    """Optimizer, one-cycle schedule and loss, with the step counts they are sized for."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.OneCycleLR
+    criterion: torch.nn.Module
+    steps_per_epoch: int
+    total_steps: int
+    head_steps: int  # optimizer steps of the head-only stage
+
+
+@dataclass
+class Progress:
+    """What a checkpoint carries forward: counters, best scores per weights, and the per-epoch history."""
+    start_epoch: int = 0
+    step: int = 0
+    train_time: float = 0.0
+    train_seen: int = 0
+    train_pixels_seen: float = 0.0  # in full-size images
+    best: dict = field(default_factory=dict)  # per weights ("raw", "ema"): lowest val NLL and its epoch
+    history: list = field(default_factory=list)  # one row per epoch: loss, speed, and val scores of each weights
+
+
+def setup(cfg: TrainConfig, log) -> Runtime:
+    """Derived setup: DDP, device, seeds, threads."""
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -185,28 +240,37 @@ def main(cfg: TrainConfig, log=print) -> dict:
     out = Path(cfg.out_dir)
     if master:
         out.mkdir(parents=True, exist_ok=True)
+    return Runtime(ddp, rank, world, use_cuda, device, master, say, autocast, out)
 
-    # --- resume: the architecture and split come from the checkpoint, not from flags -----------------
-    ckpt = None
+
+def load_resume(cfg: TrainConfig, rt: Runtime) -> dict | None:
+    """The last checkpoint when resuming; the architecture and schedule then come from it, not from flags."""
+    out, say = rt.out, rt.say
     if cfg.resume and not (out / "ckpt_last.pt").is_file():
         say(f"resume: no {out / 'ckpt_last.pt'} yet, starting from the beginning")
-    elif cfg.resume:
-        ckpt = torch.load(out / "ckpt_last.pt", map_location="cpu", weights_only=False)
-        for k, v in ckpt["config"].items():
-            if k not in RUN_LOCAL:  # the run continues exactly as configured, schedule included
-                setattr(cfg, k, v)
-        say(f"resuming from {out / 'ckpt_last.pt'} after epoch {ckpt['epoch']}")
+        return None
+    if not cfg.resume:
+        return None
+    ckpt = torch.load(out / "ckpt_last.pt", map_location="cpu", weights_only=False)
+    for k, v in ckpt["config"].items():
+        if k not in RUN_LOCAL:  # the run continues exactly as configured, schedule included
+            setattr(cfg, k, v)
+    say(f"resuming from {out / 'ckpt_last.pt'} after epoch {ckpt['epoch']}")
+    return ckpt
 
-    # --- data: the split manifest is the only source of file lists ------------------------------------
-    split_path = Path(cfg.split or out / "split.json")
+
+def load_data(cfg: TrainConfig, rt: Runtime, ckpt: dict | None, log) -> Data:
+    """The split manifest is the only source of file lists; rank 0 writes it and the pixel cache first."""
+    say = rt.say
+    split_path = Path(cfg.split or rt.out / "split.json")
     if not split_path.is_file() and not cfg.data:
         raise SystemExit(f"no split manifest at {split_path}: pass --data <folder> to create one")
-    if master and not split_path.is_file():
+    if rt.master and not split_path.is_file():
         D.write_manifest(D.make_split(cfg.data, seed=cfg.seed, log=say), split_path)
-    if ddp:
+    if rt.ddp:
         # Unconditional: other ranks wait for rank 0's manifest. A barrier taken only "if the file is missing"
         # raced: a rank that looked after rank 0 had written it skipped the barrier, and every later collective
-        # paired with the wrong one (CI hung with rank 0 at the cache barrier, rank 1 inside DDP's init).
+        # paired with the wrong one (rank 0 waited at the cache barrier, rank 1 inside DDP's init).
         dist.barrier()
     cfg.split = str(split_path)
     manifest, split_sha = D.load_manifest(split_path)
@@ -220,9 +284,9 @@ def main(cfg: TrainConfig, log=print) -> dict:
     # augmented a batch at a time on the training device; validation reads files exactly as the runtime.
     cache_dir = cfg.cache_dir or split_path.parent / "cache"
     preset = cache_preset(card, cache_side(card))
-    if master:
+    if rt.master:
         D.pixel_cache(manifest["root"], train_items, preset, cache_dir, workers=cfg.num_workers, log=say)
-    if ddp:
+    if rt.ddp:
         dist.barrier()
     train_pixels = D.pixel_cache(manifest["root"], train_items, preset, cache_dir, workers=0)
     train_labels = torch.tensor([y for _, y in train_items])
@@ -230,28 +294,37 @@ def main(cfg: TrainConfig, log=print) -> dict:
     val_ds = D.ImageDataset(manifest["root"], D.seeded_subset(manifest["val"], cfg.val_subset, cfg.seed),
                             EvalTransform(card))
     weights = D.class_weights([y for _, y in train_items], len(classes), cfg.sampler)
-    sampler = D.WeightedShardSampler(weights, len(train_items), seed=cfg.seed, rank=rank, world_size=world)
-    per_rank_batch = max(1, cfg.batch_size // world)
-    loader_kw = dict(num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0, pin_memory=use_cuda)
+    sampler = D.WeightedShardSampler(weights, len(train_items), seed=cfg.seed, rank=rt.rank, world_size=rt.world)
+    per_rank_batch = max(1, cfg.batch_size // rt.world)
+    loader_kw = dict(num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0, pin_memory=rt.use_cuda)
     val_loader = DataLoader(val_ds, batch_size=2 * per_rank_batch, shuffle=False, **loader_kw)
-    log(f"[rank {rank}/{world}] {device} ready: {len(sampler)} samples/epoch on this rank, batch {per_rank_batch}")
+    log(f"[rank {rt.rank}/{rt.world}] {rt.device} ready: {len(sampler)} samples/epoch on this rank, batch {per_rank_batch}")
+    return Data(split_path, split_sha, classes, card, train_items, train_pixels, train_labels, augment, val_ds,
+                sampler, per_rank_batch, val_loader)
 
-    # --- model, optimizer, schedule ----------------------------------------------------------------------
-    freeze = cfg.freeze_backbone == "yes" or (cfg.freeze_backbone == "auto" and cfg.model == "vgg16" and not use_cuda)
+
+def build_model(cfg: TrainConfig, rt: Runtime, classes: list[str], ckpt: dict | None):
+    """The network (weights from the checkpoint when resuming), its EMA copy, and whether the backbone is frozen."""
+    freeze = cfg.freeze_backbone == "yes" or (cfg.freeze_backbone == "auto" and cfg.model == "vgg16" and not rt.use_cuda)
     model = models.create_model(cfg.model, len(classes), pretrained="none" if ckpt else cfg.pretrained, classes=classes)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-    model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    model.to(rt.device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     # Before DDP, so DDP never registers the frozen layers (their BN statistics still adapt in train mode).
     set_backbone_trainable(model, cfg.model, not freeze, cfg.freeze_stages)
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None  # the first update copies the weights
     if ema is not None and ckpt is not None:
         ema.module.load_state_dict(ckpt["ema"])
+    return model, ema, freeze
+
+
+def build_schedule(cfg: TrainConfig, model, n_samples: int, per_rank_batch: int, freeze: bool) -> Schedule:
+    """AdamW (no decay on biases and norm weights) under a one-cycle schedule over full batches only."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    steps_per_epoch = max(1, len(sampler) // per_rank_batch)  # full batches only
+    steps_per_epoch = max(1, n_samples // per_rank_batch)  # full batches only
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
@@ -259,102 +332,145 @@ def main(cfg: TrainConfig, log=print) -> dict:
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=max(total_steps, 1),
                                                     pct_start=cfg.warmup_pct, anneal_strategy="cos")
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    start_epoch, step, train_time, train_seen, train_pixels_seen = 0, 0, 0.0, 0, 0.0
-    best = {w: {"nll": math.inf, "epoch": -1} for w in (["raw", "ema"] if ema else ["raw"])}  # per weights
-    history = []  # one row per epoch: loss, speed, and val scores of each weights
+    return Schedule(optimizer, scheduler, criterion, steps_per_epoch, total_steps, head_steps)
+
+
+def restore_progress(cfg: TrainConfig, rt: Runtime, sched: Schedule, ckpt: dict | None, with_ema: bool) -> Progress:
+    """Fresh counters, or the checkpoint's: optimizer, schedule, counters, best scores and the RNG go on."""
+    progress = Progress(best={w: {"nll": math.inf, "epoch": -1} for w in (["raw", "ema"] if with_ema else ["raw"])})
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        start_epoch = cfg.epochs if ckpt["finished"] else ckpt["epoch"] + 1  # a finished run trains no more
-        step, best, history, train_time = ckpt["step"], ckpt["best"], ckpt["history"], ckpt["train_time_s"]
-        train_seen, train_pixels_seen = ckpt["train_seen"], ckpt["train_pixels_seen"]
+        sched.optimizer.load_state_dict(ckpt["optimizer"])
+        sched.scheduler.load_state_dict(ckpt["scheduler"])
+        progress.start_epoch = cfg.epochs if ckpt["finished"] else ckpt["epoch"] + 1  # a finished run trains no more
+        progress.step, progress.best, progress.history = ckpt["step"], ckpt["best"], ckpt["history"]
+        progress.train_time = ckpt["train_time_s"]
+        progress.train_seen, progress.train_pixels_seen = ckpt["train_seen"], ckpt["train_pixels_seen"]
         torch.set_rng_state(ckpt["rng"])  # dropout / drop-path go on as if never interrupted
         if ckpt["finished"]:
-            say(f"{out / 'ckpt_last.pt'} is a finished run: nothing left to train")
+            rt.say(f"{rt.out / 'ckpt_last.pt'} is a finished run: nothing left to train")
+    return progress
+
+
+def train_one_epoch(epoch: int, cfg: TrainConfig, rt: Runtime, data: Data, model, ddp_model, ema, sched: Schedule,
+                    progress: Progress) -> tuple[int, float, float, int]:
+    """One pass over the sampled train split; returns images seen on this rank, their summed loss, the seconds
+    taken and the input size trained at. ``progress.step`` counts on."""
+    data.sampler.set_epoch(epoch)
+    order = torch.tensor(list(data.sampler))
+    per_rank_batch = data.per_rank_batch
+    batches = [order[i * per_rank_batch:(i + 1) * per_rank_batch] for i in range(sched.steps_per_epoch)]
+    generator = torch.Generator(rt.device).manual_seed(cfg.seed * 100_003 + epoch * rt.world + rt.rank)  # resumable
+    ddp_model.train()
+    t0, seen, loss_sum = time.time(), 0, 0.0
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (rt.master and cfg.progress),
+               mininterval=5 if sys.stderr.isatty() else 60)
+    size = epoch_input_size(epoch, cfg)
+    for idx in bar:
+        if progress.step < sched.head_steps:
+            set_backbone_trainable(model, cfg.model, False, cfg.freeze_stages)
+        elif progress.step == sched.head_steps:
+            set_backbone_trainable(model, cfg.model, True, cfg.freeze_stages)  # stage 2: all but the frozen stem
+        idx = np.sort(idx.numpy())  # sorted: sequential memmap reads (the order within a batch is moot)
+        pixels = torch.from_numpy(data.train_pixels[idx])
+        y = data.train_labels[idx].to(rt.device, non_blocking=True)
+        x = data.augment(pixels.to(rt.device, non_blocking=True), generator, size=size)
+        x = x.contiguous(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+        with rt.autocast:
+            loss = sched.criterion(ddp_model(x), y)
+        sched.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        sched.optimizer.step()
+        sched.scheduler.step()
+        progress.step += 1
+        if ema is not None:
+            ema.update(model, step=progress.step)
+        seen += x.shape[0]
+        loss_sum += loss.item() * x.shape[0]  # .item() syncs; cheap next to a CPU step
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{sched.scheduler.get_last_lr()[0]:.2e}",
+                        ips=f"{seen * rt.world / (time.time() - t0):.0f}", refresh=False)  # bar prints at mininterval
+        if progress.step >= sched.total_steps:
+            break
+    return seen, loss_sum, time.time() - t0, size
+
+
+def evaluate(nets: dict, weights: list[str], cfg: TrainConfig, rt: Runtime, data: Data) -> dict:
+    """Val scores of each weights ("raw", "ema"). Every rank evaluates the full val split, so all ranks take the
+    same early-stopping decision."""
+    scores = {}
+    for w in weights:
+        logits, labels, _ = predict(nets[w], data.val_loader, rt.device, channels_last=cfg.channels_last,
+                                    autocast=rt.autocast)
+        scores[w] = val_scores(logits, labels, len(data.classes))
+    return scores
+
+
+def save_checkpoints(epoch: int, cfg: TrainConfig, rt: Runtime, data: Data, model, ema, sched: Schedule,
+                     progress: Progress, nets: dict, scores: dict, improved: list[str], winner: str,
+                     new_overall: bool, finished: bool) -> None:
+    """Rank 0 only: ckpt_last.pt (everything a resume needs), ckpt_best_<weights>.pt for each improved weights,
+    ckpt_best.pt when the overall best changed, and history.json."""
+    out = rt.out
+    common = {"epoch": epoch, "step": progress.step, "train_time_s": progress.train_time, "config": asdict(cfg),
+              "model_args": {"name": cfg.model, "num_classes": len(data.classes)}, "classes": data.classes,
+              "card": data.card.to_dict(), "split_sha256": data.split_sha}
+    atomic_save({**common, "model": model.state_dict(), "ema": ema.module.state_dict() if ema else None,
+                 "optimizer": sched.optimizer.state_dict(), "scheduler": sched.scheduler.state_dict(),
+                 "best": progress.best, "history": progress.history, "finished": finished,
+                 "train_seen": progress.train_seen, "train_pixels_seen": progress.train_pixels_seen,
+                 "rng": torch.get_rng_state()}, out / "ckpt_last.pt")
+    for w in improved:  # weights only: what evaluate/export and --pretrained read
+        snap = {**common, "model": nets[w].state_dict(), "weights": w, "val": scores[w],
+                "best_val_nll": scores[w]["nll"], "best_val_f1": scores[w]["macro_f1"]}
+        atomic_save(snap, out / f"ckpt_best_{w}.pt")
+        if new_overall and w == winner:
+            atomic_save(snap, out / "ckpt_best.pt")
+    (out / "history.json").write_text(json.dumps(progress.history, indent=1) + "\n")
+
+
+def main(cfg: TrainConfig, log=print) -> dict:
+    rt = setup(cfg, log)
+    say, world, out = rt.say, rt.world, rt.out
+    ckpt = load_resume(cfg, rt)
+    data = load_data(cfg, rt, ckpt, log)
+    model, ema, freeze = build_model(cfg, rt, data.classes, ckpt)
+    sched = build_schedule(cfg, model, len(data.sampler), data.per_rank_batch, freeze)
+    progress = restore_progress(cfg, rt, sched, ckpt, with_ema=ema is not None)
+    best = progress.best
     # Unused-parameter search is only needed while the backbone sits out the head-only stage.
-    ddp_model = DDP(model, find_unused_parameters=0 < head_steps < total_steps) if ddp else model
+    ddp_model = DDP(model, find_unused_parameters=0 < sched.head_steps < sched.total_steps) if rt.ddp else model
     n_params = sum(p.numel() for p in model.parameters())
-    if master:
+    if rt.master:
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     say(f"model {cfg.model} ({n_params / 1e6:.2f} M params, weights: {cfg.pretrained}), input {cfg.input_size}px, "
-        f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs = {total_steps} steps, head-only for {head_steps}, "
-        f"frozen: stem + {cfg.freeze_stages} stages, sampler {cfg.sampler}, train {len(train_items)} / val {len(val_ds)} images")
+        f"{sched.steps_per_epoch} steps/epoch x {cfg.epochs} epochs = {sched.total_steps} steps, head-only for "
+        f"{sched.head_steps}, frozen: stem + {cfg.freeze_stages} stages, sampler {cfg.sampler}, "
+        f"train {len(data.train_items)} / val {len(data.val_ds)} images")
 
     # --- the loop: train an epoch, evaluate, checkpoint, maybe stop -----------------------------------
-    for epoch in range(start_epoch, cfg.epochs):
-        if step >= total_steps:
+    for epoch in range(progress.start_epoch, cfg.epochs):
+        if progress.step >= sched.total_steps:
             break
-        sampler.set_epoch(epoch)
-        order = torch.tensor(list(sampler))
-        batches = [order[i * per_rank_batch:(i + 1) * per_rank_batch] for i in range(steps_per_epoch)]
-        generator = torch.Generator(device).manual_seed(cfg.seed * 100_003 + epoch * world + rank)  # resumable
-        ddp_model.train()
-        t0, seen, loss_sum = time.time(), 0, 0.0
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (master and cfg.progress),
-                   mininterval=5 if sys.stderr.isatty() else 60)
-        size = epoch_input_size(epoch, cfg)
-        for idx in bar:
-            if step < head_steps:
-                set_backbone_trainable(model, cfg.model, False, cfg.freeze_stages)
-            elif step == head_steps:
-                set_backbone_trainable(model, cfg.model, True, cfg.freeze_stages)  # stage 2: all but the frozen stem
-            idx = np.sort(idx.numpy())  # sorted: sequential memmap reads (the order within a batch is moot)
-            pixels = torch.from_numpy(train_pixels[idx])
-            y = train_labels[idx].to(device, non_blocking=True)
-            x = augment(pixels.to(device, non_blocking=True), generator, size=size)
-            x = x.contiguous(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
-            with autocast:
-                loss = criterion(ddp_model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            if ema is not None:
-                ema.update(model, step=step)
-            seen += x.shape[0]
-            loss_sum += loss.item() * x.shape[0]  # .item() syncs; cheap next to a CPU step
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                            ips=f"{seen * world / (time.time() - t0):.0f}", refresh=False)  # bar prints at mininterval
-            if step >= total_steps:
-                break
-        epoch_time = time.time() - t0
-        train_time += epoch_time
-        train_seen += seen * world
-        train_pixels_seen += seen * world * (size / cfg.input_size) ** 2  # in full-size images
-        # Every rank evaluates the full val split, so all ranks take the same early-stopping decision.
+        seen, loss_sum, epoch_time, size = train_one_epoch(epoch, cfg, rt, data, model, ddp_model, ema, sched, progress)
+        progress.train_time += epoch_time
+        progress.train_seen += seen * world
+        progress.train_pixels_seen += seen * world * (size / cfg.input_size) ** 2  # in full-size images
         nets = {"raw": model, "ema": ema.module if ema else None}
-        scores = {}
-        for w in best:
-            logits, labels, _ = predict(nets[w], val_loader, device, channels_last=cfg.channels_last, autocast=autocast)
-            scores[w] = val_scores(logits, labels, len(classes))
+        scores = evaluate(nets, list(best), cfg, rt, data)
         improved = [w for w in best if scores[w]["nll"] < best[w]["nll"]]
         before = min(b["nll"] for b in best.values())
         for w in improved:
             best[w] = {"nll": scores[w]["nll"], "epoch": epoch, **{k: scores[w][k] for k in ("acc", "macro_f1")}}
         winner = min(best, key=lambda w: best[w]["nll"])
         new_overall = best[winner]["nll"] < before  # then the winner is one of this epoch's weights
-        history.append({"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "size": size,
-                        "train_images_per_s": seen * world / epoch_time, "minutes": epoch_time / 60,
-                        **{w: scores[w] for w in best}})
+        progress.history.append({"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "size": size,
+                                 "train_images_per_s": seen * world / epoch_time, "minutes": epoch_time / 60,
+                                 **{w: scores[w] for w in best}})
         best_epoch = max(b["epoch"] for b in best.values())
         stale = cfg.patience > 0 and epoch - best_epoch >= cfg.patience
-        finished = stale or step >= total_steps or epoch + 1 >= cfg.epochs
-        if master:
-            common = {"epoch": epoch, "step": step, "train_time_s": train_time, "config": asdict(cfg),
-                      "model_args": {"name": cfg.model, "num_classes": len(classes)}, "classes": classes,
-                      "card": card.to_dict(), "split_sha256": split_sha}
-            atomic_save({**common, "model": model.state_dict(), "ema": ema.module.state_dict() if ema else None,
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "best": best,
-                         "history": history, "finished": finished, "train_seen": train_seen,
-                         "train_pixels_seen": train_pixels_seen, "rng": torch.get_rng_state()}, out / "ckpt_last.pt")
-            for w in improved:  # weights only: what evaluate/export and --pretrained read
-                snap = {**common, "model": nets[w].state_dict(), "weights": w, "val": scores[w],
-                        "best_val_nll": scores[w]["nll"], "best_val_f1": scores[w]["macro_f1"]}
-                atomic_save(snap, out / f"ckpt_best_{w}.pt")
-                if new_overall and w == winner:
-                    atomic_save(snap, out / "ckpt_best.pt")
-            (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+        finished = stale or progress.step >= sched.total_steps or epoch + 1 >= cfg.epochs
+        if rt.master:
+            save_checkpoints(epoch, cfg, rt, data, model, ema, sched, progress, nets, scores, improved, winner,
+                             new_overall, finished)
         marks = f" *best {winner}, saved" if new_overall else ""
         say(f"epoch {epoch + 1}/{cfg.epochs} | loss {loss_sum / max(seen, 1):.4f} | "
             + " | ".join(f"{w} val NLL {scores[w]['nll']:.4f} acc {scores[w]['acc']:.4f} macro-F1 "
@@ -364,20 +480,20 @@ def main(cfg: TrainConfig, log=print) -> dict:
         if stale:
             say(f"early stop: no lower val NLL for {cfg.patience} epochs")
             break
-        if cfg.epochs_this_run and epoch + 1 - start_epoch >= cfg.epochs_this_run and not finished:
+        if cfg.epochs_this_run and epoch + 1 - progress.start_epoch >= cfg.epochs_this_run and not finished:
             say(f"stopping after {cfg.epochs_this_run} epoch(s) this run: continue with --resume true")
             break
 
-    if ddp:
+    if rt.ddp:
         dist.barrier()
         dist.destroy_process_group()
     winner = min(best, key=lambda w: best[w]["nll"])
     return {"best_val_nll": best[winner]["nll"], "best_val_f1": best[winner].get("macro_f1", -1.0),
             "best_epoch": best[winner]["epoch"] + 1, "weights": winner, "ckpt": str(out / "ckpt_best.pt"),
-            "ckpts": {w: str(out / f"ckpt_best_{w}.pt") for w in best}, "history": history,
-            "train_time_s": train_time, "params": n_params, "split_sha256": split_sha,
-            "train_images_per_s": train_seen / max(train_time, 1e-9),
-            "full_size_images_per_s": train_pixels_seen / max(train_time, 1e-9)}  # speed at input_size
+            "ckpts": {w: str(out / f"ckpt_best_{w}.pt") for w in best}, "history": progress.history,
+            "train_time_s": progress.train_time, "params": n_params, "split_sha256": data.split_sha,
+            "train_images_per_s": progress.train_seen / max(progress.train_time, 1e-9),
+            "full_size_images_per_s": progress.train_pixels_seen / max(progress.train_time, 1e-9)}  # speed at input_size
 
 
 if __name__ == "__main__":
