@@ -18,6 +18,7 @@ from PIL import Image
 from batchcls.backends import load_backend
 from batchcls.card import ModelCard, load_card
 from batchcls.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, upright_rgb
+from batchcls.errors import first_line
 from batchcls.pipeline import Classifier, DecodedBatch, RunOptions, classify
 from batchcls.scan import InputFile, scan
 
@@ -128,7 +129,7 @@ class Model:
             except DecodeError as e:
                 errors.append(str(e))
             except Exception as e:  # never let one odd item take the batch down
-                errors.append(f"unexpected decode failure: {type(e).__name__}: {e}")
+                errors.append(f"unexpected decode failure: {first_line(e)}")
         s = preset.input_size
         stack = np.stack(images) if images else np.empty((0, s, s, 3), np.uint8)
         return DecodedBatch([InputFile("", "")] * len(items), stack, errors)

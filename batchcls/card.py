@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from batchcls.errors import ModelError
+from batchcls.errors import ModelError, first_line
 from batchcls.fsutil import atomic_write, confined
 
 CARD_FILE = "card.json"
@@ -138,8 +138,7 @@ def check_against_model(card: ModelCard, backend: Any) -> None:
     try:
         logits = np.asarray(backend.infer(blank))
     except Exception as e:  # backends raise their own untyped errors for a wrong input shape
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ModelError(f"the model of {card.bundle_dir} does not take the card's {s}x{s} input ({first}): "
+        raise ModelError(f"the model of {card.bundle_dir} does not take the card's {s}x{s} input ({first_line(e)}): "
                          "the card does not belong to this model") from e
     if logits.ndim != 2 or logits.shape[0] != 1:
         raise ModelError(f"the model of {card.bundle_dir} returns shape {tuple(logits.shape)} for one image, "

@@ -7,10 +7,21 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import click
 
+from batchcls.backends import BACKENDS
+from batchcls.decode import DEFAULT_MAX_PIXELS
 from batchcls.errors import BatchclsError
+from batchcls.infer import TTA_MODES
+from batchcls.output import FORMATS
+from batchcls.pipeline import CPU_BATCH, GPU_BATCH, RunOptions
+from batchcls.report import THUMB_SIZE
+from batchcls.watch.config import WATCH_FORMATS
+
+F = TypeVar("F", bound=Callable)
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_ROW_ERRORS, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for `cat` killed by SIGPIPE
@@ -57,49 +68,88 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     ctx.obj = {"verbose": verbose}
 
 
-tta_option = click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
-                          callback=lambda ctx, param, value: None if value == "none" else value,
-                          help="Test-time augmentation: flip averages each image's probabilities with its mirror's "
-                               "(2x the inference; README: Train, for its gain and cost).")
+def options(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+    """Several options as one decorator, listed in the order --help shows them (sqlite-utils' ``output_options``)."""
+    def apply(fn: F) -> F:
+        for decorate in reversed(decorators):
+            fn = decorate(fn)
+        return fn
+    return apply
+
+
+# Each option shared by several commands has one definition here, and its default comes from the library
+# constant that the code behind it uses, so help text and behaviour cannot drift apart.
 model_option = click.option("--model", type=click.Path(), default=None,
                             help="Model bundle folder (card.json + ONNX). Default: the shipped model.")
+backend_option = click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+                              help="Inference backend; auto: TensorRT plan, else CUDA, else CPU "
+                                   "(INT8 if `make engine` kept it).")
+device_option = click.option("--device", default=None,
+                             help="cpu, cuda or cuda:N. Default: the backend's (a GPU for tensorrt/cuda, and for auto "
+                                  "when there is one; else cpu); cpu keeps auto off the GPU.")
+model_options = options(model_option, backend_option, device_option)
+
+batch_options = options(
+    click.option("--batch-size", type=click.IntRange(1, 4096), default=None,
+                 help=f"Images per inference batch. Default: {CPU_BATCH}, {GPU_BATCH} on a GPU."),
+    click.option("--workers", type=click.IntRange(0), default=None,
+                 help="Decode processes (0 = decode in-process). Default: one per core."),
+)
+
+tta_option = click.option("--tta", type=click.Choice(["none", *(m for m in TTA_MODES if m)]), default="none",
+                          show_default=True, callback=lambda ctx, param, value: None if value == "none" else value,
+                          help="Test-time augmentation: flip averages each image's probabilities with its mirror's "
+                               "(2x the inference; README: Train, for its gain and cost).")
+top_k_option = click.option("--top-k", type=click.IntRange(1, 100), default=1, show_default=True,
+                            help="Also write the next K-1 labels and confidences.")
+threshold_option = click.option("--threshold", type=click.FloatRange(0, 1), default=None,
+                                help="Label rows below this confidence as 'unknown'; the model's own top label stays "
+                                     "in a model_label column.")
+# What each row holds, for the commands that write rows (run, watch): the home of any further row setting.
+row_options = options(top_k_option, threshold_option, tta_option)
+
+
+def recursive_option(help: str) -> Callable[[F], F]:
+    return click.option("--recursive/--no-recursive", default=True, show_default=True, help=help)
+
+
+def format_option(choices: Iterable[str], help: str) -> Callable[[F], F]:
+    return click.option("--format", "fmt", type=click.Choice(list(choices)), default="csv", show_default=True,
+                        help=help)
+
+
+def quiet_option(help: str) -> Callable[[F], F]:
+    return click.option("--quiet", "-q", is_flag=True, help=help)
 
 
 @cli.command()
 @click.argument("source", required=False, type=click.Path())
 @click.option("--out", "-o", required=True, help="Output file, or '-' for stdout.")
-@model_option
+@model_options
 @click.option("--files-from", type=click.Path(allow_dash=True), help="Read paths to classify, one per line ('-' = stdin).")
-@click.option("--recursive/--no-recursive", default=True, show_default=True, help="Descend into sub-folders.")
-@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl", "parquet"]), default="csv", show_default=True, help="Output format.")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=None, help="Images per inference batch.  [default: 64; 512 on a GPU]")
-@click.option("--workers", type=click.IntRange(0), default=None, help="Decode processes (0 = decode in-process). Default: one per core.")
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt", "cuda", "torch"]), default="auto", show_default=True, help="Inference backend; auto: TensorRT plan, else CUDA, else CPU (INT8 if `make engine` kept it).")
-@click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: the backend's (a GPU for tensorrt/cuda, else cpu); cpu keeps auto off the GPU.")
+@recursive_option("Descend into sub-folders.")
+@format_option(FORMATS, "Output format.")
+@batch_options
 @click.option("--cpu-decode", is_flag=True, help="With a GPU backend, decode with Pillow instead of nvJPEG: slower, but the CPU path's exact pixels (nvJPEG moves confidences by up to ~0.06).")
-@click.option("--top-k", type=click.IntRange(1, 100), default=1, show_default=True, help="Also write the next K-1 labels and confidences.")
-@click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="Label rows below this confidence as 'unknown'; the model's own top label stays in a model_label column.")
+@row_options
 @click.option("--probs", is_flag=True, help="Also write every class's probability (prob_<class> columns), e.g. for cleanlab or FiftyOne.")
-@click.option("--max-pixels", type=click.IntRange(1), default=None, help="Refuse an image whose decoded bytes pass this many 8-bit RGB pixels (3 bytes each; alpha and 16-bit count more); above Pillow's own limit it raises that too. Default: 89478485.")
-@tta_option
+@click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS, show_default=True, help="Refuse an image whose decoded bytes pass this many 8-bit RGB pixels (3 bytes each; alpha and 16-bit count more); above Pillow's own limit it raises that too.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted (or earlier) run, skipping files already in --out.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--strict", is_flag=True, help=f"Exit with status {EXIT_ROW_ERRORS} if any file could not be classified.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@quiet_option("No progress bar or summary.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="Run here, or on Ray Data across a cluster (needs the ray extra).")
 @click.option("--address", default=None, help="With --engine ray: 'auto' or 'ray://HEAD:10001'. Default: $RAY_ADDRESS, else Ray on this machine.")
-def run(source, out, model, files_from, recursive, fmt, batch_size, workers, backend, device, cpu_decode, top_k,
-        threshold, probs, max_pixels, tta, resume, overwrite, strict, quiet, engine, address) -> None:
+def run(source, out, model, backend, device, files_from, recursive, fmt, batch_size, workers, cpu_decode, top_k,
+        threshold, tta, probs, max_pixels, resume, overwrite, strict, quiet, engine, address) -> None:
     """Classify every image in SOURCE (a folder or a file) and write one row per file.
 
     Example: batchcls run ./images --out labels.csv --top-k 3
     """
-    from batchcls.decode import DEFAULT_MAX_PIXELS
-    from batchcls.pipeline import RunOptions
     from batchcls.runner import Interrupted, RunJob, describe, run_job
 
     options = RunOptions(batch_size=batch_size, workers=workers, top_k=top_k, threshold=threshold, probs=probs,
-                         max_pixels=max_pixels or DEFAULT_MAX_PIXELS, gpu_decode=not cpu_decode, tta=tta)
+                         max_pixels=max_pixels, gpu_decode=not cpu_decode, tta=tta)
     job = RunJob(source=source, out=out, model=model, backend=backend, device=device, recursive=recursive,
                  files_from=files_from, fmt=fmt, resume=resume, overwrite=overwrite, quiet=quiet, options=options)
     if address and engine != "ray":
@@ -144,17 +194,15 @@ def info(model) -> None:
 @cli.command("eval")
 @click.argument("labelled_dir", type=click.Path(exists=True, file_okay=False))
 @model_option
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=None, help="Images per inference batch.  [default: 64; 512 on a GPU]")
-@click.option("--workers", type=click.IntRange(0), default=None, help="Decode processes. Default: one per core.")
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt", "cuda", "torch"]), default="auto", show_default=True, help="Inference backend; auto: TensorRT plan, else CUDA, else CPU (INT8 if `make engine` kept it).")
+@backend_option
+@batch_options
 @tta_option
-def evaluate(labelled_dir, model, batch_size, workers, backend, tta) -> None:
+def evaluate(labelled_dir, model, backend, batch_size, workers, tta) -> None:
     """Score a model on LABELLED_DIR/<class>/*: accuracy, macro/micro-F1, per-class table.
 
     Example: batchcls eval samples/simpsons
     """
     from batchcls.evaluate import evaluate_folder, format_report
-    from batchcls.pipeline import RunOptions
 
     report = evaluate_folder(labelled_dir, model=model, backend=backend,
                              options=RunOptions(batch_size=batch_size, workers=workers, tta=tta))
@@ -193,34 +241,29 @@ def engine_build(model, target, fp16, max_batch, val_dir, calib_dir, calib_image
 @cli.command("watch")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Ledger CSV/JSONL: rows are appended as files are labelled; a restart continues it.")
-@model_option
-@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True, help="Output format (parquet can't be appended live).")
+@model_options
+@format_option(WATCH_FORMATS, "Output format (parquet can't be appended live).")
 @click.option("--polling", is_flag=True, help="Poll the folder instead of inotify: for network mounts, where events don't arrive.")
 @click.option("--stable-seconds", type=click.FloatRange(0.1), default=2.0, show_default=True, help="Without a close event (--polling, catch-up): ready once size and mtime held this long.")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=None, help="Most images per inference batch.  [default: 64; 512 on a GPU]")
+@batch_options
 @click.option("--max-wait", type=click.FloatRange(0), default=0.25, show_default=True, help="Seconds a partial batch waits for more arrivals.")
-@click.option("--workers", type=click.IntRange(0), default=None, help="Decode processes (0 = in-process). Default: one per core.")
 @click.option("--move-to", type=click.Path(file_okay=False), help="Move labelled files to DIR/<label>/ (same filesystem; never overwrites).")
 @click.option("--errors-to", type=click.Path(file_okay=False), help="Move files that could not be classified to DIR/.")
-@click.option("--recursive/--no-recursive", default=True, show_default=True, help="Watch sub-folders too.")
-@click.option("--top-k", type=click.IntRange(1, 100), default=1, show_default=True, help="Also write the next K-1 labels and confidences.")
-@click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="Label rows below this confidence as 'unknown'; the model's own top label stays in a model_label column.")
-@click.option("--device", default=None, help="cpu, cuda or cuda:N. Default: the auto backend's (a GPU when there is one, else cpu).")
-@tta_option
-@click.option("--quiet", "-q", is_flag=True, help="Log warnings only, not one line per batch.")
-def watch(folder, out, model, fmt, polling, stable_seconds, batch_size, max_wait, workers, move_to, errors_to,
-          recursive, top_k, threshold, device, tta, quiet) -> None:
+@recursive_option("Watch sub-folders too.")
+@row_options
+@quiet_option("Log warnings only, not one line per batch.")
+def watch(folder, out, model, backend, device, fmt, polling, stable_seconds, batch_size, workers, max_wait, move_to,
+          errors_to, recursive, top_k, threshold, tta, quiet) -> None:
     """Label images as they arrive in FOLDER until SIGINT/SIGTERM; a restart catches up first.
 
     Example: batchcls watch ./inbox --out labels.csv --move-to ./sorted
     """
-    from batchcls.pipeline import RunOptions
     from batchcls.watch import WatchConfig, log_to_stderr
     from batchcls.watch import watch as watch_folder
 
     log_to_stderr(quiet)
     options = RunOptions(batch_size=batch_size, workers=workers, top_k=top_k, threshold=threshold, tta=tta)
-    watch_folder(WatchConfig(folder=folder, out=out, model=model, device=device, fmt=fmt, recursive=recursive,
+    watch_folder(WatchConfig(folder=folder, out=out, model=model, backend=backend, device=device, fmt=fmt, recursive=recursive,
                              polling=polling, stable_s=stable_seconds, max_wait_s=max_wait, move_to=move_to,
                              errors_to=errors_to, options=options))
 
@@ -234,7 +277,7 @@ images_option = click.option("--images", type=click.Path(exists=True, file_okay=
 @images_option
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
               help="HTML file to write (replaced each run); thumbnails are cached in <name>_files/ beside it.")
-@click.option("--thumb-size", type=click.IntRange(32, 1024), default=160, show_default=True, help="Thumbnail size in pixels.")
+@click.option("--thumb-size", type=click.IntRange(32, 1024), default=THUMB_SIZE, show_default=True, help="Thumbnail size in pixels.")
 @click.option("--workers", type=click.IntRange(0), default=None, help="Thumbnail processes (0 = in-process). Default: one per core.")
 def report(labels, images, out, thumb_size, workers) -> None:
     """Write a self-contained HTML page of LABELS (a run's output): summary, one section per label, errors.

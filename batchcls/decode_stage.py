@@ -35,6 +35,7 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from batchcls.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
+from batchcls.errors import first_line
 from batchcls.presets import EvalPreset
 from batchcls.scan import InputFile
 
@@ -60,7 +61,7 @@ def decode_one(f: InputFile, preset: EvalPreset, max_pixels: int = DEFAULT_MAX_P
     except DecodeError as e:
         return None, str(e)
     except Exception as e:  # whatever a decoder raises becomes this file's reason
-        return None, f"unexpected decode failure: {type(e).__name__}: {e}"
+        return None, f"unexpected decode failure: {first_line(e)}"
 
 
 def load_images(files: list[InputFile], preset: EvalPreset, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedBatch:

@@ -15,3 +15,13 @@ class InputError(BatchclsError):
 
 class OutputError(BatchclsError):
     """The output cannot be written (exists, not writable, wrong schema for resume)."""
+
+
+def first_line(e: BaseException) -> str:
+    """``Type: first line of the message`` (or just ``Type``).
+
+    ONNX Runtime, torch and Ray put pages of context (stacks, graphs, hints) into one exception; a row's
+    reason and a user's error are one line, and ``--verbose`` still shows the rest.
+    """
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__

@@ -9,11 +9,9 @@ import numpy as np
 from batchcls.backends import load_backend
 from batchcls.card import load_card
 from batchcls.infer import Classifier
-from batchcls.metrics import f1_table
+from batchcls.metrics import REVIEW_THRESHOLDS, f1_table
 from batchcls.pipeline import RunOptions, classify
 from batchcls.scan import labelled_files
-
-THRESHOLDS = (0.5, 0.7, 0.9, 0.95, 0.99)
 
 
 @dataclass
@@ -46,7 +44,7 @@ def evaluate_folder(root: str | os.PathLike, *, model: str | None = None, backen
     macro, micro, per_class = f1_table(y_true, y_pred)
     t, p, c = np.asarray(y_true, object), np.asarray(y_pred, object), np.asarray(conf, float)
     coverage = []
-    for th in THRESHOLDS:
+    for th in REVIEW_THRESHOLDS:
         kept = c >= th
         coverage.append({"threshold": th, "coverage": float(kept.mean()),
                          "accuracy": float((t[kept] == p[kept]).mean()) if kept.any() else float("nan")})

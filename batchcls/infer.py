@@ -12,7 +12,7 @@ import numpy as np
 from batchcls.backends import Backend
 from batchcls.card import ModelCard, check_against_model
 from batchcls.decode_stage import DecodedBatch
-from batchcls.errors import ModelError
+from batchcls.errors import ModelError, first_line
 from batchcls.presets import EvalPreset, normalize
 
 UNKNOWN_LABEL = "unknown"
@@ -66,7 +66,7 @@ class Classifier:
             batch_probs = probabilities() if probabilities is not None else self.probabilities(batch.images)
             infer_error = None
         except Exception as e:  # an inference failure becomes error rows, not a crash
-            batch_probs, infer_error = None, f"inference failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            batch_probs, infer_error = None, f"inference failed: {first_line(e)}"
         rows, i = [], 0
         for f, err in zip(batch.files, batch.errors):
             row: dict = {"path": f.rel, "label": "", "confidence": None, "status": "error", "error": err or ""}

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 
+# Confidence cuts a person might review below: `batchcls eval` prints the coverage and accuracy above each,
+# `batchcls report` how many rows fall under each, so the two tables line up.
+REVIEW_THRESHOLDS = (0.5, 0.7, 0.9, 0.95, 0.99)
+
 
 def confusion(y_true, y_pred, num_classes: int) -> np.ndarray:
     """cm[true, pred] counts over integer labels 0..num_classes-1."""

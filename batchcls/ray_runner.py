@@ -29,7 +29,7 @@ import numpy as np
 
 from batchcls.backends import load_backend
 from batchcls.card import CARD_FILE, ModelCard, load_card
-from batchcls.errors import BatchclsError
+from batchcls.errors import BatchclsError, first_line
 from batchcls.output import RowWriter
 from batchcls.pipeline import Classifier, DecodedBatch, RunSummary, load_images
 from batchcls.presets import EvalPreset
@@ -51,11 +51,6 @@ def _b(text: str) -> bytes:
 
 def _s(raw: Any) -> str:
     return bytes(raw).decode("utf-8", "surrogateescape")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 # --- stage 1: decode + preprocess, as stateless Ray tasks ---------------------------------------
@@ -84,7 +79,7 @@ def _fetch_remote(files: list[InputFile], folder: str) -> tuple[list[InputFile |
             errors.append("file not found (deleted or moved after scanning)")
         except Exception as e:  # any filesystem failure is this file's error row, not the job's
             local.append(None)
-            errors.append(f"cannot fetch: {_first_line(e)}")
+            errors.append(f"cannot fetch: {first_line(e)}")
     return local, errors
 
 
@@ -180,7 +175,7 @@ def connect(address: str | None) -> bool:
         ray.init(address=address, **kwargs)
     except Exception as e:  # ConnectionError, RuntimeError, ValueError... Ray is not specific here
         raise RayRunError(f"cannot connect to Ray at {address or os.environ.get('RAY_ADDRESS', 'a new local instance')}"
-                             f" ({_first_line(e)}): check --address, or start a cluster with `ray start --head`") from None
+                             f" ({first_line(e)}): check --address, or start a cluster with `ray start --head`") from None
     return True
 
 
@@ -294,7 +289,7 @@ def run_ray_job(job: RunJob, *, address: str | None = None, actors: int | None =
         cause = getattr(e, "cause", None)
         if isinstance(cause, BatchclsError):  # e.g. the actor could not load the model
             raise cause from e
-        raise RayRunError(f"the Ray job failed after {writer.rows_written} rows ({_first_line(e)}): "
+        raise RayRunError(f"the Ray job failed after {writer.rows_written} rows ({first_line(e)}): "
                              "fix the cause and rerun with --resume; --verbose shows the traceback") from e
     finally:
         stop.restore(previous)

@@ -28,13 +28,13 @@ from urllib.parse import quote
 
 from batchcls.errors import InputError, OutputError
 from batchcls.fsutil import atomic_path, atomic_write, confined
+from batchcls.metrics import REVIEW_THRESHOLDS
 from batchcls.output import read_rows
 
 THUMB_SIZE = 160  # px, longest side of a thumbnail (and its box on the page)
 THUMB_QUALITY = 80  # JPEG quality; ~5 KB per thumbnail at 160 px
 THUMB_VERSION = 1  # bump when thumbnail making changes, so old cache entries are not reused
 HIST_BINS = 20  # confidence histogram bars over [0, 1]
-REVIEW_THRESHOLDS = (0.5, 0.7, 0.9, 0.95, 0.99)  # the same ones `batchcls eval` prints coverage for
 LOW, MID = 0.5, 0.9  # captions under LOW are red, under MID amber: the eye finds doubtful rows first
 _THUMB_NAME = re.compile(r"[0-9a-f]{24}\.jpg")
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from batchcls.errors import first_line
+
 SOURCES = ("offline", "hub", "none", "<path to a .pt/.pth file>", "<bundle folder with model.pt2 + card.json>")
 
 
@@ -127,8 +129,8 @@ def hub_state_dict(name: str) -> dict[str, torch.Tensor]:
         import torchvision
         return getattr(torchvision.models, s.arch)(weights="IMAGENET1K_V1").state_dict()
     except Exception as e:  # any download/parse failure is one line for the user
-        raise WeightsError(f"cannot download {name} ImageNet weights ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''}): use --pretrained offline or a local file") from None
+        raise WeightsError(f"cannot download {name} ImageNet weights ({first_line(e)}): "
+                           "use --pretrained offline or a local file") from None
 
 
 def _read_file(path: str | os.PathLike):  # whatever torch.save wrote

@@ -7,7 +7,7 @@ import numpy as np
 
 from batchcls.backends.record import cpu_engine_path
 from batchcls.card import ModelCard
-from batchcls.errors import ModelError
+from batchcls.errors import ModelError, first_line
 from batchcls.machine import default_threads
 
 
@@ -29,7 +29,7 @@ class OnnxRuntimeBackend:
         try:
             self.session = ort.InferenceSession(str(model_path), opts, providers=providers)
         except Exception as e:  # ORT raises its own untyped errors for corrupt files
-            raise ModelError(f"cannot load ONNX model {model_path}: {str(e).splitlines()[0]}") from e
+            raise ModelError(f"cannot load ONNX model {model_path}: {first_line(e)}") from e
         self.input_name = self.session.get_inputs()[0].name
         self.model_path = model_path
 
@@ -51,5 +51,5 @@ def onnx_metadata(path: Path) -> dict[str, str]:
     try:
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT's untyped errors for corrupt files
-        raise ModelError(f"cannot load ONNX model {path}: {str(e).splitlines()[0]}") from e
+        raise ModelError(f"cannot load ONNX model {path}: {first_line(e)}") from e
     return dict(session.get_modelmeta().custom_metadata_map)

@@ -18,7 +18,7 @@ import torch
 from batchcls.backends.device import DeviceNormalize
 from batchcls.backends.record import onnx_sha256
 from batchcls.card import ModelCard
-from batchcls.errors import ModelError
+from batchcls.errors import ModelError, first_line
 
 PROGRAM_META = "batchcls.json"  # extra file inside model.pt2: what the program was exported beside
 
@@ -38,7 +38,7 @@ def load_program(card: ModelCard) -> torch.nn.Module:
     try:
         program = torch.export.load(str(path), extra_files=extra)
     except Exception as e:  # torch's untyped errors for corrupt or foreign files
-        raise ModelError(f"cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        raise ModelError(f"cannot load {path}: {first_line(e)}") from e
     try:
         meta = json.loads(extra[PROGRAM_META] or "{}")
     except ValueError:
@@ -82,7 +82,7 @@ class GraphedForward:
             try:
                 self._capture(x)
             except Exception as e:  # fall back, never fail a run over an optimisation
-                warnings.warn(f"CUDA graph capture failed, running eagerly: {type(e).__name__}: {e}", stacklevel=2)
+                warnings.warn(f"CUDA graph capture failed, running eagerly: {first_line(e)}", stacklevel=2)
                 self.failed = True
                 return self.model(x)
         size = self.static_in.shape[0]
