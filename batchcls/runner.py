@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from batchcls.backends import load_backend
@@ -15,7 +15,7 @@ from batchcls.stopping import StopRequested
 
 @dataclass(frozen=True)
 class RunJob:
-    source: str | None
+    source: str | Sequence[str] | None  # folders and files (scan.scan), or None with files_from
     out: str
     model: str | None = None
     backend: str | None = None

@@ -8,11 +8,12 @@ folder through a folder fd, so neither depth nor PATH_MAX drops a file.
 """
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TextIO
 
 from batchcls.errors import InputError
@@ -63,6 +64,7 @@ class _Folder:
     path: str  # as given plus relative names: can pass PATH_MAX, so it is opened with open_long
     prefix: str  # rel of the folder, '' or ending in '/'
     entries: list  # (name, is_dir, stat of the folder it leads to or None), sorted, consumed from the end
+    ident: tuple[int, int]  # (st_dev, st_ino): with a name, the identity of a file in it (see _identity)
 
 
 def _list(path: str, follow_pseudo: bool, devices: frozenset[int]) -> list[tuple[str, str, os.stat_result | None]]:
@@ -98,12 +100,16 @@ def _list(path: str, follow_pseudo: bool, devices: frozenset[int]) -> list[tuple
         os.close(fd)
 
 
-def _walk(root: str, recursive: bool, seen: set[tuple[int, int]], exclude: frozenset[str],
-          follow_pseudo: bool) -> Iterator[InputFile]:
-    """Depth first, names sorted in each folder, with an explicit stack: no recursion limit."""
+def _walk(root: str, root_ident: tuple[int, int], recursive: bool, seen: set[tuple[int, int]],
+          exclude: frozenset[str], follow_pseudo: bool, *, prefix: str = "",
+          files_seen: set | None = None) -> Iterator[InputFile]:
+    """Depth first, names sorted in each folder, with an explicit stack: no recursion limit.
+
+    ``files_seen`` (several sources): identities already yielded, so a file reached again is skipped.
+    """
     devices = frozenset() if follow_pseudo else _pseudo_devices()
     try:
-        stack = [_Folder(root, "", _list(root, follow_pseudo, devices)[::-1])]
+        stack = [_Folder(root, prefix, _list(root, follow_pseudo, devices)[::-1], root_ident)]
     except OSError as e:
         raise InputError(f"cannot list folder {root}: {e.strerror}") from None
     while stack:
@@ -114,8 +120,14 @@ def _walk(root: str, recursive: bool, seen: set[tuple[int, int]], exclude: froze
         name, kind, st = folder.entries.pop()
         path, rel = f"{folder.path.rstrip('/')}/{name}", f"{folder.prefix}{name}"
         if kind == "file":
-            if os.path.abspath(path) not in exclude:
-                yield InputFile(path, rel)
+            if os.path.abspath(path) in exclude:
+                continue
+            if files_seen is not None:
+                ident = (*folder.ident, name)
+                if ident in files_seen:
+                    continue
+                files_seen.add(ident)
+            yield InputFile(path, rel)
             continue
         if kind != "dir":
             yield InputFile(path, rel, error=kind)
@@ -131,7 +143,7 @@ def _walk(root: str, recursive: bool, seen: set[tuple[int, int]], exclude: froze
         except OSError as e:  # one unreadable folder is one error row; the rest of the tree still runs
             yield InputFile(path, rel, error=f"cannot list folder: {e.strerror}")
             continue
-        stack.append(_Folder(path, rel + "/", entries[::-1]))
+        stack.append(_Folder(path, rel + "/", entries[::-1], key))
 
 
 def scan_dir(root: str | os.PathLike, *, recursive: bool = True, exclude: Iterable[str] = (),
@@ -142,13 +154,47 @@ def scan_dir(root: str | os.PathLike, *, recursive: bool = True, exclude: Iterab
     allows it); ``root`` itself may be anywhere.
     """
     root = os.fspath(root)
-    fd = open_long(root, os.O_RDONLY | os.O_CLOEXEC)
+    ident = _stat_ident(root)
+    yield from _walk(root, ident, recursive, {ident}, frozenset(os.path.abspath(p) for p in exclude), follow_pseudo)
+
+
+def _stat_ident(path: str) -> tuple[int, int]:
+    fd = open_long(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
     finally:
         os.close(fd)
-    yield from _walk(root, recursive, {(st.st_dev, st.st_ino)},
-                     frozenset(os.path.abspath(p) for p in exclude), follow_pseudo)
+    return st.st_dev, st.st_ino
+
+
+def _identity(path: str, folders: dict[str, tuple[int, int] | None]) -> tuple:
+    """What makes two spellings one file: its folder's (st_dev, st_ino) and its name.
+
+    ``x``, ``./x``, ``/abs/x`` and ``d/../x`` agree (the kernel resolves the folder, symlinks and
+    ``..`` included), while a symlink or hard link under another name stays a file of its own, as in a
+    folder walk. A folder that cannot be opened falls back to the normalised absolute spelling.
+    ``folders`` caches each folder's identity: a list names thousands of files in a few folders.
+    """
+    parent, name = os.path.split(path)
+    parent = parent or "."
+    if parent not in folders:
+        try:
+            folders[parent] = _stat_ident(parent)
+        except OSError:
+            folders[parent] = None
+    ident = folders[parent]
+    return ("path", os.path.normpath(os.path.abspath(path))) if ident is None else (*ident, name)
+
+
+def _once(files: Iterable[InputFile]) -> Iterator[InputFile]:
+    """Each file of a list once, under the first spelling that named it."""
+    seen: set[tuple] = set()
+    folders: dict[str, tuple[int, int] | None] = {}
+    for f in files:
+        ident = _identity(f.path, folders)
+        if ident not in seen:
+            seen.add(ident)
+            yield f
 
 
 def scan_list(stream: TextIO, base: str = ".") -> Iterator[InputFile]:
@@ -160,25 +206,71 @@ def scan_list(stream: TextIO, base: str = ".") -> Iterator[InputFile]:
         yield InputFile(os.path.join(base, name), name.replace(os.sep, "/"))
 
 
-def scan(source: str | os.PathLike | None, *, recursive: bool = True, files_from: str | None = None,
+Source = str | os.PathLike
+
+
+def scan(sources: Source | Sequence[Source] | None, *, recursive: bool = True, files_from: str | None = None,
          exclude: Iterable[str] = ()) -> Iterator[InputFile]:
-    """A folder, a single file, or a list file ('-' = stdin)."""
+    """Folders and files (in the order given), or a list file ('-' = stdin); each file once.
+
+    The output key (``rel``) of one folder's files is their path inside it, and of one file its name.
+    Several sources are keyed relative to their common parent folder, counting a folder as itself and a
+    file as the folder it is in: ``imgs/*.jpg`` is keyed like ``imgs`` (``a.jpg``), ``imgs/a imgs/b`` as
+    ``a/x.jpg``, ``b/y.jpg``. A file named twice (``x``, ``./x``, ``/abs/x``, ``d/../x``) is listed once,
+    under its first spelling. List lines keep their spelling as key.
+    """
     if files_from is not None:
         if files_from == "-":
-            return scan_list(sys.stdin)
+            return _once(scan_list(sys.stdin))
         try:
             stream = open(files_from, encoding="utf-8", errors="surrogateescape")
         except OSError as e:
             raise InputError(f"cannot read file list {files_from}: {e.strerror}") from None
-        return _closing(scan_list(stream), stream)
-    if source is None:
+        return _closing(_once(scan_list(stream)), stream)
+    if sources is None or (not isinstance(sources, (str, os.PathLike)) and not sources):
         raise InputError("give a folder or file to classify, or --files-from LIST")
-    path = Path(source)
-    if path.is_dir():
-        return scan_dir(path, recursive=recursive, exclude=exclude)
-    if path.is_file():
-        return iter([InputFile(str(path), path.name)])
-    raise InputError(f"{source} does not exist: give an existing folder or image file")
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    roots = [_source(os.fspath(s)) for s in sources]
+    exclude = frozenset(os.path.abspath(p) for p in exclude)
+    if len(roots) == 1:
+        path, is_dir, _ = roots[0]
+        if is_dir:
+            return scan_dir(path, recursive=recursive, exclude=exclude)
+        return iter([InputFile(path, os.path.basename(path))])
+    return _several(roots, recursive, exclude)
+
+
+def _source(path: str) -> tuple[str, bool, str]:
+    """(path, is a folder, where it really is): the last names a folder itself, or a file's real folder and
+    its own name (a symlinked file stays a file of that name, as in a walk)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise InputError(f"{path} does not exist: give an existing folder or image file") from None
+        raise InputError(f"cannot read {path}: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        return path, True, os.path.realpath(path)
+    parent, name = os.path.split(path)
+    return path, False, os.path.join(os.path.realpath(parent or "."), name)
+
+
+def _several(roots: list[tuple[str, bool, str]], recursive: bool, exclude: frozenset[str]) -> Iterator[InputFile]:
+    base = os.path.commonpath([real if is_dir else os.path.dirname(real) for _, is_dir, real in roots])
+    files_seen: set[tuple] = set()
+    folders: dict[str, tuple[int, int] | None] = {}
+    for path, is_dir, real in roots:
+        rel = os.path.relpath(real, base).replace(os.sep, "/")
+        if not is_dir:
+            ident = _identity(path, folders)
+            if ident not in files_seen and os.path.abspath(path) not in exclude:
+                files_seen.add(ident)
+                yield InputFile(path, rel)
+            continue
+        ident = _stat_ident(path)
+        yield from _walk(path, ident, recursive, {ident}, exclude, False,
+                         prefix="" if rel == "." else rel + "/", files_seen=files_seen)
 
 
 def _closing(it: Iterator[InputFile], stream: TextIO) -> Iterator[InputFile]:

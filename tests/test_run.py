@@ -273,3 +273,52 @@ def test_tta_flip_is_the_mean_of_the_image_and_its_mirror(tmp_path):
     row = read_rows(out)[0]
     file_row = tta.predict(str(SAMPLES / row["path"]), probs=True)
     assert abs(float(row["confidence"]) - file_row["confidence"]) < 1e-5 and row["label"] == file_row["label"]
+
+
+def batchcls_proc(*args, cwd=None, input=None) -> subprocess.CompletedProcess:
+    """The CLI as a person runs it: a process of its own, arguments as a shell passes them."""
+    return subprocess.run([sys.executable, "-m", "batchcls.cli", *map(str, args)], cwd=cwd, input=input,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _sample_tree(root: Path) -> list[Path]:
+    """Four real frames of two characters: imgs/<name>.jpg and imgs/sub/<name>.jpg."""
+    frames = [p for d in ("bart_simpson", "homer_simpson") for p in sorted((SAMPLES / d).glob("*.jpg"))[:2]]
+    out = []
+    for i, src in enumerate(frames):
+        dst = root / "imgs" / ("sub" if i >= 2 else "") / f"{src.parent.name}-{src.name}"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(src.read_bytes())
+        out.append(dst)
+    return out
+
+
+def test_one_file_spelled_four_ways_gets_one_row(tmp_path):
+    x = _sample_tree(tmp_path)[0]
+    (tmp_path / "d").mkdir()
+    rel = x.relative_to(tmp_path)
+    spellings = [rel, f"./{rel}", x, f"d/../{rel}"]
+    r = batchcls_proc("run", *spellings, "--out", "-", "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(r.stdout.splitlines()))
+    assert [(row["path"], row["status"]) for row in rows] == [(x.name, "ok")]
+    listing = "".join(f"{s}\n" for s in spellings)
+    r = batchcls_proc("run", "--files-from", "-", "--out", "-", "-q", cwd=tmp_path, input=listing)
+    assert r.returncode == 0, r.stderr
+    assert [row["path"] for row in csv.DictReader(r.stdout.splitlines())] == [str(rel)]  # the first spelling
+
+
+def test_a_shell_glob_of_files_and_folders(tmp_path):
+    """`batchcls run imgs/*.jpg imgs/sub`: accepted, rows in argument order, paths as `run imgs` writes them."""
+    frames = _sample_tree(tmp_path)
+    top = sorted(p for p in frames if p.parent.name == "imgs")
+    args = [*(f"imgs/{p.name}" for p in reversed(top)), "imgs/sub"]
+    r = batchcls_proc("run", *args, "--out", "several.csv", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "classified 4 files (0 errors)" in r.stderr
+    rows = read_rows(tmp_path / "several.csv")
+    assert [x["path"] for x in rows] == [p.name for p in reversed(top)] + sorted(
+        f"sub/{p.name}" for p in frames if p.parent.name == "sub")
+    assert all(x["status"] == "ok" for x in rows)
+    assert batchcls_proc("run", "imgs", "--out", "one.csv", cwd=tmp_path).returncode == 0
+    assert sorted(x["path"] for x in read_rows(tmp_path / "one.csv")) == sorted(x["path"] for x in rows)

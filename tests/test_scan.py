@@ -107,3 +107,55 @@ def test_non_utf8_names_are_listed_with_their_bytes(tmp_path):
     (f,) = scan_dir(tmp_path)
     assert os.fsencode(f.rel) == b"\xff\xfename.jpg"
     assert decode_image(f.path).mode == "RGB"
+
+
+def _jpeg(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(SAMPLE.read_bytes())
+    return path
+
+
+def test_one_file_under_several_spellings_is_listed_once(tmp_path, monkeypatch):
+    """x, ./x, /abs/x and d/../x name one file: one entry, under the first spelling. A symlinked folder's
+    '..' is where the link points, so d2/../x there is another file, and a link under its own name is too."""
+    from batchcls.scan import scan
+
+    _jpeg(tmp_path / "x.jpg")
+    (tmp_path / "d").mkdir()
+    _jpeg(tmp_path / "elsewhere" / "x.jpg")
+    (tmp_path / "elsewhere" / "sub").mkdir()
+    (tmp_path / "d2").symlink_to(tmp_path / "elsewhere" / "sub", target_is_directory=True)
+    (tmp_path / "link.jpg").symlink_to(tmp_path / "x.jpg")
+    monkeypatch.chdir(tmp_path)
+    spellings = ["x.jpg", "./x.jpg", str(tmp_path / "x.jpg"), "d/../x.jpg", "d2/../x.jpg", "link.jpg", "./d/../x.jpg"]
+    got = [(f.path, f.rel) for f in scan(spellings)]
+    assert got == [("x.jpg", "x.jpg"), ("d2/../x.jpg", "elsewhere/x.jpg"), ("link.jpg", "link.jpg")]
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(spellings) + "\n")
+    assert [f.rel for f in scan(None, files_from=str(listing))] == ["x.jpg", "d2/../x.jpg", "link.jpg"]
+
+
+def test_several_sources_in_order_keyed_from_their_common_parent(tmp_path, monkeypatch):
+    from batchcls.scan import scan
+
+    for rel in ["imgs/b.jpg", "imgs/a.jpg", "imgs/sub/c.jpg", "imgs/sub/d.jpg", "more/e.jpg"]:
+        _jpeg(tmp_path / rel)
+    monkeypatch.chdir(tmp_path)
+    # a shell glob of files: keyed as the folder itself would key them
+    assert [f.rel for f in scan(["imgs/b.jpg", "imgs/a.jpg"])] == ["b.jpg", "a.jpg"]
+    assert [f.rel for f in scan("imgs")][:2] == ["a.jpg", "b.jpg"]
+    # folders and files mixed, in argument order; a file inside a folder already walked is not listed again
+    got = [(f.path, f.rel) for f in scan(["imgs/sub", "more", "imgs/a.jpg", "imgs/sub/c.jpg"])]
+    assert got == [("imgs/sub/c.jpg", "imgs/sub/c.jpg"), ("imgs/sub/d.jpg", "imgs/sub/d.jpg"),
+                   ("more/e.jpg", "more/e.jpg"), ("imgs/a.jpg", "imgs/a.jpg")]
+    # a folder and one inside it: the inner one's files come once, under the outer walk's keys
+    assert [f.rel for f in scan(["imgs", "imgs/sub"])] == ["a.jpg", "b.jpg", "sub/c.jpg", "sub/d.jpg"]
+
+
+def test_a_missing_source_among_several_is_refused(tmp_path):
+    from batchcls.errors import InputError
+    from batchcls.scan import scan
+
+    _jpeg(tmp_path / "a.jpg")
+    with pytest.raises(InputError, match=r"nope\.jpg does not exist"):
+        list(scan([tmp_path / "a.jpg", tmp_path / "nope.jpg"]))
