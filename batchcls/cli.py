@@ -4,7 +4,9 @@ Heavy imports (onnxruntime, torch) happen inside commands so ``--help`` stays in
 """
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import sys
 import traceback
 from collections.abc import Callable, Iterable
@@ -14,7 +16,7 @@ import click
 
 from batchcls.backends import BACKENDS
 from batchcls.decode import DEFAULT_MAX_PIXELS
-from batchcls.errors import BatchclsError
+from batchcls.errors import BatchclsError, InputError
 from batchcls.infer import TTA_MODES
 from batchcls.output import FORMATS
 from batchcls.pipeline import CPU_BATCH, GPU_BATCH, RunOptions
@@ -66,6 +68,33 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     Example: batchcls run ./images --out labels.csv
     """
     ctx.obj = {"verbose": verbose}
+
+
+class Existing(click.Path):
+    """A file or folder the command reads. One that is missing (or of the wrong kind) is the same error in
+    every command: one line and exit 1, as for any input that can't be used; click's usage block and exit 2
+    stay for a command line that is wrong in itself."""
+
+    def __init__(self, what: str, *, file_okay: bool = True, dir_okay: bool = True) -> None:
+        super().__init__(file_okay=file_okay, dir_okay=dir_okay)
+        self.what = what
+
+    def convert(self, value, param, ctx):
+        path = os.fspath(value)
+        if ctx is not None and ctx.resilient_parsing:  # shell completion: nothing to check yet
+            return path
+        named = f"{param.opts[0]} {path}" if isinstance(param, click.Option) else path
+        try:
+            is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise InputError(f"{named} does not exist: give an existing {self.what}") from None
+            raise InputError(f"cannot read {named}: {e.strerror}") from None
+        if is_dir and not self.dir_okay:
+            raise InputError(f"{named} is a folder: give a {self.what}")
+        if not is_dir and not self.file_okay:
+            raise InputError(f"{named} is not a folder: give a {self.what}")
+        return path
 
 
 def options(*decorators: Callable[[F], F]) -> Callable[[F], F]:
@@ -123,7 +152,7 @@ def quiet_option(help: str) -> Callable[[F], F]:
 
 
 @cli.command()
-@click.argument("sources", metavar="[SOURCE]...", nargs=-1, type=click.Path())
+@click.argument("sources", metavar="[SOURCE]...", nargs=-1, type=Existing("folder or image file"))
 @click.option("--out", "-o", required=True, help="Output file, or '-' for stdout.")
 @model_options
 @click.option("--files-from", type=click.Path(allow_dash=True), help="Read paths to classify, one per line ('-' = stdin).")
@@ -195,7 +224,7 @@ def info(model) -> None:
 
 
 @cli.command("eval")
-@click.argument("labelled_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("labelled_dir", type=Existing("folder of class folders", file_okay=False))
 @model_option
 @backend_option
 @batch_options
@@ -226,8 +255,8 @@ def engine() -> None:
 @click.option("--target", type=click.Choice(["auto", "tensorrt", "cpu"]), default="auto", show_default=True, help="auto: TensorRT when the tensorrt package and a GPU are here, else CPU engines.")
 @click.option("--fp16/--no-fp16", default=True, show_default=True, help="TensorRT: allow FP16 kernels.")
 @click.option("--max-batch", type=click.IntRange(1, 4096), default=256, show_default=True, help="TensorRT: largest batch the plan accepts (profile min 1, opt half of this).")
-@click.option("--val-dir", type=click.Path(exists=True, file_okay=False), default=None, help="CPU: labelled DIR/<class>/* that decides whether INT8 is kept. Default: the card's split manifest (val).")
-@click.option("--calib-dir", type=click.Path(exists=True, file_okay=False), default=None, help="CPU: images to calibrate INT8 on. Default: the card's split manifest (train).")
+@click.option("--val-dir", type=Existing("labelled folder", file_okay=False), default=None, help="CPU: labelled DIR/<class>/* that decides whether INT8 is kept. Default: the card's split manifest (val).")
+@click.option("--calib-dir", type=Existing("folder of images", file_okay=False), default=None, help="CPU: images to calibrate INT8 on. Default: the card's split manifest (train).")
 @click.option("--calib-images", type=click.IntRange(1), default=300, show_default=True, help="CPU: how many calibration images to use.")
 def engine_build(model, target, fp16, max_batch, val_dir, calib_dir, calib_images) -> None:
     """Build the fastest engine this machine allows and store it beside the bundle's card.
@@ -242,7 +271,7 @@ def engine_build(model, target, fp16, max_batch, val_dir, calib_dir, calib_image
 
 
 @cli.command("watch")
-@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.argument("folder", type=Existing("folder to watch", file_okay=False))
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Ledger CSV/JSONL: rows are appended as files are labelled; a restart continues it.")
 @model_options
 @format_option(WATCH_FORMATS, "Output format (parquet can't be appended live).")
@@ -271,12 +300,13 @@ def watch(folder, out, model, backend, device, fmt, polling, stable_seconds, bat
                              errors_to=errors_to, options=options))
 
 
-images_option = click.option("--images", type=click.Path(exists=True, file_okay=False), default=None,
+images_option = click.option("--images", type=Existing("folder (the SOURCE given to batchcls run)", file_okay=False),
+                             default=None,
                              help="Folder the paths in LABELS are relative to (the SOURCE given to run). Default: current folder.")
 
 
 @cli.command()
-@click.argument("labels", type=click.Path(exists=True, dir_okay=False))
+@click.argument("labels", type=Existing("labels file (the output of batchcls run)", dir_okay=False))
 @images_option
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
               help="HTML file to write (replaced each run); thumbnails are cached in <name>_files/ beside it.")
@@ -294,7 +324,7 @@ def report(labels, images, out, thumb_size, workers) -> None:
 
 
 @cli.command()
-@click.argument("labels", type=click.Path(exists=True, dir_okay=False))
+@click.argument("labels", type=Existing("labels file (the output of batchcls run)", dir_okay=False))
 @images_option
 @click.option("--below", type=click.FloatRange(0, 1), required=True, help="Select rows whose confidence is under this.")
 @click.option("--to", "to", required=True, type=click.Path(file_okay=False), help="Folder to fill as <to>/<predicted label>/<image>.")

@@ -378,6 +378,10 @@ def build_report(labels: str | os.PathLike, out: str | os.PathLike, *, images: s
     thumbs.mkdir(parents=True, exist_ok=True)
 
     items, todo = _prepare(rows, root, thumbs, thumb_size, summary)
+    looked_for = sum(1 for it in items if it.row.get("status") == "ok" and it.source)
+    if looked_for and summary.missing == looked_for:  # a page of placeholders only: the wrong --images
+        raise InputError(f"none of the {looked_for} images of {labels} was found under "
+                         f"{images or 'the current folder'}: pass --images <the folder given to batchcls run>")
     _make_thumbnails(items, todo, thumbs, thumb_size, workers, progress, summary)
     groups, errors = _group(items)
     summary.labels = {k: len(v) for k, v in groups.items()}

@@ -125,6 +125,10 @@ def review(labels: str | os.PathLike, to: str | os.PathLike, *, below: float,
         manifest.append([escape_cell(encode_name(dest.relative_to(to).as_posix())), escape_cell(encode_name(str(r["path"]))),
                          escape_cell(str(r.get("label", ""))), r.get("confidence", ""),
                          escape_cell(str(r.get("error", "")))])
+    if summary.missing and not manifest:
+        raise InputError(f"none of the {len(summary.missing)} images to review was found under "
+                         f"{images or 'the current folder'} (e.g. {summary.missing[0]}): "
+                         "pass --images <the folder given to batchcls run>")
     if manifest:
         with atomic_open(to / MANIFEST, "w", newline="", encoding="utf-8", errors="backslashreplace") as fh:
             w = csv.writer(fh)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import click
 import pytest
+from conftest import SAMPLES
 
 from batchcls.cli import cli
 from batchcls.errors import first_line
@@ -66,3 +68,56 @@ def test_eval_and_report_use_one_threshold_list():
     from batchcls import evaluate, metrics, report
 
     assert report.REVIEW_THRESHOLDS is metrics.REVIEW_THRESHOLDS is evaluate.REVIEW_THRESHOLDS
+
+
+def batchcls_proc(*args, cwd=None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "batchcls.cli", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def labels_csv(tmp_path) -> Path:
+    """A real run's output over four sample frames, under tmp_path/images."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for src in sorted(SAMPLES.glob("*/*.jpg"))[:4]:
+        (images / f"{src.parent.name}-{src.name}").write_bytes(src.read_bytes())
+    out = tmp_path / "labels.csv"
+    r = batchcls_proc("run", images, "--out", out, "-q")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["run", "{missing}", "--out", "{tmp}/o.csv"], "{missing} does not exist"),
+    (["run", "{images}", "{missing}", "--out", "{tmp}/o.csv"], "{missing} does not exist"),
+    (["eval", "{missing}"], "{missing} does not exist"),
+    (["eval", "{labels}"], "{labels} is not a folder"),
+    (["watch", "{missing}", "--out", "{tmp}/o.csv"], "{missing} does not exist"),
+    (["report", "{missing}", "--out", "{tmp}/r.html"], "{missing} does not exist"),
+    (["report", "{labels}", "--images", "{missing}", "--out", "{tmp}/r.html"], "--images {missing} does not exist"),
+    (["review", "{missing}", "--below", "0.5", "--to", "{tmp}/rv"], "{missing} does not exist"),
+    (["review", "{labels}", "--images", "{missing}", "--below", "0.5", "--to", "{tmp}/rv"],
+     "--images {missing} does not exist"),
+    (["engine", "build", "--val-dir", "{missing}"], "--val-dir {missing} does not exist"),
+])
+def test_a_missing_input_is_one_line_and_exit_1_in_every_command(labels_csv, tmp_path, argv, named):
+    values = {"missing": tmp_path / "nope", "tmp": tmp_path, "labels": labels_csv, "images": tmp_path / "images"}
+    r = batchcls_proc(*(a.format(**values) for a in argv), cwd=tmp_path)
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("Error: "), r.stderr
+    assert named.format(**values) in r.stderr and "Usage:" not in r.stderr
+    assert not list(tmp_path.glob("o.csv*")) and not (tmp_path / "r.html").exists() and not (tmp_path / "rv").exists()
+
+
+@pytest.mark.parametrize("command", ["report", "review"])
+def test_report_and_review_that_find_no_image_say_so_and_fail(labels_csv, tmp_path, command):
+    """Run from another folder without --images: not a silent success over placeholders."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    extra = ["--out", tmp_path / "r.html"] if command == "report" else ["--below", "1.0", "--to", tmp_path / "rv"]
+    r = batchcls_proc(command, labels_csv, *extra, cwd=elsewhere)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.count("\n") == 1 and "none of the 4 images" in r.stderr and "pass --images" in r.stderr, r.stderr
+    r = batchcls_proc(command, labels_csv, "--images", tmp_path / "images", *extra, cwd=elsewhere)
+    assert r.returncode == 0, r.stderr

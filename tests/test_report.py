@@ -177,12 +177,18 @@ def test_report_reads_every_output_format(tree, colour_bundle, tmp_path, fmt):
     assert (s.rows, s.errors, sum(s.labels.values())) == (17, 1, 16)
 
 
-def test_missing_images_get_a_hint_and_placeholders(labels, tmp_path, monkeypatch):
+def test_missing_images_get_a_hint_and_placeholders(labels, tree, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the row paths are not relative to here
     r = invoke("report", labels, "--out", tmp_path / "r.html")
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output  # none found: the wrong --images
+    assert "none of the 16 images" in r.output and "under the current folder: pass --images" in r.output
+    assert not (tmp_path / "r.html").exists()
+    rows = read_rows(labels)
+    some = _rows_csv(tmp_path / "some.csv", [(rows[0]["path"], rows[0]["label"], 0.5), ("gone.jpg", "red", 0.4)])
+    r = invoke("report", some, "--images", tree, "--out", tmp_path / "r.html")
     assert r.exit_code == 0, r.output
-    assert "16 images not found under the current folder: pass --images" in r.output
-    assert Page((tmp_path / "r.html").read_text(encoding="utf-8")).count("img") == 0
+    assert "1 images not found under" in r.output and "pass --images" in r.output
+    assert Page((tmp_path / "r.html").read_text(encoding="utf-8")).count("img") == 1
 
 
 @pytest.mark.parametrize("out, message", [("labels.csv", "must end in .html"), ("nowhere/r.html", "does not exist")])
@@ -539,7 +545,9 @@ def test_review_keeps_hostile_labels_inside_the_folder_and_errors_apart(labels, 
 def test_review_reports_missing_images(labels, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = invoke("review", labels, "--below", 1.0, "--to", tmp_path / "rv")
-    assert r.exit_code == 0 and "not found under the current folder" in r.output and "pass --images" in r.output
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output  # none found: the wrong --images
+    assert "none of the 16 images" in r.output and "not found" not in r.output and "pass --images" in r.output
+    assert not (tmp_path / "rv").exists()
 
 
 def test_a_row_whose_file_no_longer_decodes_shows_the_reason(tree, tmp_path):

@@ -415,7 +415,7 @@ def test_cli_errors_are_one_line(inbox, tmp_path, colour_bundle):
     r = CliRunner().invoke(cli, ["watch", str(inbox), "--out", str(out), "--model", str(colour_bundle)])
     assert r.exit_code == 1 and r.output.startswith("Error: ") and "--top-k" in r.output
     r = CliRunner().invoke(cli, ["watch", str(tmp_path / "missing"), "--out", str(out)])
-    assert r.exit_code == 2 and "does not exist" in r.output
+    assert r.exit_code == 1 and "does not exist" in r.output and r.output.count("\n") == 1
 
 
 # --- the real command in a real process: signals --------------------------------------------------
