@@ -208,36 +208,47 @@ def run(sources, out, model, backend, device, files_from, recursive, fmt, batch_
 
 @cli.command()
 @model_option
-def info(model) -> None:
-    """Print the model card of a bundle (classes, preprocessing, metrics) and its ONNX file's own metadata.
+@click.option("--json", "as_json", is_flag=True, help="The whole model card and the ONNX file's own metadata, as JSON.")
+def info(model, as_json) -> None:
+    """Summarise a bundle: model, classes, input and preprocessing, metrics, open-set point.
 
     Example: batchcls info --model engines/simpsons
     """
     import json
 
-    from batchcls.backends.onnxruntime import onnx_metadata
     from batchcls.card import load_card
+    from batchcls.info import summary
 
     card = load_card(model)
+    if not as_json:
+        click.echo(summary(card))
+        return
+    from batchcls.backends.onnxruntime import onnx_metadata
+
     meta = onnx_metadata(card.onnx_path)  # what the file alone tells other runtimes (train/export.py writes it)
     click.echo(json.dumps({"bundle": str(card.bundle_dir), **card.to_dict(), "onnx_metadata": meta}, indent=2))
 
 
 @cli.command("eval")
-@click.argument("labelled_dir", type=Existing("folder of class folders", file_okay=False))
-@model_option
-@backend_option
+@click.argument("labelled_dir", type=Existing("folder of images", file_okay=False))
+@click.option("--labels", type=Existing("CSV of path,label rows", dir_okay=False), default=None,
+              help="A CSV of path,label rows (paths relative to LABELLED_DIR), for a flat folder of test images. "
+                   "Default: LABELLED_DIR/<class>/<image>.")
+@model_options
 @batch_options
+@click.option("--top-k", type=click.IntRange(1, 100), default=1, show_default=True,
+              help="Also report top-K accuracy: the true class among the K most probable (e.g. 5).")
 @tta_option
-def evaluate(labelled_dir, model, backend, batch_size, workers, tta) -> None:
-    """Score a model on LABELLED_DIR/<class>/*: accuracy, macro/micro-F1, per-class table.
+@quiet_option("No progress bar.")
+def evaluate(labelled_dir, labels, model, backend, device, batch_size, workers, top_k, tta, quiet) -> None:
+    """Score a model on LABELLED_DIR/<class>/* (or a flat folder and --labels CSV): accuracy, F1, per-class table.
 
-    Example: batchcls eval samples/simpsons
+    Example: batchcls eval samples/simpsons --top-k 5
     """
     from batchcls.evaluate import evaluate_folder, format_report
 
-    report = evaluate_folder(labelled_dir, model=model, backend=backend,
-                             options=RunOptions(batch_size=batch_size, workers=workers, tta=tta))
+    report = evaluate_folder(labelled_dir, model=model, backend=backend, device=device, labels=labels, quiet=quiet,
+                             options=RunOptions(batch_size=batch_size, workers=workers, top_k=top_k, tta=tta))
     click.echo(format_report(report))
 
 

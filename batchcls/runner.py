@@ -1,7 +1,6 @@
 """``batchcls run`` as a library call: a typed job config in, a summary out."""
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -9,7 +8,8 @@ from batchcls.backends import load_backend
 from batchcls.card import load_card
 from batchcls.output import RowWriter
 from batchcls.pipeline import Classifier, RunOptions, RunSummary, run
-from batchcls.scan import InputFile, scan
+from batchcls.progress import progress
+from batchcls.scan import InputFile, count, scan
 from batchcls.stopping import StopRequested
 
 
@@ -46,13 +46,6 @@ def _pending(files: Iterator[InputFile], done: set[str]) -> Iterator[InputFile]:
         yield f
 
 
-def _progress(job: RunJob):
-    if job.quiet or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-    return tqdm(unit="img", desc="classifying", file=sys.stderr, dynamic_ncols=True)
-
-
 def run_job(job: RunJob) -> RunSummary:
     card = load_card(job.model)
     backend = load_backend(card, job.backend, device=job.device)
@@ -63,7 +56,9 @@ def run_job(job: RunJob) -> RunSummary:
     exclude = [] if writer.to_stdout else [str(writer.out), str(writer.partial)]
     files = _pending(scan(job.source, recursive=job.recursive, files_from=job.files_from, exclude=exclude),
                      writer.done)
-    bar = _progress(job)
+    # the total, for a percentage and an ETA: counted by a second walk while the first batches run
+    bar = progress("classifying", quiet=job.quiet, count=lambda stop: count(
+        job.source, recursive=job.recursive, files_from=job.files_from, exclude=exclude, skip=writer.done, stop=stop))
     stop = StopRequested()
     previous = stop.install()
 

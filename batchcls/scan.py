@@ -12,7 +12,8 @@ import errno
 import os
 import stat
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+from collections.abc import Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -284,3 +285,19 @@ def labelled_files(root: str | os.PathLike) -> list[tuple[InputFile, str]]:
     if not files:
         raise InputError(f"{root} has no class folders with images: expected {root}/<class>/<image>")
     return files
+
+
+def count(sources: Source | Sequence[Source] | None, *, recursive: bool = True, files_from: str | None = None,
+          exclude: Iterable[str] = (), skip: Container[str] = frozenset(),
+          stop: threading.Event | None = None) -> int | None:
+    """How many files ``scan`` lists with these arguments, less those whose key is in ``skip`` (a resume's
+    rows): a progress bar's total, counted by a second walk beside the run. None for stdin (it can be read
+    once only) or when ``stop`` is set first."""
+    if files_from == "-":
+        return None
+    n = 0
+    for f in scan(sources, recursive=recursive, files_from=files_from, exclude=exclude):
+        if stop is not None and stop.is_set():
+            return None
+        n += f.rel not in skip
+    return n

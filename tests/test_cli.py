@@ -27,13 +27,18 @@ def _option(cmd: click.Command, flag: str) -> click.Option | None:
     return next((p for p in cmd.params if isinstance(p, click.Option) and flag in p.opts), None)
 
 
-@pytest.mark.parametrize("flag", ["--model", "--backend", "--device", "--batch-size", "--workers", "--tta",
-                                  "--top-k", "--threshold", "--quiet"])
-def test_a_shared_option_means_the_same_everywhere(flag):
+EVERY = ("run", "eval", "watch")
+
+
+@pytest.mark.parametrize("flag, commands", [
+    *((flag, EVERY) for flag in ("--model", "--backend", "--device", "--batch-size", "--workers", "--tta", "--quiet")),
+    ("--top-k", ("run", "watch")), ("--threshold", ("run", "watch")),  # eval's --top-k scores, it writes no rows
+])
+def test_a_shared_option_means_the_same_everywhere(flag, commands):
     """run, eval and watch take the same option from one definition: same type, default and help."""
-    found = {name: opt for name, cmd in _commands().items() if name in ("run", "eval", "watch")
+    found = {name: opt for name, cmd in _commands().items() if name in commands
              if (opt := _option(cmd, flag)) is not None}
-    assert len(found) >= 2, f"{flag} is on {sorted(found)} only"
+    assert set(found) == set(commands), f"{flag} is on {sorted(found)} only"
     shapes = {name: (repr(o.type), o.default, o.help if flag != "--quiet" else None) for name, o in found.items()}
     assert len(set(shapes.values())) == 1, shapes
 

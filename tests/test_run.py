@@ -193,7 +193,7 @@ def test_eval_on_a_labelled_folder(tmp_path, colour_bundle):
 
 
 def test_info_prints_the_card(colour_bundle):
-    r = invoke("info", "--model", colour_bundle)
+    r = invoke("info", "--model", colour_bundle, "--json")
     assert r.exit_code == 0 and json.loads(r.output)["classes"] == ["red", "green", "blue"]
 
 
@@ -322,3 +322,65 @@ def test_a_shell_glob_of_files_and_folders(tmp_path):
     assert all(x["status"] == "ok" for x in rows)
     assert batchcls_proc("run", "imgs", "--out", "one.csv", cwd=tmp_path).returncode == 0
     assert sorted(x["path"] for x in read_rows(tmp_path / "one.csv")) == sorted(x["path"] for x in rows)
+
+
+def _colour_set(root: Path) -> Path:
+    """Nine solid-colour images in class folders, plus a red one filed under blue: top-1 0.9, top-3 1.0."""
+    for name, rgb in [("red", (250, 0, 0)), ("green", (0, 250, 0)), ("blue", (0, 0, 250))]:
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (16, 16), rgb).save(root / name / f"{i}.png")
+    Image.new("RGB", (16, 16), (250, 0, 0)).save(root / "blue" / "wrong.png")
+    return root
+
+
+def test_eval_takes_device_quiet_and_top_k(tmp_path, colour_bundle):
+    labelled = _colour_set(tmp_path / "set")
+    r = batchcls_proc("eval", labelled, "--model", colour_bundle, "--device", "cpu", "--quiet", "--top-k", "3")
+    assert r.returncode == 0, r.stderr
+    assert "accuracy: 0.9000  top-3 accuracy: 1.0000" in r.stdout and r.stderr == ""
+    r = batchcls_proc("eval", labelled, "--model", colour_bundle, "--top-k", "4")
+    assert r.returncode == 1 and "--top-k 4 is more than the 3 classes" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_eval_of_a_flat_folder_with_a_labels_csv(tmp_path):
+    """The 40 real sample frames in one folder plus path,label rows score as the class folders do."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    lines = ["path,label"]
+    for src in sorted(SAMPLES.glob("*/*.jpg")):
+        name = f"{src.parent.name}-{src.name}"
+        (flat / name).write_bytes(src.read_bytes())
+        lines.append(f"{name},{src.parent.name}")
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    by_folder = batchcls_proc("eval", SAMPLES, "-q", "--top-k", "5")
+    by_csv = batchcls_proc("eval", flat, "--labels", tmp_path / "labels.csv", "-q", "--top-k", "5")
+    assert by_folder.returncode == by_csv.returncode == 0, by_csv.stderr
+    assert by_csv.stdout.startswith("images: 40  errors: 0\naccuracy: ")
+    assert by_csv.stdout == by_folder.stdout
+    # a row naming a file that is not there, or one outside the folder, is an error, not a crash
+    (tmp_path / "labels.csv").write_text("\n".join(lines[:3] + ["gone.jpg,homer_simpson", "../labels.csv,gil"]))
+    r = batchcls_proc("eval", flat, "--labels", tmp_path / "labels.csv", "-q")
+    assert r.returncode == 0 and r.stdout.startswith("images: 4  errors: 2"), r.stdout + r.stderr
+    (tmp_path / "bad.csv").write_text("file;class\nx.jpg;gil\n")
+    r = batchcls_proc("eval", flat, "--labels", tmp_path / "bad.csv")
+    assert r.returncode == 1 and "'path' and 'label' columns" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_info_is_a_short_summary(tmp_path):
+    r = batchcls_proc("info")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) <= 12, r.stdout
+    text = r.stdout
+    assert "efficientnet_lite0" in text and "42: abraham_grampa_simpson" in text and "128x128" in text
+    assert "test_acc" in text and "--json" in text and "open set" not in text  # the shipped card has no point
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    card = json.loads((SAMPLES.parent.parent / "engines" / "simpsons" / "card.json").read_text())
+    card["openset"] = {"score": "max_softmax", "cut": 0.42, "known_recall": 0.95}
+    (bundle / "card.json").write_text(json.dumps(card))
+    (bundle / "model.onnx").symlink_to(SAMPLES.parent.parent / "engines" / "simpsons" / "model.onnx")
+    r = batchcls_proc("info", "--model", bundle)
+    assert r.returncode == 0 and "open set:    score max_softmax, cut 0.42, known_recall 0.95" in r.stdout, r.stdout
+    assert json.loads(batchcls_proc("info", "--model", bundle, "--json").stdout)["classes"] == card["classes"]

@@ -103,7 +103,9 @@ def test_eval_in_a_terminal(tmp_path):
 def test_info_in_a_terminal(tmp_path):
     rc, screen = run_in_terminal("batchcls", "info", cwd=tmp_path)
     assert rc == 0, screen
-    assert "homer_simpson" in screen and "input_size" in screen
+    assert "42: abraham_grampa_simpson" in screen and "input:" in screen and len([x for x in screen.splitlines() if x.strip()]) <= 12
+    rc, screen = run_in_terminal("batchcls", "info", "--json", cwd=tmp_path)
+    assert rc == 0 and "homer_simpson" in screen and '"input_size": 128' in screen, screen
 
 
 def test_report_and_review_in_a_terminal(samples, tmp_path):
@@ -178,7 +180,7 @@ def test_closed_pipe_ends_quietly(samples, tmp_path):
 
 def test_ctrl_c_during_eval_is_one_line(many, tmp_path):
     term = Terminal("batchcls", "eval", many, "--batch-size", "8", cwd=tmp_path)
-    time.sleep(2.0)  # loading the model, then classifying
+    term.expect(r"evaluating:\s+\d+%\|.*?\b([1-9]\d*)/1200\b", timeout=120)  # classifying, some done
     term.ctrl_c()
     rc = term.wait()
     assert rc == 130, term.screen
@@ -186,3 +188,39 @@ def test_ctrl_c_during_eval_is_one_line(many, tmp_path):
     last = [line for line in term.screen.splitlines() if line.strip()][-1]
     assert last.endswith("Error: interrupted"), term.screen  # after the terminal's own echo of ^C
     assert_no_survivors(term)
+
+
+def test_run_progress_has_a_total_and_an_eta(many, tmp_path):
+    """The files are streamed, yet the bar knows how many there are (counted beside the run): %, n/total, ETA."""
+    term = Terminal("batchcls", "run", many, "--out", tmp_path / "labels.csv", "--batch-size", "16", cwd=tmp_path)
+    term.expect(r"classifying:\s+\d+%\|[^|]*\|\s*[1-9]\d*/1200 \[\d\d:\d\d<\d\d:\d\d", timeout=180)
+    term.ctrl_c()
+    assert term.wait() == 130, term.screen
+    assert_clean_screen(term.screen)
+    assert_no_survivors(term)
+
+
+def test_resumed_run_counts_only_what_is_left(tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for src in sorted(SAMPLES.glob("*/*.jpg")):
+        (flat / f"{src.parent.name}-{src.name}").write_bytes(src.read_bytes())
+    names = sorted(p.name for p in flat.iterdir())
+    (tmp_path / "first.txt").write_text("".join(f"{n}\n" for n in names[:10]))
+    out = tmp_path / "labels.csv"
+    rc, screen = run_in_terminal("batchcls", "run", "--files-from", tmp_path / "first.txt", "--out", out, cwd=flat)
+    assert rc == 0 and "10/10" in screen, screen
+    rc, screen = run_in_terminal("batchcls", "run", ".", "--out", out, "--resume", "--batch-size", "4", cwd=flat)
+    assert rc == 0, screen
+    left = N_SAMPLES - 10
+    assert f"{left}/{left}" in screen and f"/{N_SAMPLES}" not in screen, screen
+    assert len(read_rows(out)) == N_SAMPLES
+
+
+def test_eval_shows_progress_and_quiet_hides_it(tmp_path):
+    rc, screen = run_in_terminal("batchcls", "eval", SAMPLES, "--batch-size", "8", cwd=tmp_path)
+    assert rc == 0, screen
+    assert_clean_screen(screen)
+    assert "evaluating: 100%" in screen and f"{N_SAMPLES}/{N_SAMPLES}" in screen and "accuracy" in screen, screen
+    rc, screen = run_in_terminal("batchcls", "eval", SAMPLES, "--batch-size", "8", "--quiet", cwd=tmp_path)
+    assert rc == 0 and "evaluating" not in screen and "accuracy" in screen, screen

@@ -1,0 +1,48 @@
+"""``batchcls info``: what a person wants to know about a bundle, in a dozen lines (``--json``: the whole card)."""
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from batchcls.card import CARD_FILE, ModelCard
+
+SHOWN_CLASSES = 6
+_HEADLINE_METRIC = re.compile(r"(test|val)_(acc|macro_f1)")  # the split's accuracy and macro-F1
+
+
+def _number(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def openset_point(card: ModelCard) -> dict[str, Any] | None:
+    """The card's open-set operating point (``openset``), when training calibrated one; older cards lack it."""
+    point = getattr(card, "openset", None)
+    if point is None and card.bundle_dir is not None:  # a card read by a ModelCard that does not keep the key
+        try:
+            point = json.loads((card.bundle_dir / CARD_FILE).read_text()).get("openset")
+        except (OSError, ValueError, AttributeError):
+            point = None
+    return point if isinstance(point, dict) and point else None
+
+
+def summary(card: ModelCard) -> str:
+    classes = ", ".join(card.classes[:SHOWN_CLASSES]) + (", ..." if card.num_classes > SHOWN_CLASSES else "")
+    resize = (f"center crop {card.crop_pct:g} of the shorter side" if card.resize_mode == "center_crop"
+              else "whole frame squashed")
+    lines = [f"model:       {card.name} ({card.architecture}), {card.bundle_dir}",
+             f"classes:     {card.num_classes}: {classes}",
+             f"input:       {card.input_size}x{card.input_size} RGB, {resize}, {card.interpolation}; "
+             f"mean {', '.join(f'{m:g}' for m in card.mean)}, std {', '.join(f'{s:g}' for s in card.std)}",
+             f"calibration: softmax temperature {card.temperature:.4g}"]
+    shown = {k: v for k, v in card.metrics.items() if _HEADLINE_METRIC.fullmatch(k)} or dict(list(card.metrics.items())[:4])
+    if shown:
+        lines.append(f"metrics:     {', '.join(f'{k} {_number(v)}' for k, v in shown.items())}")
+    point = openset_point(card)
+    if point is not None:
+        flat = {k: v for k, v in point.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+        lines.append(f"open set:    {', '.join(f'{k} {_number(v)}' for k, v in flat.items()) or 'calibrated'}")
+    if card.training.get("command"):
+        lines.append(f"trained by:  {card.training['command']}")
+    lines.append("(batchcls info --json prints the whole card and the ONNX file's metadata)")
+    return "\n".join(lines)
