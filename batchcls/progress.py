@@ -2,7 +2,8 @@
 
 A run streams its files (the first batch starts before the walk ends), so its total is counted in a
 background thread beside the work and given to the bar once known; the bar then shows a percentage
-and an ETA. The thread only counts: the bar is touched from the caller's thread alone.
+and an ETA. The count starts once the first batch is done, so it never competes with the start of the
+run (model load, first decode), and the thread only counts: the bar is touched from the caller's thread.
 """
 from __future__ import annotations
 
@@ -20,8 +21,7 @@ class Progress:
         self._bar = tqdm(total=total, unit="img", desc=desc, file=sys.stderr, dynamic_ncols=True)
         self._counted: int | None = None
         self._stop = threading.Event()
-        if total is None and count is not None:
-            threading.Thread(target=self._count, args=(count,), name="batchcls-count", daemon=True).start()
+        self._to_count = count if total is None else None
 
     def _count(self, count: Count) -> None:
         try:
@@ -30,6 +30,9 @@ class Progress:
             pass
 
     def update(self, n: int) -> None:
+        if self._to_count is not None:
+            threading.Thread(target=self._count, args=(self._to_count,), name="batchcls-count", daemon=True).start()
+            self._to_count = None
         counted = self._counted
         if self._bar.total is None and counted is not None:
             self._bar.total = max(counted, self._bar.n + n)

@@ -41,7 +41,7 @@ cp -r "$REPO/samples/simpsons" "$WORK/images"
 mkdir "$WORK/elsewhere"
 cd "$WORK/elsewhere"
 BIN="$WORK/venv/bin"
-"$BIN/batchcls" info > info.json
+"$BIN/batchcls" info --json > info.json
 "$BIN/python" -c "import json, sys; b = json.load(open('info.json'))['bundle']; sys.exit('site-packages' not in b)" \
   || fail "batchcls info does not name the installed bundle: $(head -c 300 info.json)"
 "$BIN/batchcls" run "$WORK/images" --out labels.csv

@@ -31,5 +31,5 @@ def test_the_shipped_onnx_describes_itself_and_info_shows_it():
     pre = json.loads(meta["preprocessing"])
     assert {k: pre[k] for k in ("input_size", "resize_mode", "crop_pct", "interpolation", "mean", "std")} == \
         {k: getattr(card, k) for k in ("input_size", "resize_mode", "crop_pct", "interpolation", "mean", "std")}
-    res = CliRunner().invoke(cli, ["info", "--model", str(SHIPPED)])
+    res = CliRunner().invoke(cli, ["info", "--model", str(SHIPPED), "--json"])
     assert res.exit_code == 0 and json.loads(res.output)["onnx_metadata"] == meta

@@ -159,3 +159,22 @@ def test_a_missing_source_among_several_is_refused(tmp_path):
     _jpeg(tmp_path / "a.jpg")
     with pytest.raises(InputError, match=r"nope\.jpg does not exist"):
         list(scan([tmp_path / "a.jpg", tmp_path / "nope.jpg"]))
+
+
+def test_count_is_what_scan_lists_less_what_is_skipped(tmp_path):
+    import threading
+
+    from batchcls.scan import count, scan
+
+    for rel in ["a.jpg", "b.jpg", "sub/c.jpg", "sub/d.jpg"]:
+        _jpeg(tmp_path / rel)
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tmp_path}/a.jpg\n{tmp_path}/./a.jpg\n{tmp_path}/sub/c.jpg\n")
+    assert count(tmp_path) == len(list(scan(tmp_path))) == 5  # list.txt is a file of the folder too
+    assert count(tmp_path, skip={"a.jpg", "sub/c.jpg"}, exclude=[listing]) == 2
+    assert count([tmp_path / "sub", tmp_path / "sub/c.jpg"]) == 2
+    assert count(None, files_from=str(listing)) == 2
+    assert count(None, files_from="-") is None  # stdin can be read once only: it is the run's
+    stop = threading.Event()
+    stop.set()
+    assert count(tmp_path, stop=stop) is None
