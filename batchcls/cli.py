@@ -1,6 +1,7 @@
 """The command line: each command parses its options, builds a typed config and calls the library.
 
-Heavy imports (onnxruntime, torch) happen inside commands so ``--help`` stays instant.
+ONNX Runtime, torch and Ray load inside the commands that use them, so ``--help`` stays quick; the options'
+defaults and choices are the library's own constants (its modules bring numpy and Pillow, not a runtime).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from batchcls.infer import TTA_MODES
 from batchcls.output import FORMATS
 from batchcls.pipeline import CPU_BATCH, GPU_BATCH, RunOptions
 from batchcls.report import THUMB_SIZE
-from batchcls.watch.config import WATCH_FORMATS
+from batchcls.watch.config import WATCH_FORMATS, WatchConfig
 
 F = TypeVar("F", bound=Callable)
 
@@ -287,9 +288,9 @@ def engine_build(model, target, fp16, max_batch, val_dir, calib_dir, calib_image
 @model_options
 @format_option(WATCH_FORMATS, "Output format (parquet can't be appended live).")
 @click.option("--polling", is_flag=True, help="Poll the folder instead of inotify: for network mounts, where events don't arrive.")
-@click.option("--stable-seconds", type=click.FloatRange(0.1), default=2.0, show_default=True, help="Without a close event (--polling, catch-up): ready once size and mtime held this long.")
+@click.option("--stable-seconds", type=click.FloatRange(0.1), default=WatchConfig.stable_s, show_default=True, help="Without a close event (--polling, catch-up): ready once size and mtime held this long.")
 @batch_options
-@click.option("--max-wait", type=click.FloatRange(0), default=0.25, show_default=True, help="Seconds a partial batch waits for more arrivals.")
+@click.option("--max-wait", type=click.FloatRange(0), default=WatchConfig.max_wait_s, show_default=True, help="Seconds a partial batch waits for more arrivals.")
 @click.option("--move-to", type=click.Path(file_okay=False), help="Move labelled files to DIR/<label>/ (same filesystem; never overwrites).")
 @click.option("--errors-to", type=click.Path(file_okay=False), help="Move files that could not be classified to DIR/.")
 @recursive_option("Watch sub-folders too.")
@@ -301,19 +302,20 @@ def watch(folder, out, model, backend, device, fmt, polling, stable_seconds, bat
 
     Example: batchcls watch ./inbox --out labels.csv --move-to ./sorted
     """
-    from batchcls.watch import WatchConfig, log_to_stderr
+    from batchcls.watch import log_to_stderr
     from batchcls.watch import watch as watch_folder
 
     log_to_stderr(quiet)
     options = RunOptions(batch_size=batch_size, workers=workers, top_k=top_k, threshold=threshold, tta=tta)
-    watch_folder(WatchConfig(folder=folder, out=out, model=model, backend=backend, device=device, fmt=fmt, recursive=recursive,
-                             polling=polling, stable_s=stable_seconds, max_wait_s=max_wait, move_to=move_to,
-                             errors_to=errors_to, options=options))
+    watch_folder(WatchConfig(folder=folder, out=out, model=model, backend=backend, device=device, fmt=fmt,
+                             recursive=recursive, polling=polling, stable_s=stable_seconds, max_wait_s=max_wait,
+                             move_to=move_to, errors_to=errors_to, options=options))
 
 
 images_option = click.option("--images", type=Existing("folder (the SOURCE given to batchcls run)", file_okay=False),
                              default=None,
-                             help="Folder the paths in LABELS are relative to (the SOURCE given to run). Default: current folder.")
+                             help="Folder the paths in LABELS are relative to: the SOURCE given to run (for several "
+                                  "SOURCEs, their common parent folder). Default: current folder.")
 
 
 @cli.command()
