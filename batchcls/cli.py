@@ -153,7 +153,7 @@ def quiet_option(help: str) -> Callable[[F], F]:
 
 
 @cli.command()
-@click.argument("sources", metavar="[SOURCE]...", nargs=-1, type=Existing("folder or image file"))
+@click.argument("source", nargs=-1, type=Existing("folder or image file"))
 @click.option("--out", "-o", required=True, help="Output file, or '-' for stdout.")
 @model_options
 @click.option("--files-from", type=click.Path(allow_dash=True), help="Read paths to classify, one per line ('-' = stdin).")
@@ -170,7 +170,7 @@ def quiet_option(help: str) -> Callable[[F], F]:
 @quiet_option("No progress bar or summary.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="Run here, or on Ray Data across a cluster (needs the ray extra).")
 @click.option("--address", default=None, help="With --engine ray: 'auto' or 'ray://HEAD:10001'. Default: $RAY_ADDRESS, else Ray on this machine.")
-def run(sources, out, model, backend, device, files_from, recursive, fmt, batch_size, workers, cpu_decode, top_k,
+def run(source, out, model, backend, device, files_from, recursive, fmt, batch_size, workers, cpu_decode, top_k,
         threshold, tta, probs, max_pixels, resume, overwrite, strict, quiet, engine, address) -> None:
     """Classify every image in each SOURCE (folders and files, e.g. a shell glob) and write one row per file.
 
@@ -183,11 +183,11 @@ def run(sources, out, model, backend, device, files_from, recursive, fmt, batch_
 
     options = RunOptions(batch_size=batch_size, workers=workers, top_k=top_k, threshold=threshold, probs=probs,
                          max_pixels=max_pixels, gpu_decode=not cpu_decode, tta=tta)
-    job = RunJob(source=sources or None, out=out, model=model, backend=backend, device=device, recursive=recursive,
+    job = RunJob(source=source or None, out=out, model=model, backend=backend, device=device, recursive=recursive,
                  files_from=files_from, fmt=fmt, resume=resume, overwrite=overwrite, quiet=quiet, options=options)
     if address and engine != "ray":
         raise click.UsageError("--address only applies with --engine ray")
-    if sources and files_from:
+    if source and files_from:
         raise click.UsageError("give SOURCE or --files-from, not both")
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite contradict each other: --resume continues OUT, "
