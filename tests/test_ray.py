@@ -177,7 +177,7 @@ def test_local_path_never_imports_ray(colour_images, colour_bundle, tmp_path):
 
 
 @needs_ray
-def test_job_spec_runs_our_cli_with_a_valid_runtime_env():
+def test_job_spec_runs_our_cli_with_a_valid_runtime_env(tmp_path):
     """jobs/ray-job.yaml: its entrypoint parses as `batchcls run --engine ray`, its runtime env is valid."""
     from ray.runtime_env import RuntimeEnv
 
@@ -188,7 +188,12 @@ def test_job_spec_runs_our_cli_with_a_valid_runtime_env():
     spec = ray_submit.load_spec()
     args = shlex.split(spec["entrypoint"])
     assert args[:4] == ["python", "-m", "batchcls.cli", "run"]
-    ctx = cli.commands["run"].make_context("run", args[4:])  # click checks every option and value
+    # click checks every option and value, SOURCE's existence included: the head node's shared mount is a
+    # stand-in folder here
+    mount = tmp_path / "shared"
+    (mount / "images").mkdir(parents=True)
+    args = [a.replace("/mnt/shared", str(mount)) for a in args]
+    ctx = cli.commands["run"].make_context("run", args[4:])
     assert ctx.params["engine"] == "ray" and ctx.params["address"] == "auto" and ctx.params["resume"]
     env = RuntimeEnv(**spec["runtime_env"])
     assert Path(env["working_dir"]) == repo
