@@ -129,7 +129,7 @@ batch_options = options(
 tta_option = click.option("--tta", type=click.Choice(["none", *(m for m in TTA_MODES if m)]), default="none",
                           show_default=True, callback=lambda ctx, param, value: None if value == "none" else value,
                           help="Test-time augmentation: flip averages each image's probabilities with its mirror's "
-                               "(2x the inference; README: Train, for its gain and cost).")
+                               "(2x the inference; docs/results.md has its gain and cost).")
 top_k_option = click.option("--top-k", type=click.IntRange(1, 100), default=1, show_default=True,
                             help="Also write the next K-1 labels and confidences.")
 threshold_option = click.option("--threshold", type=click.FloatRange(0, 1), default=None,
