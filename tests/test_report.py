@@ -10,15 +10,19 @@ import json
 import os
 import select
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import SAMPLES
 from PIL import Image
+from procs import group_members, wait_for
 
 from batchcls.cli import cli
 from batchcls.output import RowWriter, columns_for, read_rows
@@ -557,3 +561,86 @@ def test_a_row_whose_file_no_longer_decodes_shows_the_reason(tree, tmp_path):
     page = Page((tmp_path / "r.html").read_text(encoding="utf-8"))
     assert page.count("img") == 1 and "not a recognised image" in (tmp_path / "r.html").read_text()
     assert page.captions[0].startswith("-") and page.captions[0].endswith("a/same.jpg")  # unreadable first
+
+
+# --- the thumbnail cache is ours alone ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("link", ["r_files", "r_files/thumbs"])
+def test_a_planted_symlink_for_the_thumbnail_cache_is_refused_and_nothing_it_points_at_is_deleted(
+        labels, tree, tmp_path, link):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    planted = {"x.tmp": b"a temp file of someone else", "0123456789abcdef01234567.jpg": b"a photo", "keep.txt": b"t"}
+    for name, data in planted.items():
+        (victim / name).write_bytes(data)
+    (tmp_path / "site").mkdir()
+    if link == "r_files/thumbs":
+        (tmp_path / "site" / "r_files").mkdir()
+    os.symlink(victim, tmp_path / "site" / link)
+    r = invoke("report", labels, "--images", tree, "--out", tmp_path / "site" / "r.html", "--workers", 0)
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "is a symlink" in r.output and "remove the link" in r.output
+    assert {p.name: p.read_bytes() for p in victim.iterdir()} == planted  # nothing written, nothing deleted
+    assert not (tmp_path / "site" / "r.html").exists()
+
+
+def test_the_prune_removes_only_stale_entries_of_the_real_folder(labels, tree, tmp_path):
+    out = tmp_path / "r.html"
+    build_report(labels, out, images=tree, workers=0)
+    thumbs = files_dir(out) / "thumbs"
+    stale, temp, other = thumbs / "0123456789abcdef01234567.jpg", thumbs / ".x.jpg.1.ab.tmp", thumbs / "notes.txt"
+    for p in (stale, temp, other):
+        p.write_bytes(b"x")
+    (thumbs / "abcdefabcdefabcdefabcdef.jpg").mkdir()  # a folder under a thumbnail's name is not ours to remove
+    again = build_report(labels, out, images=tree, workers=0)
+    assert (again.thumbs_made, again.thumbs_cached) == (0, 16)
+    assert not stale.exists() and not temp.exists() and other.exists()
+    assert (thumbs / "abcdefabcdefabcdefabcdef.jpg").is_dir()
+
+
+# --- thumbnails in worker processes: the decode stage's rules -------------------------------------
+
+
+def start_report(tmp_path: Path, n: int = 400) -> tuple[subprocess.Popen, Path]:
+    """`batchcls report` over ``n`` distinct large PNGs with 2 workers, in its own process group as a
+    terminal starts it; returns once the first thumbnails are on disk (the workers are busy)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    yy, xx = np.mgrid[0:1500, 0:1500]
+    pattern = np.stack([xx % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8)
+    Image.fromarray(pattern).save(images / "0000.png")
+    for i in range(1, n):  # copies: a new inode each, so a thumbnail each
+        shutil.copy(images / "0000.png", images / f"{i:04d}.png")
+    labels = _rows_csv(tmp_path / "labels.csv", [(f"{i:04d}.png", "red", 0.5) for i in range(n)])
+    out = tmp_path / "r.html"
+    proc = subprocess.Popen([sys.executable, "-m", "batchcls.cli", "report", str(labels), "--images", str(images),
+                             "--out", str(out), "--workers", "2"],
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    thumbs = files_dir(out) / "thumbs"
+    wait_for(lambda: proc.poll() is not None or (thumbs.is_dir() and any(thumbs.glob("*.jpg"))),
+             "the first thumbnails", timeout=60)
+    assert proc.poll() is None, "the report finished before the test could act on it: make it longer"
+    return proc, out
+
+
+def test_ctrl_c_of_report_is_one_line_and_rc_130_with_no_worker_left(tmp_path):
+    proc, out = start_report(tmp_path)
+    assert len(group_members(proc.pid)) >= 3  # the CLI, the forkserver, thumbnail workers
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: every process in the group
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.strip() == "Error: interrupted", err
+    wait_for(lambda: not group_members(proc.pid), "no process of the report left")
+    assert not out.exists()
+
+
+def test_kill_9_of_report_leaves_no_worker_behind(tmp_path):
+    proc, _ = start_report(tmp_path)
+    members = group_members(proc.pid)
+    assert len(members) >= 3, members
+    proc.kill()  # the parent only: its workers must notice on their own
+    proc.wait()
+    proc.stderr.close()  # not read: a worker that outlived the parent would hold it open
+    wait_for(lambda: not group_members(proc.pid), f"the report's processes {members} to exit", timeout=15)
