@@ -418,6 +418,21 @@ def test_cli_errors_are_one_line(inbox, tmp_path, colour_bundle):
     assert r.exit_code == 1 and "does not exist" in r.output and r.output.count("\n") == 1
 
 
+
+@pytest.mark.parametrize("flag", ["--move-to", "--errors-to"])
+@pytest.mark.parametrize("where", ["inbox", "inbox/.", "parent", "root"])
+def test_a_move_target_that_is_the_inbox_or_holds_it_is_refused_at_start(inbox, tmp_path, colour_bundle, flag, where):
+    """The scope skips move targets, so such a daemon would say "watching" and label nothing, forever."""
+    target = {"inbox": inbox, "inbox/.": f"{inbox}/.", "parent": inbox.parent, "root": "/"}[where]
+    (inbox / "a.jpg").write_bytes(jpeg("red"))
+    r = subprocess.run([sys.executable, "-m", "batchcls.cli", "watch", str(inbox), "--out", str(tmp_path / "l.csv"),
+                        "--model", str(colour_bundle), flag, str(target)],
+                       capture_output=True, text=True, timeout=DEADLINE * 2)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines() == [f"Error: {flag} {target} is the watched folder or holds it: nothing "
+                                             "would ever be labelled; choose a folder outside it, or a sub-folder of it"]
+    assert (inbox / "a.jpg").is_file() and not (tmp_path / "l.csv").exists()
+
 # --- the real command in a real process: signals --------------------------------------------------
 
 class Daemon:

@@ -65,6 +65,9 @@ class Mover:
 
     def _prepare(self, folder: str, flag: str) -> Path:
         path = Path(folder).resolve()
+        if inside(path, self.root):  # the scope excludes move targets: the whole inbox would be skipped
+            raise WatchError(f"{flag} {folder} is the watched folder or holds it: nothing would ever be "
+                             "labelled; choose a folder outside it, or a sub-folder of it")
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
