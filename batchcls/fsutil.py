@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,17 +89,28 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, *, encoding: str = 
         fh.write(raw)
 
 
-def safe_name(text: str, *, fallback: str = "_") -> str:
-    """``text`` (a label, a file name from a row) as one harmless path component.
+def _escaped(c: str) -> str:
+    return "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
 
-    Separators, NUL and control characters become '_'; '', '.' and '..' become ``fallback``; the
-    result fits NAME_MAX bytes. So a label like '../../etc' can never leave the folder it names.
+
+def safe_name(text: str) -> str:
+    """``text`` (a label, a file name from a row) as one harmless path component, a different one for each text.
+
+    '%', '/', '\\', control characters, lone surrogates, a leading '.' and leading or trailing spaces are
+    percent-encoded (their UTF-8 bytes), everything else is kept: 'homer_simpson' stays itself, 'a/b' is
+    'a%2Fb' (never 'a_b', another label's folder), '..' is '%2E.', and '' is '%'. A name over NAME_MAX
+    bytes is cut and ends in '%~' and a hash of the whole text. Every '%' the encoding writes starts an
+    escape, a '%~' or the whole name, so two texts never share a name: a label like '../../etc' can
+    neither leave the folder it names nor land in another label's.
     """
-    name = "".join("_" if c in "/\\" or ord(c) < 32 or ord(c) == 127 else c for c in str(text)).strip()
-    if name in ("", ".", ".."):
-        return fallback
-    while len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
-        name = name[:-1]
+    last = len(text) - 1
+    name = "".join(_escaped(c) if c in "%/\\" or ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF
+                   or (i == 0 and c == ".") or (c == " " and i in (0, last)) else c
+                   for i, c in enumerate(text)) or "%"
+    if len(name.encode()) > NAME_MAX:
+        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        cut = name.encode()[:NAME_MAX - 2 - len(digest)].decode("utf-8", "ignore")
+        name = f"{re.sub(r'%[0-9A-F]?$', '', cut)}%~{digest}"  # never half an escape before the hash
     return name
 
 

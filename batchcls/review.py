@@ -8,7 +8,8 @@ person moves the wrong ones to the right folder, and ``DIR`` is then laid out li
 
 The rows are data, not instructions: a row whose path leaves ``--images`` ('../../etc/passwd',
 '/etc/shadow') is skipped and counted, and nothing is written outside ``DIR`` (a label is made a
-safe folder name; a folder in ``DIR`` that links elsewhere is refused). The check is on the row's
+safe folder name, a different one for each label: ``label_folders``; a folder in ``DIR`` that links
+elsewhere is refused). The check is on the row's
 spelling: a symlink inside ``--images`` is followed, as ``batchcls run`` followed it.
 """
 from __future__ import annotations
@@ -21,11 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from batchcls.errors import InputError, OutputError
-from batchcls.fsutil import atomic_open, confined, inside, safe_name
+from batchcls.fsutil import atomic_open, confined, inside
+from batchcls.label_folders import ERRORS_DIR, MANIFEST, label_folder
 from batchcls.output import encode_name, escape_cell, read_rows
 
-ERRORS_DIR = "_errors"  # error rows (with --errors); not a class: empty it before training on DIR
-MANIFEST = "_manifest.csv"
 LINK_MODES = ("symlink", "hardlink")
 
 
@@ -99,7 +99,7 @@ def review(labels: str | os.PathLike, to: str | os.PathLike, *, below: float,
         except (TypeError, ValueError):
             conf = 0.0  # no readable confidence (error rows, damaged cells): doubtful by definition
         if r.get("status") == "ok" and conf < below:
-            chosen.append((conf, r, safe_name(str(r.get("label", "")))))
+            chosen.append((conf, r, label_folder(r)))
         elif r.get("status") != "ok" and errors:
             chosen.append((conf, r, ERRORS_DIR))
     # Least confident first, so the manifest reads in the order a person should look.

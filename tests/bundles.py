@@ -59,10 +59,11 @@ def colour_program(folder: Path, gain: float = 3.0, input_size: int = 32) -> Non
 
 
 def make_colour_bundle(folder: Path, *, input_size: int = 32, temperature: float = 1.0,
-                       program: bool = False) -> Path:
+                       program: bool = False, classes: list[str] = COLOURS) -> Path:
+    """``classes`` names the outputs for red, green and blue (names that clash as folders, say)."""
     folder.mkdir(parents=True, exist_ok=True)
     colour_onnx(folder / "model.onnx")
-    ModelCard(name="colours", architecture="colour-mean", classes=list(COLOURS), input_size=input_size,
+    ModelCard(name="colours", architecture="colour-mean", classes=list(classes), input_size=input_size,
               resize_mode="squash", crop_pct=1.0, interpolation="bilinear", mean=[0.5, 0.5, 0.5],
               std=[0.5, 0.5, 0.5], onnx="model.onnx", temperature=temperature).save(folder)
     if program:

@@ -196,7 +196,7 @@ def watch_kill_round(work: Path, rng: random.Random, files: int = 12) -> list[st
     """A real `batchcls watch --move-to` daemon killed -9 at a random moment while files arrive (dropped by
     rename, as a camera or rsync does), then restarted until the inbox is empty. Returns what was lost:
     each file must have exactly one row and sit in sorted/<its row's label>/."""
-    from batchcls.fsutil import safe_name
+    from batchcls.label_folders import label_folder
     from batchcls.output import read_rows
 
     inbox, sorted_, ledger = work / "inbox", work / "sorted", work / "ledger.csv"
@@ -233,7 +233,7 @@ def watch_kill_round(work: Path, rng: random.Random, files: int = 12) -> list[st
     if problems:
         return problems
     for row in read_rows(ledger):
-        where = sorted_ / safe_name(row["label"]) / row["path"]
+        where = sorted_ / label_folder(row) / row["path"]
         if row["status"] != "ok" or not where.is_file():
             problems.append(f"{row['path']!r} is not in sorted/{row['label']}/")
     if left := list(inbox.iterdir()):

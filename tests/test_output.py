@@ -262,11 +262,22 @@ def test_lock_release_and_reacquire(tmp_path):
 
 
 @pytest.mark.parametrize("label, want", [
-    ("homer_simpson", "homer_simpson"), ("../../etc", ".._.._etc"), ("..", "_"), (".", "_"), ("", "_"),
-    ("a/b\\c\0d", "a_b_c_d"), ("new\nline", "new_line"), ("  spaced  ", "spaced"), ("é" * 200, "é" * 127),
+    ("homer_simpson", "homer_simpson"), ("../../etc", "%2E.%2F..%2Fetc"), ("..", "%2E."), (".", "%2E"), ("", "%"),
+    ("a/b\\c\0d", "a%2Fb%5Cc%00d"), ("new\nline", "new%0Aline"), ("  spaced  ", "%20 spaced %20"),
+    ("a_b", "a_b"), ("a%2Fb", "a%252Fb"), ("\udcff", "%ED%B3%BF"),
 ])
 def test_safe_name(label, want):
     assert safe_name(label) == want
+
+
+def test_safe_name_is_one_component_and_one_to_one():
+    labels = ["a/b", "a_b", "a%2Fb", "a\\b", ".a", "%2Ea", " a", "a ", "a", "", "%", "..", ".", "é" * 200,
+              "é" * 199 + "e", "x" * 300, "x" * 299 + "y", "new\nline", "\0"]
+    names = [safe_name(label) for label in labels]
+    assert len(set(names)) == len(labels), names
+    for name in names:
+        assert "/" not in name and name not in (".", "..") and not name.startswith(".")
+        assert 0 < len(name.encode()) <= 255 and name == name.strip()
 
 
 @pytest.mark.parametrize("rel, ok", [

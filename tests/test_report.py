@@ -541,10 +541,33 @@ def test_review_links_instead_of_copying(tree, tmp_path, link):
 def test_review_keeps_hostile_labels_inside_the_folder_and_errors_apart(labels, tree, tmp_path):
     hostile = _rows_csv(tmp_path / "l.csv", [("a/same.jpg", "../escape", 0.1), ("b/same.jpg", "..", 0.2)])
     s = review(hostile, tmp_path / "rv", below=0.5, images=tree)
-    assert set(s.labels) == {".._escape", "_"} and not (tmp_path / "escape").exists()
+    assert set(s.labels) == {"%2E.%2Fescape", "%2E."} and not (tmp_path / "escape").exists()
     s = review(labels, tmp_path / "rv2", below=0.0, images=tree, errors=True)
     assert (s.selected, s.placed) == (1, 1) and (tmp_path / "rv2/_errors/broken.jpg").exists()
 
+
+
+def test_review_keeps_labels_that_share_a_safe_name_apart(tree, tmp_path):
+    """'a/b' and 'a_b', a class called 'unknown' beside rows the model declined, a class called '_errors'
+    beside the error rows: each its own folder, and the manifest says which row each file came from."""
+    columns = columns_for(1, model_label=True)
+    w = RowWriter(str(tmp_path / "l.csv"), columns=columns)
+    picks = {"a/same.jpg": ("a/b", "a/b"), "b/same.jpg": ("a_b", "a_b"), EVIL: ("unknown", "unknown"),
+             "javascript:alert(1).jpg": ("unknown", "a_b"), "=1+2.jpg": ("_errors", "_errors")}
+    w.write([{"path": p, "label": lab, "model_label": model, "confidence": 0.3, "status": "ok", "error": ""}
+             for p, (lab, model) in picks.items()]
+            + [{"path": "broken.jpg", "label": "", "model_label": "", "confidence": None, "status": "error",
+                "error": "not a recognised image"}])
+    w.close()
+    s = review(tmp_path / "l.csv", tmp_path / "rv", below=0.5, images=tree, errors=True)
+    assert s.labels == {"a%2Fb": 1, "a_b": 1, "%75nknown": 1, "unknown": 1, "%5Ferrors": 1, "_errors": 1}
+    placed = {m["file"]: (m["path"], m["label"]) for m in read_rows(tmp_path / "rv" / "_manifest.csv")}
+    assert placed == {"a%2Fb/same.jpg": ("a/same.jpg", "a/b"), "a_b/same.jpg": ("b/same.jpg", "a_b"),
+                      f"%75nknown/{EVIL}": (EVIL, "unknown"), "unknown/javascript:alert(1).jpg":
+                      ("javascript:alert(1).jpg", "unknown"), "%5Ferrors/=1+2.jpg": ("=1+2.jpg", "_errors"),
+                      "_errors/broken.jpg": ("broken.jpg", "")}
+    for file, (path, _) in placed.items():
+        assert (tmp_path / "rv" / file).read_bytes() == (tree / path).read_bytes()
 
 def test_review_reports_missing_images(labels, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bundles import make_colour_bundle
 from click.testing import CliRunner
 from PIL import Image
 from procs import wait_for
@@ -310,6 +311,26 @@ def test_ledger_and_move_targets_inside_the_folder_are_not_inputs(inbox, tmp_pat
     assert sorted(paths(out)) == ["a.jpg", "sentinel0.txt", "sentinel1.txt"]
     assert (inbox / "sorted" / "red" / "a.jpg").is_file() and (inbox / "failed" / "sentinel1.txt").is_file()
 
+
+
+def test_move_to_keeps_classes_that_share_a_safe_name_apart(inbox, tmp_path):
+    """Classes 'a/b' and 'a_b', and a class called 'unknown' beside the rows the model declines (--threshold):
+    four folders, each file in its own row's."""
+    bundle = make_colour_bundle(tmp_path / "clash", classes=["a/b", "a_b", "unknown"])
+    out, sorted_ = tmp_path / "labels.csv", tmp_path / "sorted"
+    cfg = WatchConfig(folder=str(inbox), out=str(out), model=str(bundle), move_to=str(sorted_), stable_s=0.3,
+                      max_wait_s=0.05, options=RunOptions(workers=0, threshold=0.5))
+    with Watcher(cfg) as w:
+        for name, colour in [("r.jpg", "red"), ("g.jpg", "green"), ("b.jpg", "blue")]:
+            (inbox / name).write_bytes(jpeg(colour))
+        Image.new("RGB", (40, 30), (128, 128, 128)).save(inbox / "grey.png")  # no colour wins: declined
+        wait_for(has_rows(out, "r.jpg", "g.jpg", "b.jpg", "grey.png"), "four rows")
+        wait_for(lambda: not w.waiting() and not any(inbox.iterdir()), "every file moved")
+    got = {r["path"]: (r["label"], r["model_label"]) for r in rows(out)}
+    assert got == {"r.jpg": ("a/b", "a/b"), "g.jpg": ("a_b", "a_b"), "b.jpg": ("unknown", "unknown"),
+                   "grey.png": ("unknown", "a/b")}
+    placed = {p.relative_to(sorted_).as_posix() for p in sorted_.rglob("*") if p.is_file()}
+    assert placed == {"a%2Fb/r.jpg", "a_b/g.jpg", "%75nknown/b.jpg", "unknown/grey.png"}
 
 def test_restart_finishes_cut_moves_and_relabels_a_cut_row(inbox, tmp_path, daemon):
     """The two states a kill -9 can leave behind, built exactly: a row whose move never happened,

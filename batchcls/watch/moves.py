@@ -13,7 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-from batchcls.fsutil import inside, safe_name
+from batchcls.fsutil import inside
+from batchcls.label_folders import label_folder
 from batchcls.scan import InputFile
 from batchcls.watch.config import WatchError
 
@@ -90,7 +91,7 @@ class Mover:
         target = self.target_for(row)
         if target is None or os.path.isdir(f.path):  # a folder the scan could not list is never moved
             return False
-        folder = target / safe_name(row["label"]) if row["status"] == "ok" else target
+        folder = target / label_folder(row) if row["status"] == "ok" else target
         if folder.exists() and not inside(target, folder):  # e.g. a symlink planted in MOVE_TO
             log.warning("not moving %s: %s leads outside %s", f.rel, folder, target)
             return False
