@@ -6,6 +6,7 @@ a slow writer's own pauses, which are the behaviour under test.
 import io
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -472,6 +473,14 @@ class Daemon:
         for line in self.proc.stderr:
             self.lines.put(line)
 
+    def rest(self) -> list[str]:
+        """Every line so far, once the daemon has exited."""
+        while True:
+            try:
+                self.log.append(self.lines.get(timeout=1))
+            except queue.Empty:
+                return self.log
+
     def wait_for_line(self, text: str) -> None:
         deadline = time.monotonic() + DEADLINE
         while time.monotonic() < deadline:
@@ -490,6 +499,43 @@ def watch_args(inbox, tmp_path, bundle):
     return [str(inbox), "--out", str(tmp_path / "labels.csv"), "--model", str(bundle),
             "--move-to", str(tmp_path / "sorted"), "--stable-seconds", "0.3", "--batch-size", "8", "--workers", "1"]
 
+
+
+@pytest.mark.parametrize("polling, how", [(False, "deleted-then-made"), (False, "replaced"),
+                                          (True, "deleted-then-made")])
+def test_an_inbox_deleted_and_made_again_is_watched_again_at_once(inbox, tmp_path, colour_bundle, polling, how):
+    """The observer's watch dies with the folder; the periodic re-scan (60 s) must not be what finds new files.
+    (A polling observer that never saw the folder gone just lists the new one: nothing to notice there.)"""
+    out = tmp_path / "labels.csv"
+    d = Daemon(str(inbox), "--out", str(out), "--model", str(colour_bundle), "--stable-seconds", "0.3",
+               "--workers", "0", *(["--polling"] if polling else []))
+    try:
+        _delete_and_make_again(d, inbox, out, how)
+    finally:
+        if d.proc.poll() is None:
+            d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(timeout=DEADLINE) == 0
+    log = d.rest()
+    assert sum("the watched folder" in line for line in log) == 1, "".join(log)  # one warning, not one per check
+    assert {r["path"]: r["label"] for r in rows(out)} == {"a.jpg": "red", "b.jpg": "green", "c.jpg": "blue"}
+
+
+def _delete_and_make_again(d: Daemon, inbox: Path, out: Path, how: str) -> None:
+    (inbox / "a.jpg").write_bytes(jpeg("red"))
+    wait_for(has_rows(out, "a.jpg"), "the first row")
+    if how == "replaced":  # made again at once: the new folder may even get the old one's inode number
+        shutil.rmtree(inbox)
+        inbox.mkdir()
+        d.wait_for_line("the watched folder")
+    else:
+        shutil.rmtree(inbox)
+        d.wait_for_line(f"the watched folder {inbox} was deleted")
+        inbox.mkdir()
+    (inbox / "b.jpg").write_bytes(jpeg("green"))
+    wait_for(has_rows(out, "b.jpg"), "the row of a file in the new folder", timeout=20)
+    d.wait_for_line("watching")  # the new watch is set: live events again, not only a scan
+    (inbox / "c.jpg").write_bytes(jpeg("blue"))
+    wait_for(has_rows(out, "c.jpg"), "the row of a live arrival", timeout=20)
 
 def test_sigterm_or_ctrl_c_finishes_the_batch_flushes_and_exits_0(inbox, tmp_path, colour_bundle):
     out = tmp_path / "labels.csv"

@@ -1,7 +1,7 @@
 """The watched-folder daemon (``batchcls watch``), split by job:
 
     events.py    the typed Event the rest passes around
-    observer.py  watchdog: observer + a handler that only enqueues
+    observer.py  watchdog: observer + a handler that only enqueues; a new watch when the folder is made again
     arrivals.py  when a file is ready, and the queue of ready files (rules testable with a fake clock)
     ledger.py    OUT: a row per labelled file, never labelled again
     moves.py     --move-to / --errors-to: atomic, never overwriting, after the row is on disk

@@ -36,7 +36,7 @@ from batchcls.watch.config import WATCH_FORMATS, WatchConfig, WatchError, WatchS
 from batchcls.watch.events import Event, Kind
 from batchcls.watch.ledger import Ledger
 from batchcls.watch.moves import Mover
-from batchcls.watch.observer import event_filter, handler, make_observer
+from batchcls.watch.observer import FolderWatch
 
 log = logging.getLogger("batchcls.watch")
 
@@ -55,7 +55,7 @@ class Watcher:
         self.ledger: Ledger | None = None
         self.stage: DecodeStage[DecodedBatch] | None = None
         self.arrivals: Arrivals | None = None
-        self._observer = None
+        self.folder: FolderWatch | None = None
         self._threads: list[threading.Thread] = []
         self._failure: BaseException | None = None
 
@@ -88,14 +88,13 @@ class Watcher:
         workers = default_threads() if cfg.options.workers is None else cfg.options.workers
         self.stage = image_stage(self.classifier.preset, workers=workers, max_pixels=cfg.options.max_pixels)
         self.stage.warm()
-        self._observer, close_events = make_observer(cfg)
+        self.folder = FolderWatch(cfg, self.root, self.events.put)
+        close_events = self.folder.close_events
         self.arrivals = Arrivals(done=self.ledger.done, close_events=close_events, stable_s=cfg.stable_s,
                                  close_grace_s=cfg.close_grace_s, max_wait_s=cfg.max_wait_s,
                                  batch_size=cfg.options.batch())
-        self._observer.schedule(handler(self.events.put), self.root, recursive=cfg.recursive,
-                                event_filter=event_filter(close_events))
         try:
-            self._observer.start()
+            self.folder.start()
         except OSError as e:
             raise WatchError(f"cannot watch {cfg.folder}: {e.strerror or e} (for inotify limits raise "
                              "fs.inotify.max_user_watches, or use --polling)") from None
@@ -110,9 +109,8 @@ class Watcher:
 
     def close(self) -> None:
         """Stop watching, finish the batches in flight, flush the ledger; re-raise a worker failure."""
-        if self._observer is not None and self._observer.is_alive():
-            self._observer.stop()
-            self._observer.join()
+        if self.folder is not None:
+            self.folder.stop()
         if self.arrivals is not None:
             self.arrivals.stop()
         self.events.put(Event(Kind.STOP))
@@ -158,8 +156,8 @@ class Watcher:
     # --- intake: events -> arrivals ---
 
     def _intake(self) -> None:
-        cfg, arrivals = self.config, self.arrivals
-        assert arrivals is not None
+        cfg, arrivals, folder = self.config, self.arrivals, self.folder
+        assert arrivals is not None and folder is not None
         intervals = [cfg.stable_s] + ([cfg.close_grace_s] if arrivals.close_events else [])
         tick = max(0.02, min(0.25, min(intervals) / 4))
         next_check = time.monotonic()
@@ -176,13 +174,18 @@ class Watcher:
             now = time.monotonic()
             if now >= next_check:
                 arrivals.check()
+                if folder.check():  # deleted or replaced, and a folder is there again: watched anew
+                    self._rescan()  # what arrived in it before its watch was set
                 next_check = now + tick
-            if cfg.rescan_s > 0 and now >= next_rescan:
-                try:
-                    self._scan(startup=False)
-                except (OSError, InputError) as e:  # e.g. a sub-folder made unreadable: keep watching
-                    log.warning("re-scan of %s failed: %s", self.root, e)
+            if cfg.rescan_s > 0 and now >= next_rescan and not folder.lost:
+                self._rescan()
                 next_rescan = now + cfg.rescan_s
+
+    def _rescan(self) -> None:
+        try:
+            self._scan(startup=False)
+        except (OSError, InputError) as e:  # e.g. a sub-folder made unreadable: keep watching
+            log.warning("re-scan of %s failed: %s", self.root, e)
 
     def _on_event(self, event: Event) -> None:
         if event.kind is Kind.SCAN:
