@@ -19,6 +19,7 @@ CARD_FILE = "card.json"
 RESIZE_MODES = ("squash", "center_crop")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 DEFAULT_BUNDLE_NAME = "simpsons"
+UNKNOWN_LABEL = "unknown"  # the label of a row whose image the model declines to name (its guess: model_label)
 REQUIRED = ("name", "architecture", "classes", "input_size", "resize_mode", "crop_pct",
             "interpolation", "mean", "std", "onnx")
 

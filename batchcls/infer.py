@@ -10,12 +10,11 @@ from collections.abc import Callable
 import numpy as np
 
 from batchcls.backends import Backend
-from batchcls.card import ModelCard, check_against_model
+from batchcls.card import UNKNOWN_LABEL, ModelCard, check_against_model
 from batchcls.decode_stage import DecodedBatch
 from batchcls.errors import ModelError, first_line
 from batchcls.presets import EvalPreset, normalize
 
-UNKNOWN_LABEL = "unknown"
 TTA_MODES = (None, "flip")  # flip: the mean of the image's and its mirror's probabilities
 
 

@@ -8,8 +8,8 @@ escaped (a class called 'unknown' is '%75nknown/'), so it never shares a folder 
 """
 from __future__ import annotations
 
+from batchcls.card import UNKNOWN_LABEL
 from batchcls.fsutil import safe_name
-from batchcls.infer import UNKNOWN_LABEL
 
 ERRORS_DIR = "_errors"  # error rows (review --errors); not a class: empty it before training on the folder
 MANIFEST = "_manifest.csv"
