@@ -133,9 +133,10 @@ class FolderWatch:
             if not self.lost and ident == self.ident and self.emitter.is_alive():
                 return False
             if not self.lost:
-                gone = ident is None
-                log.warning("the watched folder %s was %s: files in it are not seen until it is %s", self.root,
-                            "deleted" if gone else "replaced", "made again" if gone else "watched again")
+                what = ("deleted: waiting for it to be made again" if ident is None else
+                        "deleted and made again: watching the new one" if ident == self.ident else
+                        "replaced by another folder: watching the new one")
+                log.warning("the watched folder %s was %s", self.root, what)
                 self.lost = True
             if ident is None:
                 return False
@@ -149,5 +150,5 @@ class FolderWatch:
                     self._failure = str(e)
                 return False
             self.lost, self._failure = False, ""
-            log.info("watching %s again: the folder under that name is a new one", self.root)
+            log.info("watching %s again", self.root)
             return True
