@@ -9,8 +9,8 @@ person moves the wrong ones to the right folder, and ``DIR`` is then laid out li
 The rows are data, not instructions: a row whose path leaves ``--images`` ('../../etc/passwd',
 '/etc/shadow') is skipped and counted, and nothing is written outside ``DIR`` (a label is made a
 safe folder name, a different one for each label: ``label_folders``; a folder in ``DIR`` that links
-elsewhere is refused). The check is on the row's
-spelling: a symlink inside ``--images`` is followed, as ``batchcls run`` followed it.
+elsewhere is refused). The check is on the row's spelling: a symlink inside ``--images`` is followed,
+as ``batchcls run`` followed it.
 """
 from __future__ import annotations
 
