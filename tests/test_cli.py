@@ -70,9 +70,10 @@ def test_first_line_of_an_exception():
 
 
 def test_eval_and_report_use_one_threshold_list():
-    from batchcls import evaluate, metrics, report
+    from batchcls import evaluate, metrics
+    from batchcls.report import page
 
-    assert report.REVIEW_THRESHOLDS is metrics.REVIEW_THRESHOLDS is evaluate.REVIEW_THRESHOLDS
+    assert page.REVIEW_THRESHOLDS is metrics.REVIEW_THRESHOLDS is evaluate.REVIEW_THRESHOLDS
 
 
 def batchcls_proc(*args, cwd=None, timeout: float = 300) -> subprocess.CompletedProcess:
