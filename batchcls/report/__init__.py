@@ -12,5 +12,6 @@ shapes them.
     build.py   build_report (rows -> sections -> page) and the terminal's one-line result
 """
 from batchcls.report.build import ReportSummary, build_report, describe, files_dir
+from batchcls.report.thumbs import THUMB_SIZE
 
-__all__ = ["ReportSummary", "build_report", "describe", "files_dir"]
+__all__ = ["THUMB_SIZE", "ReportSummary", "build_report", "describe", "files_dir"]

@@ -15,7 +15,6 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
-from batchcls.decode_stage import DecodeStage, batched
 from batchcls.errors import OutputError
 from batchcls.fsutil import atomic_path
 from batchcls.machine import default_threads
@@ -88,6 +87,8 @@ def make_all(todo: dict[str, str], folder: str, size: int, *, workers: int | Non
     report's workers follow its rules: they ignore Ctrl-C (the parent stops and says so in one line),
     die with the parent, and a worker killed by a hostile file costs that batch a retry, then error text.
     """
+    from batchcls.decode_stage import DecodeStage, batched  # numpy and Pillow: not on `batchcls --help`'s path
+
     files = [InputFile(src, f"{key}.jpg") for key, src in todo.items()]
     if workers is None:
         workers = default_threads()
