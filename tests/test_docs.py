@@ -96,3 +96,16 @@ def test_readme_links_every_doc_and_stays_a_guide():
     assert len(text.splitlines()) <= 250, "README.md is a guide: keep the depth in docs/"
     first_block = text[text.index("```"):].split("```")[1]
     assert [line.split()[:2] for line in first_block.splitlines()[1:3]] == [["make", "run"], ["make", "test"]]
+
+
+def test_architecture_names_every_module():
+    """docs/architecture.md is the one layout map: a module or package it does not name is missing from it."""
+    text = (DOCS / "architecture.md").read_text()
+    missing = []
+    for package in ("batchcls", "train"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            if path.stem not in ("__init__", "__main__") and not re.search(rf"\b{path.stem}\b", text):
+                missing.append(str(path.relative_to(REPO)))
+        missing += [str(d.relative_to(REPO)) for d in sorted((REPO / package).iterdir())
+                    if (d / "__init__.py").is_file() and f"{d.name}/" not in text]
+    assert not missing, f"docs/architecture.md does not name: {missing}"
