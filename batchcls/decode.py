@@ -120,6 +120,23 @@ def _jpeg_too_short(fp: BinaryIO, size: int) -> str | None:
         fp.seek(pos)
 
 
+def check_header(img: Image.Image, source: BinaryIO, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """The guards every decoder needs before it allocates what the header promises: an allowed format, the
+    decoded size within ``max_pixels``, and (JPEG) enough data for the pixels the header claims.
+
+    ``img`` is opened but not loaded (only its header is parsed). Pillow's decode here and nvJPEG's in
+    ``batchcls.gpu`` both trust the header for their allocation, so both paths call this first.
+    """
+    if img.format not in ALLOWED_FORMATS:
+        raise DecodeError(f"unsupported image format {img.format}")
+    if decoded_bytes(img) > byte_limit(max_pixels):
+        raise DecodeError(f"image is {img.width}x{img.height} {img.mode} ({decoded_bytes(img)} bytes decoded), "
+                          f"over the limit of {max_pixels} pixels ({byte_limit(max_pixels)} bytes, 3 per "
+                          "pixel; decompression-bomb guard: raise --max-pixels to allow)")
+    if img.format in ("JPEG", "MPO") and (short := _jpeg_too_short(source, size)):
+        raise DecodeError(short)
+
+
 def upright_rgb(img: Image.Image) -> Image.Image:
     """EXIF orientation applied, then 8-bit RGB: what every decoded image goes through (the API's PIL inputs too)."""
     return _to_rgb(ImageOps.exif_transpose(img))
@@ -164,14 +181,7 @@ def decode_image(path: str | os.PathLike | bytes, *, min_side: int = 0,
         if size == 0:
             raise DecodeError("empty file (0 bytes)")
         with Image.open(source) as img:
-            if img.format not in ALLOWED_FORMATS:
-                raise DecodeError(f"unsupported image format {img.format}")
-            if decoded_bytes(img) > byte_limit(max_pixels):
-                raise DecodeError(f"image is {img.width}x{img.height} {img.mode} ({decoded_bytes(img)} bytes decoded), "
-                                  f"over the limit of {max_pixels} pixels ({byte_limit(max_pixels)} bytes, 3 per "
-                                  "pixel; decompression-bomb guard: raise --max-pixels to allow)")
-            if img.format in ("JPEG", "MPO") and (short := _jpeg_too_short(source, size)):
-                raise DecodeError(short)
+            check_header(img, source, size, max_pixels)
             if min_side and img.format == "JPEG":
                 img.draft("RGB", (min_side, min_side))
             img.seek(0)  # first frame of animations

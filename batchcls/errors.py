@@ -25,3 +25,8 @@ def first_line(e: BaseException) -> str:
     """
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+class GpuFailure(ModelError):
+    """The GPU ran out of memory or is in a sticky error state: the run stops at the batch it was on (the
+    rows already written stay, so ``--resume`` redoes only what is left) instead of writing error rows."""

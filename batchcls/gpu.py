@@ -1,87 +1,41 @@
 """The GPU path: JPEGs decoded by nvJPEG in batches, resized and normalized on the device, inference queued
 a batch ahead of row building.
 
-The decode stage's worker processes read each batch's bytes ahead of the GPU, and decode there with
-Pillow every file nvJPEG must not take (not a JPEG, EXIF-rotated, truncated), so those files get exactly
-the CPU path's pixels and error reasons. ``GpuJpegLoader`` hands the rest to nvJPEG (via torchvision) and
-resizes on the device with the card's arithmetic (``EvalPreset.resized_size``).
+The decode stage's worker processes read each batch's bytes ahead of the GPU (``gpu_read``, no torch
+there), and decode there with Pillow every file nvJPEG must not take (not a JPEG, EXIF-rotated, truncated,
+CMYK, or failing the CPU path's header and size guards), so those files get exactly the CPU path's pixels
+and error reasons. ``GpuJpegLoader`` hands the rest to nvJPEG (via torchvision) and resizes on the device
+with the card's arithmetic (``EvalPreset.resized_size``). Out-of-memory and CUDA error states stop the run
+(``GpuFailure``) instead of becoming error rows.
 
 Everything here also runs with device="cpu", which is how the tests exercise it without a GPU.
 """
 from __future__ import annotations
 
 import functools
-import os
-import stat
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from batchcls.backends.device import device_broken, gpu_failure, raise_gpu_failure
 from batchcls.card import ModelCard
 from batchcls.decode import DEFAULT_MAX_PIXELS
 from batchcls.decode_stage import DecodedBatch, DecodeStage, decode_one
+from batchcls.errors import GpuFailure, ModelError
+from batchcls.gpu_read import ReadBatch, failed_read, read_batch
 from batchcls.infer import Classifier, mean_of_views, softmax
 from batchcls.presets import EvalPreset
 from batchcls.scan import InputFile
 
-JPEG_MAGIC = b"\xff\xd8\xff"
 READ_WORKERS = 4  # reading bytes keeps up with an H200 at 512-image batches; more only holds more memory
-# torchvision 0.29 deprecates its decoders for TorchCodec; decode_jpeg(device="cuda") still is nvJPEG.
+# torchvision 0.29 deprecates its decoders for TorchCodec (its replacement for decode_jpeg on the GPU);
+# decode_jpeg(device="cuda") is still nvJPEG there and the train/tensorrt extras pin that torchvision.
+# A torchvision without it is refused when the loader starts (GpuJpegLoader), never mid-run.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
-
-
-# --- the decode workers' part: bytes for nvJPEG, Pillow for the rest -------------------------------
-
-@dataclass(frozen=True)
-class ReadBatch:
-    """Per file exactly one of: JPEG bytes for nvJPEG, an image the CPU decoded, or an error."""
-
-    files: list[InputFile]
-    blobs: list[bytes | None]
-    images: list[np.ndarray | None]  # uint8 HWC, the card's size
-    errors: list[str | None]
-
-
-def needs_cpu(data: bytes) -> bool:
-    """Files nvJPEG must not take: not JPEG, EXIF (it ignores orientation), or not ending in the
-    end-of-image marker (a truncated file could decode to grey instead of an error row)."""
-    return not data.startswith(JPEG_MAGIC) or b"Exif" in data[:65536] or not data.rstrip(b"\0").endswith(b"\xff\xd9")
-
-
-def _jpeg_bytes(f: InputFile) -> bytes | None:
-    """The file's bytes if nvJPEG may take it; None sends it to the CPU decoder (which gives the reason)."""
-    try:
-        if not stat.S_ISREG(os.stat(f.path).st_mode):  # reading a FIFO would block
-            return None
-        with open(f.path, "rb") as fh:
-            data = fh.read()
-    except OSError:
-        return None
-    return None if needs_cpu(data) else data
-
-
-def read_batch(files: list[InputFile], preset: EvalPreset, max_pixels: int = DEFAULT_MAX_PIXELS) -> ReadBatch:
-    """Runs in a decode worker: read each file; decode on the CPU the ones nvJPEG must not take."""
-    blobs: list[bytes | None] = []
-    images: list[np.ndarray | None] = []
-    errors: list[str | None] = []
-    for f in files:
-        data = _jpeg_bytes(f)
-        img, err = decode_one(f, preset, max_pixels) if data is None else (None, None)
-        blobs.append(data)
-        images.append(img)
-        errors.append(err)
-    return ReadBatch(files, blobs, images, errors)
-
-
-def failed_read(files: list[InputFile], reason: str) -> ReadBatch:
-    n = len(files)
-    return ReadBatch(files, [None] * n, [None] * n, [reason] * n)
 
 
 # --- on the device ---------------------------------------------------------------------------------
@@ -127,52 +81,57 @@ class DeviceResize:
 class GpuJpegLoader:
     """ReadBatch -> DecodedBatch whose images are uint8 NCHW on the device, one per good file.
 
-    JPEGs are decoded together by nvJPEG; a batch that fails is retried file by file so one corrupt
-    file can't take its neighbours down, and a file nvJPEG still refuses (CMYK, corrupt) or that is
-    over the pixel limit goes through the CPU decoder, which gives the same reasons (``status=error``
-    rows) as ``batchcls run``.
+    JPEGs are decoded together by nvJPEG; a batch that fails is split in halves and each half retried
+    (``decode_halving``), so one corrupt file costs a few extra batch calls, not a decode per file; a file
+    nvJPEG still refuses (corrupt, unsupported) goes through the CPU decoder, which gives the same reasons
+    (``status=error`` rows) as ``batchcls run``. Files over ``max_pixels`` never reach the GPU: the
+    decode workers checked their headers first (``gpu_read.nvjpeg_may_take``).
     """
 
     def __init__(self, card: ModelCard, *, device: str = "cuda", max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        try:
+            from torchvision.io import ImageReadMode, decode_jpeg
+        except ImportError as e:
+            raise ModelError(f"the nvJPEG path needs torchvision's decode_jpeg ({e}): install the torchvision "
+                             "pinned by batchcls[tensorrt], or run with --cpu-decode") from None
+        self._decode_jpeg = functools.partial(decode_jpeg, mode=ImageReadMode.RGB)
         self.device = torch.device(device)
         self.preset = EvalPreset.from_card(card)
         self.resize = DeviceResize(self.preset, card.interpolation)
         self.max_pixels = max_pixels
+        self.decode_calls = 0  # batch calls into the decoder, for tests and profiles
+
+    def _decode(self, blobs: list[torch.Tensor]) -> list[torch.Tensor]:
+        self.decode_calls += 1
+        return list(self._decode_jpeg(blobs, device=self.device))
 
     def _decode_gpu(self, blobs: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        try:
-            return list(decode_jpeg(blobs, mode=ImageReadMode.RGB, device=self.device))
-        except RuntimeError:
-            out: list[torch.Tensor | None] = []
-            for b in blobs:
-                try:
-                    out.append(decode_jpeg(b, mode=ImageReadMode.RGB, device=self.device))
-                except RuntimeError:
-                    out.append(None)
-            return out
+        return decode_halving(blobs, self._decode, self.device)
 
     def load_files(self, files: list[InputFile]) -> DecodedBatch:
         """Read and decode in this process (tests, benchmarks); the pipeline reads in the decode stage."""
         return self.load(read_batch(files, self.preset, self.max_pixels))
 
     def load(self, raw: ReadBatch) -> DecodedBatch:
+        try:
+            return self._load(raw)
+        except Exception as e:
+            raise_gpu_failure(e, self.device)
+            raise
+
+    def _load(self, raw: ReadBatch) -> DecodedBatch:
         files, errors = raw.files, list(raw.errors)
         gpu_idx = [i for i, b in enumerate(raw.blobs) if b is not None]
         decoded = self._decode_gpu([torch.frombuffer(bytearray(raw.blobs[i]), dtype=torch.uint8)  # type: ignore[arg-type]
                                     for i in gpu_idx]) if gpu_idx else []
-        on_device: dict[int, torch.Tensor] = {}
-        for i, img in zip(gpu_idx, decoded):
-            if img is not None and img.shape[1] * img.shape[2] <= self.max_pixels:
-                on_device[i] = img
+        on_device = {i: img for i, img in zip(gpu_idx, decoded) if img is not None}
         resized = dict(zip(on_device, self.resize(list(on_device.values()))))
         images: list[torch.Tensor | None] = []
         for i, f in enumerate(files):
             img = resized.get(i)
             if img is None and errors[i] is None:
                 cpu = raw.images[i]
-                if cpu is None:  # nvJPEG refused it, or over the limit: the CPU decoder writes the reason
+                if cpu is None:  # nvJPEG refused it: the CPU decoder writes the reason
                     cpu, errors[i] = decode_one(f, self.preset, self.max_pixels)
                 img = None if cpu is None else torch.tensor(cpu).permute(2, 0, 1).to(self.device)
             images.append(img)
@@ -182,28 +141,75 @@ class GpuJpegLoader:
         return DecodedBatch(files, stack, errors)  # type: ignore[arg-type]  # device tensor, see GpuClassifier
 
 
+def decode_halving(blobs: list, decode: Callable[[list], list], device: torch.device) -> list:
+    """``decode(blobs)`` as one batch; when it raises, each half again, down to single files (None when a
+    file alone fails). k bad files among n cost about 2·k·log2(n) batch calls instead of n single ones.
+
+    Out-of-memory and CUDA error states are not a bad file: they raise ``GpuFailure``.
+    """
+    try:
+        return decode(blobs)
+    except Exception as e:  # nvJPEG's errors for a bad file are untyped RuntimeErrors
+        failure = gpu_failure(e, device) or device_broken(device)
+        if failure is not None:
+            raise failure from e
+    if len(blobs) == 1:
+        return [None]
+    half = len(blobs) // 2
+    return decode_halving(blobs[:half], decode, device) + decode_halving(blobs[half:], decode, device)
+
+
 class GpuClassifier(Classifier):
     """A Classifier whose batches are device tensors: normalize and infer without leaving the GPU."""
 
     def launch(self, images: torch.Tensor) -> Callable[[], np.ndarray]:
-        """Queue the batch on the GPU now; the returned callable waits for it and gives probabilities."""
+        """Queue the batch on the GPU now; the returned callable waits for it and gives probabilities.
+
+        A failure of this batch alone is raised again by the callable (``rows`` makes error rows of it);
+        out-of-memory or a CUDA error state raises ``GpuFailure`` at once or from the callable.
+        """
         if len(images) == 0:
             return lambda: np.empty((0, self.card.num_classes), np.float32)
+        device = images.device
         views = 2 if self.tta == "flip" else 1
-        if views == 2:
-            images = torch.cat([images, images.flip(3)])  # NCHW: the mirror flips W
         try:
+            if views == 2:
+                images = torch.cat([images, images.flip(3)])  # NCHW: the mirror flips W
             logits = self.backend.infer_images(images)  # type: ignore[attr-defined]  # async: no sync here
-        except Exception as e:  # raised again inside rows(), which turns it into error rows
+        except Exception as e:
+            raise_gpu_failure(e, device)
             error = e
 
             def fail() -> np.ndarray:
                 raise error
             return fail
-        return lambda: mean_of_views(softmax(logits.cpu().numpy(), self.card.temperature), views)
+
+        def collect() -> np.ndarray:
+            try:
+                host = logits.cpu().numpy()
+            except Exception as e:  # an asynchronous CUDA error surfaces at the copy back
+                raise_gpu_failure(e, device)
+                raise
+            return mean_of_views(softmax(host, self.card.temperature), views)
+        return collect
 
     def probabilities(self, images: torch.Tensor) -> np.ndarray:  # type: ignore[override]
         return self.launch(images)()
+
+
+def _rows(classifier: GpuClassifier, batch: DecodedBatch, collect: Callable[[], np.ndarray], **kw) -> list[dict]:
+    """Rows of a launched batch; a GpuFailure leaves here instead of becoming the batch's error rows."""
+    try:
+        probs = collect()
+    except GpuFailure:
+        raise
+    except Exception as e:  # this batch's own failure: rows() writes it into the batch's rows
+        error = e
+
+        def fail() -> np.ndarray:
+            raise error
+        return classifier.rows(batch, probabilities=fail, **kw)
+    return classifier.rows(batch, probabilities=lambda: probs, **kw)
 
 
 def classify_gpu(batches: Iterable[list[InputFile]], classifier: GpuClassifier, *, loader: GpuJpegLoader,
@@ -213,16 +219,23 @@ def classify_gpu(batches: Iterable[list[InputFile]], classifier: GpuClassifier, 
 
     Three stages overlap: the decode stage reads batches k+1.. in worker processes while batch k is
     decoded and queued on the GPU, and only then are batch k-1's results collected and turned into
-    rows, so the GPU never waits on Python's row building.
+    rows, so the GPU never waits on Python's row building. A ``GpuFailure`` ends the iteration with the
+    rows of earlier batches already yielded.
     """
     work = functools.partial(read_batch, preset=loader.preset, max_pixels=loader.max_pixels)
+    kw = {"top_k": top_k, "threshold": threshold, "probs": probs}
     with DecodeStage(work, failed_read, workers=workers) as stage:
         queued: tuple[DecodedBatch, Callable[[], np.ndarray]] | None = None
         for raw in stage.map(batches):
-            batch = loader.load(raw)
-            launched = (batch, classifier.launch(batch.images))
+            try:
+                batch = loader.load(raw)
+                launched = (batch, classifier.launch(batch.images))
+            except GpuFailure:
+                if queued is not None:  # the batch before it is done: its rows are kept, then the run stops
+                    yield _rows(classifier, *queued, **kw)
+                raise
             if queued is not None:
-                yield classifier.rows(queued[0], top_k=top_k, threshold=threshold, probs=probs, probabilities=queued[1])
+                yield _rows(classifier, *queued, **kw)
             queued = launched
         if queued is not None:
-            yield classifier.rows(queued[0], top_k=top_k, threshold=threshold, probs=probs, probabilities=queued[1])
+            yield _rows(classifier, *queued, **kw)

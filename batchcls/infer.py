@@ -12,7 +12,7 @@ import numpy as np
 from batchcls.backends import Backend
 from batchcls.card import UNKNOWN_LABEL, ModelCard, check_against_model
 from batchcls.decode_stage import DecodedBatch
-from batchcls.errors import ModelError, first_line
+from batchcls.errors import GpuFailure, ModelError, first_line
 from batchcls.presets import EvalPreset, normalize
 
 TTA_MODES = (None, "flip")  # flip: the mean of the image's and its mirror's probabilities
@@ -64,6 +64,8 @@ class Classifier:
         try:
             batch_probs = probabilities() if probabilities is not None else self.probabilities(batch.images)
             infer_error = None
+        except GpuFailure:  # out of memory or a CUDA error state: every later batch would fail too
+            raise
         except Exception as e:  # an inference failure becomes error rows, not a crash
             batch_probs, infer_error = None, f"inference failed: {first_line(e)}"
         rows, i = [], 0

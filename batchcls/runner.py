@@ -73,6 +73,9 @@ def run_job(job: RunJob) -> RunSummary:
     except KeyboardInterrupt:
         writer.close(complete=False)
         raise Interrupted(writer.rows_written, "stdout" if writer.to_stdout else str(writer.partial)) from None
+    except Exception:  # a run stopped by an error (GpuFailure: the GPU ran out of memory) resumes like a Ctrl-C'd one
+        writer.close(complete=False)
+        raise
     finally:
         stop.restore(previous)
         if bar is not None:

@@ -61,7 +61,7 @@ def test_gpu_path_turns_an_inference_failure_into_error_rows(program_bundle):
     def flaky(images):
         calls.append(len(images))
         if len(calls) == 2:
-            raise RuntimeError("CUDA error: out of memory")
+            raise RuntimeError("the model rejected this batch")  # its own failure: OOM stops the run
         return TorchBackend.infer_images(backend, images)
     backend.infer_images = flaky
     files = sorted(scan_dir(SAMPLES), key=lambda f: f.rel)[:10]
@@ -70,7 +70,7 @@ def test_gpu_path_turns_an_inference_failure_into_error_rows(program_bundle):
     assert [len(b) for b in batches] == [4, 4, 2] and calls == [4, 4, 2]
     assert [r["path"] for b in batches for r in b] == [f.rel for f in files]
     assert all(r["status"] == "ok" for r in batches[0] + batches[2])
-    assert all(r["status"] == "error" and r["error"] == "inference failed: RuntimeError: CUDA error: out of memory"
+    assert all(r["status"] == "error" and r["error"] == "inference failed: RuntimeError: the model rejected this batch"
                for r in batches[1])
 
 
