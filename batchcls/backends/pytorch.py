@@ -2,20 +2,22 @@
 
 ``train/export.py`` writes the program beside ``model.onnx`` from the same weights, with a dynamic
 batch; it loads in a process without timm or ``train/`` and matches ONNX Runtime to ~1e-6. On a GPU it
-runs in fp16 and channels_last, its forward captured once as a CUDA graph and replayed per batch; on a
-CPU it runs plain fp32 (the benchmark's PyTorch-eager baseline). ``--backend cuda`` and ``--backend
+runs in fp16 and channels_last, its forward captured as CUDA graphs (one per padded batch size) and replayed
+per batch; on a CPU it runs plain fp32 (the benchmark's PyTorch-eager baseline). ``--backend cuda`` and ``--backend
 torch`` are this one backend; they differ only in the default device.
 """
 from __future__ import annotations
 
 import json
+import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from batchcls.backends.device import DeviceNormalize
+from batchcls.backends.device import DeviceNormalize, raise_gpu_failure
 from batchcls.backends.record import onnx_sha256
 from batchcls.card import ModelCard
 from batchcls.errors import ModelError, first_line
@@ -49,60 +51,126 @@ def load_program(card: ModelCard) -> torch.nn.Module:
     return program.module()
 
 
-class GraphedForward:
-    """The model's forward captured once as a CUDA graph and replayed per batch.
+MAX_GRAPH_BATCH = 1024  # rows per replay; a bigger batch replays the largest graph several times
 
-    Eager PyTorch launches a few hundred small kernels from Python per batch; a replay launches them
-    all at once. One graph, for the first batch size seen: smaller batches are padded to it, larger
-    ones split. If capture fails (an op that syncs the host, say), it says so once and runs eagerly.
-    """
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.failed = False
+def graph_batch(n: int, max_batch: int = MAX_GRAPH_BATCH) -> int:
+    """The batch size a graph is captured and replayed at for ``n`` rows: the next power of two, at most
+    ``max_batch``. A run's batches (512 by default) get a graph of their own size; the one-image model check,
+    a last partial batch or a watch daemon's small batches get small graphs instead of replaying one
+    captured at whatever size came first."""
+    if n < 1:
+        raise ValueError(f"a batch needs at least one row, got {n}")
+    return min(max_batch, 1 << (n - 1).bit_length())
 
-    def _capture(self, like: torch.Tensor) -> None:
-        self.static_in = torch.zeros_like(like)
+
+def graph_chunks(n: int, max_batch: int = MAX_GRAPH_BATCH) -> list[tuple[int, int, int]]:
+    """(start, stop, graph size) per replay for a batch of ``n`` rows: full ``max_batch`` chunks, then the
+    rest padded up to its ``graph_batch``."""
+    out = []
+    for start in range(0, n, max_batch):
+        stop = min(start + max_batch, n)
+        out.append((start, stop, graph_batch(stop - start, max_batch)))
+    return out
+
+
+Outputs = tuple[torch.Tensor, ...]
+
+
+def as_outputs(out: torch.Tensor | tuple | list) -> Outputs:
+    """A program's result as a tuple of tensors: (logits,) or (logits, features)."""
+    return (out,) if isinstance(out, torch.Tensor) else tuple(out)
+
+
+class _Graph:
+    """One captured forward: its static input and outputs, for one batch size."""
+
+    def __init__(self, model: Callable, like: torch.Tensor, size: int, memory_format: torch.memory_format) -> None:
+        self.static_in = torch.zeros((size, *like.shape[1:]), dtype=like.dtype, device=like.device) \
+            .contiguous(memory_format=memory_format)
         side = torch.cuda.Stream(like.device)
         side.wait_stream(torch.cuda.current_stream(like.device))
         with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graphs advises
             for _ in range(3):
-                self.model(self.static_in)
+                model(self.static_in)
         torch.cuda.current_stream(like.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.static_out = self.model(self.static_in)
-        self.graph = graph
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_out = as_outputs(model(self.static_in))
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.failed or (self.graph is not None and x.shape[1:] != self.static_in.shape[1:]):
-            return self.model(x)
-        if self.graph is None:
+
+class GraphedForward:
+    """The model's forward captured as CUDA graphs, one per padded batch size (``graph_chunks``), replayed
+    per batch.
+
+    Eager PyTorch launches a few hundred small kernels from Python per batch; a replay launches them all at
+    once. A graph's input and output buffers are shared by every call, so a lock makes copy-in, replay and
+    copy-out one step, on this object's own stream: two threads can't read each other's logits. If capture
+    fails (an op that syncs the host, say), it says so once and runs eagerly; out-of-memory or a CUDA error
+    state is not a capture problem and stops the run (``GpuFailure``).
+    """
+
+    def __init__(self, model: Callable, max_batch: int = MAX_GRAPH_BATCH,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
+        self.model = model
+        self.max_batch = max_batch
+        self.memory_format = memory_format
+        self.graphs: dict[tuple, _Graph] = {}  # (batch size, sample shape, dtype) -> graph
+        self.failed = False
+        self.lock = threading.Lock()
+        self.stream: torch.cuda.Stream | None = None
+
+    def _graph(self, x: torch.Tensor, size: int) -> _Graph | None:
+        key = (size, tuple(x.shape[1:]), x.dtype)
+        graph = self.graphs.get(key)
+        if graph is None and not self.failed:
             try:
-                self._capture(x)
+                graph = self.graphs[key] = _Graph(self.model, x, size, self.memory_format)
             except Exception as e:  # fall back, never fail a run over an optimisation
-                warnings.warn(f"CUDA graph capture failed, running eagerly: {first_line(e)}", stacklevel=2)
+                raise_gpu_failure(e, x.device)
+                warnings.warn(f"CUDA graph capture failed, running eagerly: {first_line(e)}", stacklevel=3)
                 self.failed = True
-                return self.model(x)
-        size = self.static_in.shape[0]
-        outs = []
-        for start in range(0, x.shape[0], size):
-            part = x[start:start + size]
-            n = part.shape[0]
-            self.static_in[:n].copy_(part)
-            if n < size:
-                self.static_in[n:].zero_()
-            self.graph.replay()
-            outs.append(self.static_out[:n].clone())
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        return graph
+
+    @property
+    def sizes(self) -> list[int]:
+        """The batch sizes captured so far."""
+        return sorted(k[0] for k in self.graphs)
+
+    def __call__(self, x: torch.Tensor) -> Outputs:
+        with self.lock:
+            if self.stream is None:
+                self.stream = torch.cuda.Stream(x.device)
+            current = torch.cuda.current_stream(x.device)
+            self.stream.wait_stream(current)
+            x.record_stream(self.stream)  # the caller may free x while this stream still reads it
+            parts: list[Outputs] = []
+            with torch.cuda.stream(self.stream):
+                for start, stop, size in graph_chunks(len(x), self.max_batch):
+                    part, n = x[start:stop], stop - start
+                    graph = self._graph(x, size)
+                    if graph is None:
+                        parts.append(as_outputs(self.model(part)))
+                        continue
+                    graph.static_in[:n].copy_(part)
+                    if n < size:
+                        graph.static_in[n:].zero_()
+                    graph.graph.replay()
+                    parts.append(tuple(o[:n].clone() for o in graph.static_out))
+            current.wait_stream(self.stream)
+        outs = parts[0] if len(parts) == 1 else tuple(torch.cat(o) for o in zip(*parts))
+        for o in outs:
+            o.record_stream(current)
+        return outs
 
 
 class TorchBackend:
     """model.pt2: fp16 + channels_last + CUDA graphs on a GPU, plain fp32 on a CPU.
 
-    ``infer`` takes the pipeline's float32 NCHW batch; ``infer_images`` takes uint8 NCHW images already
-    on the device and normalizes there (the nvJPEG path never leaves the GPU).
+    ``infer`` takes the pipeline's float32 NCHW batch and returns logits; ``embed`` returns the logits and
+    the program's second output, the ``features`` vector (None when the program has one output);
+    ``infer_images`` / ``embed_images`` take uint8 NCHW images already on the device and normalize there
+    (the nvJPEG path never leaves the GPU). Out-of-memory and CUDA error states raise ``GpuFailure``.
     """
 
     def __init__(self, card: ModelCard, *, device: str = "cpu", fp16: bool | None = None,
@@ -121,20 +189,44 @@ class TorchBackend:
             else torch.contiguous_format
         self.card = card
         model = load_program(card).to(self.device, self.dtype).to(memory_format=self.memory_format)
-        self.model = torch.compile(model, mode="max-autotune-no-cudagraphs") if compile else model
+        self.model: Callable[[torch.Tensor], torch.Tensor | Outputs] = \
+            torch.compile(model, mode="max-autotune-no-cudagraphs") if compile else model
         if on_gpu and (not compile if cuda_graphs is None else cuda_graphs):
-            self.model = GraphedForward(self.model)
+            self.model = GraphedForward(self.model, memory_format=self.memory_format)
         self.normalize = DeviceNormalize(card, self.device)
+
+    def embed_device(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """float NCHW on the device -> float32 (logits, features or None) on the device."""
+        try:
+            with torch.inference_mode():
+                x = x.to(self.device, self.dtype, non_blocking=True).contiguous(memory_format=self.memory_format)
+                outs = as_outputs(self.model(x))
+                return outs[0].float(), (outs[1].float() if len(outs) > 1 else None)
+        except Exception as e:
+            raise_gpu_failure(e, self.device)
+            raise
 
     def infer_device(self, x: torch.Tensor) -> torch.Tensor:
         """float NCHW on the device -> float32 logits on the device."""
-        with torch.inference_mode():
-            x = x.to(self.device, self.dtype, non_blocking=True).contiguous(memory_format=self.memory_format)
-            return self.model(x).float()
+        return self.embed_device(x)[0]
+
+    def _to_host(self, t: torch.Tensor) -> np.ndarray:
+        try:
+            return t.cpu().numpy()
+        except Exception as e:  # an asynchronous CUDA error surfaces at the copy back
+            raise_gpu_failure(e, self.device)
+            raise
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         # A plain copy: pinning a fresh host buffer per batch costs more than the pageable copy it saves.
-        return self.infer_device(torch.from_numpy(batch)).cpu().numpy()
+        return self._to_host(self.infer_device(torch.from_numpy(batch)))
+
+    def embed(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        logits, features = self.embed_device(torch.from_numpy(batch))
+        return self._to_host(logits), (None if features is None else self._to_host(features))
 
     def infer_images(self, images: torch.Tensor) -> torch.Tensor:
         return self.infer_device(self.normalize(images))
+
+    def embed_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.embed_device(self.normalize(images))
