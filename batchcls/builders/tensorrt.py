@@ -2,7 +2,9 @@
 
 The plan runs only on the GPU model and TensorRT version that built it, so ``model.plan.json`` beside it
 records those facts (``batchcls.backends.tensorrt`` checks them before running it). Written against the
-TensorRT 10 Python API: explicit batch is the only mode (``create_network(0)``).
+TensorRT 10 Python API (the only major ``check_tensorrt_version`` accepts): explicit batch is the only mode
+(``create_network(0)``), FP16 comes from the builder flag, and an FP16 plan that can't be built is an error,
+never an FP32 plan.
 """
 from __future__ import annotations
 
@@ -13,7 +15,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 from batchcls.backends.record import onnx_sha256
-from batchcls.backends.tensorrt import INSTALL_HINT, GpuFacts, current_facts, meta_path, plan_path
+from batchcls.backends.tensorrt import (
+    INSTALL_HINT,
+    TESTED_TENSORRT_MAJOR,
+    GpuFacts,
+    check_tensorrt_version,
+    current_facts,
+    meta_path,
+    output_names,
+    plan_path,
+)
 from batchcls.card import ModelCard
 from batchcls.errors import ModelError
 from batchcls.fsutil import atomic_write
@@ -44,6 +55,26 @@ def profile_shapes(input_dims: Sequence[int], input_size: int, max_batch: int = 
     return {"min": (1, c, h, w), "opt": (opt, c, h, w), "max": (max_batch, c, h, w)}
 
 
+def fp16_flag(trt, builder, fp16: bool, gpu_name: str):
+    """The builder flag that allows FP16 kernels, or None when an FP32 plan was asked for (``--no-fp16``).
+
+    Asked for FP16 and unable to give it, the build stops and says why: a plan silently built in FP32 runs
+    at a fraction of the speed it was built for. TensorRT 11 has no FP16 flag (its networks are strongly
+    typed: precision comes from the ONNX), which ``check_tensorrt_version`` already refuses; this is the
+    second line of that defence.
+    """
+    if not fp16:
+        return None
+    flag = getattr(trt.BuilderFlag, "FP16", None)
+    if flag is None:
+        raise ModelError(f"TensorRT {trt.__version__} has no FP16 builder flag: install TensorRT "
+                         f"{TESTED_TENSORRT_MAJOR}.x ({INSTALL_HINT}), or build an FP32 plan with --no-fp16")
+    if not getattr(builder, "platform_has_fast_fp16", True):
+        raise ModelError(f"{gpu_name} has no fast FP16 kernels in TensorRT {trt.__version__}: build an FP32 plan "
+                         "with --no-fp16")
+    return flag
+
+
 def timing_cache_path(card: ModelCard, facts: GpuFacts) -> Path:
     """One timing cache per GPU model and TensorRT version: tactic timings are only valid there."""
     slug = "".join(ch if ch.isalnum() else "-" for ch in facts.gpu_name).strip("-").lower()
@@ -60,6 +91,7 @@ def build_plan(card: ModelCard, *, fp16: bool = True, max_batch: int = DEFAULT_M
         raise ModelError(f"building a TensorRT plan needs an NVIDIA GPU and the tensorrt package: {INSTALL_HINT}")
     import tensorrt as trt
 
+    check_tensorrt_version(trt.__version__)
     start = time.perf_counter()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -76,12 +108,10 @@ def build_plan(card: ModelCard, *, fp16: bool = True, max_batch: int = DEFAULT_M
     profile = builder.create_optimization_profile()
     profile.set_shape(inp.name, shapes["min"], shapes["opt"], shapes["max"])
     config.add_optimization_profile(profile)
-    fp16_flag = getattr(trt.BuilderFlag, "FP16", None)  # weak-typing flag; absent in strongly-typed-only releases
-    use_fp16 = bool(fp16 and fp16_flag is not None and getattr(builder, "platform_has_fast_fp16", True))
-    if fp16 and not use_fp16:
-        log("FP16 is not available with this GPU/TensorRT: building an FP32 plan")
+    flag = fp16_flag(trt, builder, fp16, facts.gpu_name)
+    use_fp16 = flag is not None
     if use_fp16:
-        config.set_flag(fp16_flag)
+        config.set_flag(flag)
     cache_file = timing_cache_path(card, facts)
     cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
@@ -95,7 +125,8 @@ def build_plan(card: ModelCard, *, fp16: bool = True, max_batch: int = DEFAULT_M
     atomic_write(plan, bytes(serialized))
     atomic_write(cache_file, bytes(config.get_timing_cache().serialize()))
     outputs = [network.get_output(i).name for i in range(network.num_outputs)]
-    meta = {**asdict(facts), "fp16": use_fp16, "input_name": inp.name, "output_name": outputs[0],
+    meta = {**asdict(facts), "fp16": use_fp16, "input_name": inp.name, "output_name": output_names(outputs)[0],
+            "output_names": outputs,
             "profile": {k: list(v) for k, v in shapes.items()}, "source_onnx": card.onnx,
             "source_sha256": onnx_sha256(card), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "build_seconds": round(time.perf_counter() - start, 1)}
