@@ -221,13 +221,24 @@ class Progress:
     history: list = field(default_factory=list)  # one row per epoch: loss, speed, and val scores of each weights
 
 
+def rank_device(use_cuda: bool, local_rank: int) -> torch.device:
+    """This rank's device, made the current CUDA device before anything touches CUDA: NCCL, the caching
+    allocator and every bare ``.cuda()`` / ``device="cuda"`` use the current device, so without it all ranks
+    of a node would create contexts and buffers on GPU 0."""
+    if not use_cuda:
+        return torch.device("cpu")
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+    return device
+
+
 def setup(cfg: TrainConfig, log) -> Runtime:
     """Derived setup: DDP, device, seeds, threads."""
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    device = rank_device(use_cuda, local_rank)
     if ddp:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     master = rank == 0
