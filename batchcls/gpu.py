@@ -105,7 +105,7 @@ class GpuJpegLoader:
         self.decode_calls += 1
         return list(self._decode_jpeg(blobs, device=self.device))
 
-    def _decode_gpu(self, blobs: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    def decode_blobs(self, blobs: list[torch.Tensor]) -> list[torch.Tensor | None]:
         return decode_halving(blobs, self._decode, self.device)
 
     def load_files(self, files: list[InputFile]) -> DecodedBatch:
@@ -122,7 +122,7 @@ class GpuJpegLoader:
     def _load(self, raw: ReadBatch) -> DecodedBatch:
         files, errors = raw.files, list(raw.errors)
         gpu_idx = [i for i, b in enumerate(raw.blobs) if b is not None]
-        decoded = self._decode_gpu([torch.frombuffer(bytearray(raw.blobs[i]), dtype=torch.uint8)  # type: ignore[arg-type]
+        decoded = self.decode_blobs([torch.frombuffer(bytearray(raw.blobs[i]), dtype=torch.uint8)  # type: ignore[arg-type]
                                     for i in gpu_idx]) if gpu_idx else []
         on_device = {i: img for i, img in zip(gpu_idx, decoded) if img is not None}
         resized = dict(zip(on_device, self.resize(list(on_device.values()))))

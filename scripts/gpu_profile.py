@@ -1,13 +1,24 @@
-"""Where the GPU path's time goes: start-up phases, then nvJPEG end to end per batch size, then a
-cProfile of one pass. For a lent GPU machine (see scripts/gpu_check.sh for DATA staging).
+"""Where the GPU path's time goes, stage by stage, and what it does end to end; for a lent GPU machine.
 
-    python scripts/gpu_profile.py --data tmp/bench_jpegs -n 8000
+Needs nothing but the checkout: the frames are the 40 samples, re-encoded into 1,000 distinct JPEGs
+(sizes and quality vary) and cycled to -n files in --work. Reports, as images/s at --batch:
+- stages, each alone: read + header guard (one decode worker), Pillow decode + resize (one core),
+  nvJPEG decode, device resize, inference (uint8 on the device -> logits), host copy + softmax, rows (Python);
+- end to end: the pipeline's nvJPEG route and its --cpu-decode route (Pillow in worker processes);
+- start-up: import torch, CUDA context, model.pt2 on the GPU, first batch (nvJPEG init, graph capture);
+- with --cprofile, the top functions of one nvJPEG pass (the per-image Python cost).
+Results go to --json; ``--table DIR`` prints scripts/gpu_check.sh's one table from what it left in DIR.
+
+    python scripts/gpu_profile.py -n 10000 --json tmp/gpu_check/profile.json
+    python scripts/gpu_profile.py --device cpu -n 300 --json /tmp/p.json    # the script itself, no GPU
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
 import io
+import json
+import os
 import pstats
 import sys
 import time
@@ -15,63 +26,192 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "tests"))
 
-t0 = time.perf_counter()
+T0 = time.perf_counter()
+startup: dict[str, float] = {}
 
 
 def mark(what: str) -> None:
-    print(f"start-up: {what:40s} {time.perf_counter() - t0:6.2f} s", flush=True)
+    startup[what] = round(time.perf_counter() - T0, 2)
+    print(f"start-up: {what:40s} {startup[what]:6.2f} s", flush=True)
+
+
+def frames(work: Path, n: int) -> list:
+    """n files: 1,000 distinct variants of the sample frames, cycled (copies share the page cache)."""
+    from hostile_jpegs import variant
+
+    from batchcls.scan import InputFile
+
+    samples = sorted((REPO / "samples" / "simpsons").glob("*/*.jpg"))
+    distinct = work / "distinct"
+    if not (distinct / "00999.jpg").is_file():
+        distinct.mkdir(parents=True, exist_ok=True)
+        for i in range(1000):
+            (distinct / f"{i:05d}.jpg").write_bytes(variant(samples[i % len(samples)], i // len(samples)))
+    paths = [distinct / f"{i % 1000:05d}.jpg" for i in range(n)]
+    return [InputFile(str(p), f"{i:06d}.jpg") for i, p in enumerate(paths)]
+
+
+def rate(n: int, fn, repeats: int = 3, sync=lambda: None) -> float:
+    """Images/s of ``fn`` over ``n`` images: the best of ``repeats`` after one warm-up (GPU work synced)."""
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return n / best
+
+
+def profile(args) -> dict:
+    import torch
+    mark("import torch")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.zeros(1, device=device)
+    mark("CUDA context")
+    from batchcls.backends.pytorch import TorchBackend
+    from batchcls.card import load_card
+    from batchcls.decode_stage import load_images
+    from batchcls.gpu import GpuClassifier, GpuJpegLoader
+    from batchcls.gpu_read import read_batch
+    from batchcls.infer import Classifier, mean_of_views, softmax
+    from batchcls.machine import default_threads
+    from batchcls.pipeline import RunOptions, classify
+
+    card = load_card(args.model)
+    backend = TorchBackend(card, device=args.device)
+    classifier = GpuClassifier(card, backend)
+    mark("model.pt2 on the device, model check")
+    loader = GpuJpegLoader(card, device=args.device)
+    files = frames(Path(args.work), args.n)
+    bs = args.batch
+    one = files[:bs]
+    loader.load_files(one)
+    classifier.probabilities(loader.load_files(one).images)
+    mark(f"first batch of {bs} (nvJPEG init, graph capture)")
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+    stages: dict[str, float] = {}
+    raw = read_batch(one, loader.preset, loader.max_pixels)
+    stages["read + header guard (1 worker)"] = rate(bs, lambda: read_batch(one, loader.preset, loader.max_pixels))
+    stages["Pillow decode + resize (1 core)"] = rate(min(bs, 256), lambda: load_images(one[:256], loader.preset), 1)
+    blobs = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in raw.blobs if b is not None]
+    stages["nvJPEG decode" if device.type == "cuda" else "JPEG decode (torchvision, CPU)"] = \
+        rate(len(blobs), lambda: loader.decode_blobs(blobs), sync=sync)
+    from hostile_jpegs import hostile_bytes
+    samples = sorted((REPO / "samples" / "simpsons").glob("*/*.jpg"))
+    progressive = [torch.frombuffer(bytearray(hostile_bytes("progressive", samples[i % len(samples)])), dtype=torch.uint8)
+                   for i in range(min(bs, 128))]
+    stages["nvJPEG decode, progressive JPEGs" if device.type == "cuda" else "JPEG decode, progressive (CPU)"] = \
+        rate(len(progressive), lambda: loader.decode_blobs(progressive), sync=sync)
+    decoded = [d for d in loader.decode_blobs(blobs) if d is not None]
+    stages["device resize + crop"] = rate(len(decoded), lambda: loader.resize(decoded), sync=sync)
+    images = loader.load(raw).images
+    stages["inference (uint8 on device -> logits)"] = rate(len(images), lambda: backend.infer_images(images), sync=sync)
+    logits = backend.infer_images(images)
+    stages["copy back + softmax"] = rate(len(images), lambda: mean_of_views(softmax(logits.cpu().numpy(), card.temperature), 1))
+    batch = loader.load(raw)
+    probs = classifier.probabilities(batch.images)
+    stages["rows (Python, per image)"] = rate(len(one), lambda: classifier.rows(batch, probabilities=lambda: probs))
+    stages["full nvJPEG batch in-process (load + launch + rows)"] = rate(bs, lambda: classifier.rows(
+        batch, probabilities=classifier.launch(loader.load(raw).images)), sync=sync)
+
+    cores = default_threads()
+    e2e: dict[str, float] = {}
+
+    def run(gpu_decode: bool) -> None:
+        options = RunOptions(batch_size=bs, gpu_decode=gpu_decode)
+        count = sum(len(rows) for rows in classify(files, Classifier(card, backend), options))
+        assert count == len(files), count
+
+    e2e["nvJPEG route"] = rate(len(files), lambda: run(True), repeats=2, sync=sync)
+    e2e["--cpu-decode route"] = rate(len(files), lambda: run(False), repeats=1, sync=sync)
+    mark("measured")
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "batch": bs, "files": len(files), "cores": cores,
+              "graph_sizes": getattr(backend.model, "sizes", []), "startup_s": startup,
+              "stages": {k: round(v) for k, v in stages.items()}, "end_to_end": {k: round(v) for k, v in e2e.items()}}
+    if args.cprofile:
+        prof = cProfile.Profile()
+        prof.enable()
+        run(True)
+        prof.disable()
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(15)
+        print(out.getvalue()[-5000:])
+    return result
+
+
+def table(folder: Path) -> None:
+    """scripts/gpu_check.sh's summary: one table from the tests' row reports, the profile and the junit log."""
+    import xml.etree.ElementTree as ET
+
+    prof = json.loads((folder / "profile.json").read_text()) if (folder / "profile.json").is_file() else {}
+    env = (folder / "env.txt").read_text().strip() if (folder / "env.txt").is_file() else ""
+    print(f"GPU check: {env}")
+    cases = []
+    for junit in sorted(folder.glob("junit*.xml")):
+        root = ET.parse(junit).getroot()
+        cases += root.iter("testcase")
+    skipped_trt: list[str] = []
+    if cases:
+        failed = [c for c in cases if c.find("failure") is not None or c.find("error") is not None]
+        skipped = [c for c in cases if c.find("skipped") is not None]
+        skipped_trt = list(dict.fromkeys(  # parametrized cases once, in order
+            c.get("name").split("[")[0] for c in skipped
+            if "TensorRT" in (c.find("skipped").get("message") or "") or "tensorrt" in c.get("name")))
+        print(f"tests: {len(cases) - len(failed) - len(skipped)} passed, {len(failed)} failed, {len(skipped)} skipped")
+        for c in failed:
+            print(f"  FAILED {c.get('classname')}.{c.get('name')}")
+    else:
+        print("tests: no junit*.xml (pytest did not finish)")
+    print(f"\n{'rows vs the CPU path (ORT FP32, Pillow)':42s} {'files':>6s} {'errors':>7s} {'same errors':>12s} "
+          f"{'top-1 same':>11s} {'max |dconf|':>12s} {'p95':>7s}")
+    reports = sorted((folder / "report").glob("rows-*.json")) if (folder / "report").is_dir() else []
+    for path in reports:
+        r = json.loads(path.read_text())
+        print(f"  {r['what']:40s} {r['files']:6d} {r['errors']:7d} {'yes' if r['errors_identical'] else 'NO':>12s} "
+              f"{r['agreement']:11.4f} {r['max_conf_diff']:12.4f} {r['p95_conf_diff']:7.4f}")
+    if not reports:
+        print("  (none: the row tests did not run)")
+    if prof:
+        print(f"\nend to end, {prof['files']} files, batch {prof['batch']}, {prof['cores']} CPU threads ({prof['device']})")
+        for k, v in prof["end_to_end"].items():
+            print(f"  {k:40s} {v:8d} images/s")
+        print(f"stages alone, batch {prof['batch']} (images/s; a stage below 10,000 caps the end to end rate)")
+        for k, v in prof["stages"].items():
+            print(f"  {k:50s} {v:8d}")
+        print("start-up (s since the script began): " + ", ".join(f"{k} {v}" for k, v in prof["startup_s"].items()))
+        print(f"CUDA graph batch sizes captured: {prof['graph_sizes']}")
+    else:
+        print("\nno profile.json (the profile did not finish)")
+    print("\nTensorRT checks that could not run here: " + (", ".join(skipped_trt) if skipped_trt else "none"))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(REPO / "engines" / "simpsons"))
-    ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("-n", type=int, default=8000)
-    ap.add_argument("--batch-sizes", default="256,512,1024")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("-n", type=int, default=10000)
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--work", default=str(REPO / "tmp" / "gpu_profile"))
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--cprofile", action="store_true")
+    ap.add_argument("--table", type=Path, help="print gpu_check.sh's table from this folder and exit")
     args = ap.parse_args()
-
-    import torch
-    mark("import torch")
-    torch.zeros(1, device="cuda")
-    mark("CUDA context")
-    from bench_engines import dataset_files
-
-    from batchcls.backends.pytorch import TorchBackend
-    from batchcls.card import load_card
-    from batchcls.decode_stage import batched
-    from batchcls.gpu import GpuClassifier, GpuJpegLoader, classify_gpu
-    card = load_card(args.model)
-    backend = TorchBackend(card, device="cuda")
-    mark("model.pt2 on the GPU")
-    classifier, loader = GpuClassifier(card, backend), GpuJpegLoader(card, device="cuda")
-    files = dataset_files(args.data, args.n)
-
-    def one_pass(bs: int, n: int) -> float:
-        t = time.perf_counter()
-        rows = 0
-        for r in classify_gpu(batched(files[:n], bs), classifier, loader=loader):
-            rows += len(r)
-        torch.cuda.synchronize()
-        assert rows == n
-        return n / (time.perf_counter() - t)
-
-    one_pass(256, 256)
-    mark("first batch (nvJPEG init, graph capture)")
-    for bs in [int(b) for b in args.batch_sizes.split(",")]:
-        backend.model = TorchBackend(card, device="cuda").model  # a fresh graph for this batch size
-        one_pass(bs, bs)
-        rates = sorted(one_pass(bs, len(files)) for _ in range(3))
-        print(f"nvJPEG end to end, batch {bs:5d}: median {rates[1]:8.0f} img/s  (runs {', '.join(f'{r:.0f}' for r in rates)})",
-              flush=True)
-    prof = cProfile.Profile()
-    prof.enable()
-    one_pass(int(args.batch_sizes.split(",")[0]), len(files))
-    prof.disable()
-    out = io.StringIO()
-    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(18)
-    print(out.getvalue()[-6000:])
+    if args.table:
+        table(args.table)
+        return
+    os.makedirs(args.work, exist_ok=True)
+    result = profile(args)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

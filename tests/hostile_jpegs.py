@@ -13,8 +13,9 @@ import io
 import shutil
 from pathlib import Path
 
-from conftest import SAMPLES
 from PIL import Image
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "simpsons"  # also imported by scripts
 
 HOSTILE = ("progressive", "cmyk", "lying_header", "corrupt_with_eoi")
 
@@ -58,16 +59,29 @@ def hostile_bytes(kind: str, source: Path | None = None) -> bytes:
     raise ValueError(kind)
 
 
-def mixed_folder(root: Path, n: int, every: int = 97) -> Path:
-    """``n`` files: the sample frames cycled, with the hostile JPEGs at every ``every``-th place."""
+def variant(source: Path, i: int) -> bytes:
+    """Frame ``source`` rescaled and re-encoded by ``i``: distinct files (sizes, quantisation) from few frames,
+    so agreement over a thousand of them is not 40 frames counted 25 times."""
+    img = Image.open(source).convert("RGB")
+    scale = 0.7 + (i % 7) * 0.1
+    img = img.resize((max(16, round(img.width * scale)), max(16, round(img.height * scale))), Image.BICUBIC)
+    return _jpeg(img, quality=70 + (i % 6) * 5)
+
+
+def mixed_folder(root: Path, n: int, every: int = 97, vary: bool = False) -> Path:
+    """``n`` JPEGs: the sample frames cycled (each a distinct variant with ``vary``), with the hostile JPEGs
+    at every ``every``-th place."""
     root.mkdir(parents=True)
     samples = sorted(SAMPLES.glob("*/*.jpg"))
     k = 0
     for i in range(n):
         name = root / f"{i:05d}.jpg"
-        if i % every == every // 2 and k < len(HOSTILE) * (n // (every * len(HOSTILE)) + 1):
-            name.write_bytes(hostile_bytes(HOSTILE[k % len(HOSTILE)], samples[i % len(samples)]))
+        source = samples[i % len(samples)]
+        if i % every == every // 2:
+            name.write_bytes(hostile_bytes(HOSTILE[k % len(HOSTILE)], source))
             k += 1
+        elif vary:
+            name.write_bytes(variant(source, i // len(samples)))
         else:
-            shutil.copy(samples[i % len(samples)], name)
+            shutil.copy(source, name)
     return root

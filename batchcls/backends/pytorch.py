@@ -95,7 +95,8 @@ class _Graph:
                 model(self.static_in)
         torch.cuda.current_stream(like.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: another thread's CUDA work (its host-to-device copy, say) must not abort this capture
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.static_out = as_outputs(model(self.static_in))
 
 
