@@ -220,8 +220,10 @@ class TensorRTBackend:
         out_dtypes = {n: dtypes[self.engine.get_tensor_dtype(n)] for n in self.outputs}
         self.out_dtype = out_dtypes[self.output_name]
         out_shapes = {}
-        for n in self.outputs:
-            width = card.num_classes if n == self.output_name else int(self.engine.get_tensor_shape(n)[-1])
+        for n in self.outputs:  # the plan's own widths: TensorRT writes that many values per row, whatever the card says
+            width = int(self.engine.get_tensor_shape(n)[-1])
+            if width < 1 and n == self.output_name:
+                width = card.num_classes
             if width < 1:
                 raise PlanMismatch(f"the plan's output {n!r} has no fixed width: rebuild it with `{rebuild_command(card)}`")
             out_shapes[n] = (self.max_batch, width)
