@@ -9,27 +9,33 @@ What the stage guarantees, whoever calls it:
   ``DECODE_TIMEOUT_S`` is decoded again in a fresh pool; failing twice, its files get error rows;
 - Ctrl-C: workers ignore SIGINT/SIGTERM, so a signal sent to the whole process group (a terminal's
   Ctrl-C) reaches only the parent, which decides; no worker prints a traceback;
-- no orphans: workers exit when the parent process dies, by any signal, kill -9 included. Their own
-  parent is the forkserver, which outlives a killed parent, so PR_SET_PDEATHSIG would not fire: each
-  worker watches the parent through a pidfd (polls its pid where pidfds are missing). With the workers
-  gone, the forkserver and resource tracker see their pipes close and exit too.
+- no orphans: workers exit when the parent process dies, by any signal, kill -9 included: each watches
+  its parent through a pidfd (polls its parent pid where pidfds are missing), even in the middle of a job;
+- nothing of the caller's is run again: workers are fresh interpreters (``WorkerPool``), not
+  multiprocessing children, so a script or notebook needs no ``__main__`` guard, a forked child can
+  start its own stage, and a killed run leaves no temp folder behind.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import itertools
+import json
 import logging
-import multiprocessing
 import os
+import pickle
+import queue
 import select
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -42,6 +48,7 @@ from batchcls.scan import InputFile
 log = logging.getLogger("batchcls.decode")
 
 DECODE_TIMEOUT_S = 60.0  # a batch of 64 frames decodes in well under a second; a stuck worker never answers
+WORKER_START_S = 60.0  # a fresh interpreter importing numpy and Pillow: well under a second, unless the box is swamped
 T = TypeVar("T")
 
 
@@ -91,51 +98,208 @@ def batched(files: Iterable[InputFile], size: int) -> Iterator[list[InputFile]]:
 
 # --- worker processes ------------------------------------------------------------------------------
 
+WORKER_FLAG = "--batchcls-decode-worker"  # on each worker's command line: how ps (and the tests) tell them apart
+# A worker is a fresh interpreter running this module's worker_main: it ignores SIGINT/SIGTERM before
+# anything else, and gets the parent's sys.path so the same batchcls (and whatever ``work`` needs) imports.
+_BOOT = ("import signal, sys, json; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+         "signal.signal(signal.SIGTERM, signal.SIG_IGN); sys.path[:] = json.loads(sys.argv[2]); "
+         "from batchcls.decode_stage import worker_main; worker_main(int(sys.argv[3]), int(sys.argv[4]))")
+
+
+class WorkerDied(Exception):
+    """The process running a job exited before answering (killed, out of memory, a decoder crash)."""
+
+
 def _exit_with(parent: int) -> None:
     """Runs on a thread in each worker: end the worker as soon as ``parent`` has gone."""
     try:
         fd = os.pidfd_open(parent)
     except (AttributeError, OSError):  # no pidfds (old kernel, not Linux): poll
-        while _alive(parent):
+        fd = None
+    if fd is None or os.getppid() != parent:  # polling, or the parent went before the pidfd was open
+        while os.getppid() == parent:
             time.sleep(0.5)
         os._exit(0)
     select.select([fd], [], [])  # readable once the parent has exited
     os._exit(0)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+def worker_main(jobs_fd: int, results_fd: int) -> None:
+    """A worker's loop: (fn, args) in, (True, result) or (False, exception) out, until the parent closes the
+    job pipe (a normal shutdown) or dies (the watch thread ends the worker even in the middle of a job)."""
+    threading.Thread(target=_exit_with, args=(os.getppid(),), name="batchcls-parent-watch", daemon=True).start()
+    jobs, results = Connection(jobs_fd, writable=False), Connection(results_fd, readable=False)
+    while True:
+        try:
+            data = jobs.recv_bytes()
+        except (EOFError, OSError):
+            return
+        try:
+            fn, args = pickle.loads(data)
+            out: tuple[bool, object] = (True, fn(*args))
+        except Exception as e:
+            out = (False, e)
+        try:
+            data = pickle.dumps(out, pickle.HIGHEST_PROTOCOL)
+        except Exception as e:  # an exception (or result) that does not pickle still answers the job
+            data = pickle.dumps((False, RuntimeError(f"{type(e).__name__}: {e}")))
+        results.send_bytes(data)
 
 
-def worker_init(parent: int) -> None:
-    """Signals are the parent's to handle; the worker must not outlive it (see the module docstring)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    threading.Thread(target=_exit_with, args=(parent,), name="batchcls-parent-watch", daemon=True).start()
+@dataclass
+class _Worker:
+    proc: subprocess.Popen
+    jobs: Connection
+    results: Connection
+
+    def died(self) -> WorkerDied:
+        try:
+            code = self.proc.wait(5)
+        except subprocess.TimeoutExpired:  # its pipes failed but it lives on: it is of no more use
+            self.proc.kill()
+            code = self.proc.wait()
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        return WorkerDied(f"decode worker {self.proc.pid} died ({how})")
+
+    def stop(self) -> None:
+        """Close its job pipe (it exits when it reads the end) and reap it."""
+        self.jobs.close()
+        self.results.close()
+        self.proc.wait()
 
 
-def decode_pool(workers: int) -> ProcessPoolExecutor:
-    """Worker processes started by a forkserver: a fork of this process could copy a lock held by one of
-    ONNX Runtime's threads."""
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker_init,
-                               initargs=(os.getpid(),))
+class WorkerPool:
+    """``workers`` processes that run picklable functions, like a ProcessPoolExecutor, but started with
+    ``subprocess`` as fresh interpreters running ``worker_main`` instead of by multiprocessing.
 
+    Why not multiprocessing: its spawn and forkserver workers import the caller's ``__main__`` again, so a
+    script without an ``if __name__ == "__main__"`` guard runs its whole body once per worker (and the
+    nested pool it starts there fails); its forkserver and resource tracker are per-process singletons that
+    an ``os.fork()`` child cannot use (ChildProcessError), and the socket folder (``pymp-*``) it makes in
+    the temp dir is left behind by a kill -9. These workers import nothing of the caller's but the
+    pickled function's module, and the pool is plain state of this object.
 
-def _kill(pool: ProcessPoolExecutor) -> None:
-    """Shut a broken or stuck pool down without waiting on it."""
-    procs = list((getattr(pool, "_processes", None) or {}).values())  # no public kill before 3.14
-    pool.shutdown(wait=False, cancel_futures=True)
-    for proc in procs:
-        with contextlib.suppress(Exception):
-            proc.kill()
+    One thread per worker feeds it jobs from a shared queue, so each worker holds one job at a time. A
+    worker that dies fails only the job it held (``WorkerDied``); the next job starts a fresh one.
+    Workers start on their first job.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self._queue: queue.SimpleQueue[tuple[Future, Callable, tuple] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._procs: set[subprocess.Popen] = set()
+        self._closed = self._killed = False
+        self._threads = [threading.Thread(target=self._serve, name=f"batchcls-decode-{i}", daemon=True)
+                         for i in range(workers)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn: Callable[..., T], *args: object) -> Future:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the decode pool is shut down")
+            future: Future = Future()
+            self._queue.put((future, fn, args))
+            return future
+
+    def processes(self) -> list[int]:
+        """Pids of the live workers."""
+        with self._lock:
+            return [p.pid for p in self._procs]
+
+    def _start(self) -> _Worker:
+        with self._lock:
+            if self._killed:
+                raise WorkerDied("the decode pool was stopped")
+            jobs_r, jobs_w = os.pipe()
+            results_r, results_w = os.pipe()
+            try:
+                proc = subprocess.Popen([sys.executable, "-c", _BOOT, WORKER_FLAG, json.dumps(sys.path),
+                                         str(jobs_r), str(results_w)], stdin=subprocess.DEVNULL,
+                                        pass_fds=(jobs_r, results_w))
+            except BaseException:
+                for fd in (jobs_w, results_r):
+                    os.close(fd)
+                raise
+            finally:
+                os.close(jobs_r)
+                os.close(results_w)
+            self._procs.add(proc)
+        return _Worker(proc, Connection(jobs_w, readable=False), Connection(results_r, writable=False))
+
+    def _serve(self) -> None:
+        worker: _Worker | None = None
+        try:
+            while (item := self._queue.get()) is not None:
+                future, fn, args = item
+                if not future.set_running_or_notify_cancel():
+                    continue
+                try:
+                    data = pickle.dumps((fn, args), pickle.HIGHEST_PROTOCOL)
+                    if worker is None:
+                        worker = self._start()
+                except Exception as e:
+                    future.set_exception(e)
+                    continue
+                try:
+                    worker.jobs.send_bytes(data)
+                    ok, value = pickle.loads(worker.results.recv_bytes())
+                except (EOFError, OSError):
+                    future.set_exception(worker.died())
+                    self._forget(worker)
+                    worker = None
+                    continue
+                except Exception as e:  # a result that does not unpickle here
+                    future.set_exception(e)
+                    continue
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)  # type: ignore[arg-type]
+        finally:
+            if worker is not None:
+                self._forget(worker)
+
+    def _forget(self, worker: _Worker) -> None:
+        worker.stop()
+        with self._lock:
+            self._procs.discard(worker.proc)
+
+    def shutdown(self, *, cancel_futures: bool = False, timeout: float | None = None) -> None:
+        """No new jobs; each worker finishes the job it holds (``cancel_futures``: the queued ones are
+        dropped) and exits. Waits ``timeout`` seconds (None: no wait), then kills the workers still there."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                if cancel_futures:
+                    while True:
+                        try:
+                            item = self._queue.get_nowait()
+                        except queue.Empty:
+                            break
+                        if item is not None:
+                            item[0].cancel()
+                for _ in self._threads:
+                    self._queue.put(None)
+        if timeout is None:
+            return
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in self._threads):
+            self.kill()
+            for t in self._threads:
+                t.join(timeout)
+
+    def kill(self) -> None:
+        """Stop now (a stuck pool): queued jobs are cancelled, the running ones fail with WorkerDied."""
+        self.shutdown(cancel_futures=True)
+        with self._lock:
+            self._killed = True
+            procs = list(self._procs)
+        for proc in procs:
+            with contextlib.suppress(OSError):
+                proc.kill()
 
 
 # --- the stage -------------------------------------------------------------------------------------
@@ -156,42 +320,35 @@ class DecodeStage(Generic[T]):
 
     def __init__(self, work: Callable[[list[InputFile]], T], fail: Callable[[list[InputFile], str], T], *,
                  workers: int, window: int | None = None) -> None:
+        if not sys.executable:  # embedded interpreters: no python to start workers with
+            workers = 0
         self.work, self.fail, self.workers = work, fail, workers
         self.window = max(1, window if window is not None else workers + 1)
-        self.pool: ProcessPoolExecutor | None = decode_pool(workers) if workers > 0 else None
+        self.pool: WorkerPool | None = WorkerPool(workers) if workers > 0 else None
 
     def warm(self) -> None:
         """Start every worker and import the decoder there now, not on the first file."""
         if self.pool is not None:
             for f in [self.pool.submit(self.work, []) for _ in range(self.workers)]:
-                f.result(timeout=DECODE_TIMEOUT_S)
+                f.result(timeout=WORKER_START_S + DECODE_TIMEOUT_S)
 
     def submit(self, files: list[InputFile]) -> Job[T]:
         if self.pool is None:
             return Job(files, value=self.work(files))
-        try:
-            return Job(files, self.pool.submit(self.work, files))
-        except RuntimeError as e:  # BrokenProcessPool: a worker died while no batch of ours was on it
-            log.error("decode worker died between batches (%s): starting a fresh pool", type(e).__name__)
-            self.restart()
-            assert self.pool is not None
-            return Job(files, self.pool.submit(self.work, files))
+        return Job(files, self.pool.submit(self.work, files))
 
     def result(self, job: Job[T]) -> T:
-        """The job's result; a dead or hung worker costs a retry in a fresh pool, twice an error batch."""
+        """The job's result; a dead or hung worker costs a retry with a fresh one, twice an error batch."""
         if job.future is None:
             return job.value  # type: ignore[return-value]
         for attempt in (1, 2):
             try:
-                # A worker killed at the wrong moment can leave its future pending forever instead of
-                # breaking the pool (seen with SIGKILL under load): nobody may hang on it.
+                # A decoder can hang (a pathological file, a stuck read): nobody may wait on it forever.
                 return job.future.result(timeout=DECODE_TIMEOUT_S)
             except Exception as e:  # killed, out of memory, a decoder crash, or hung
                 reason = type(e).__name__
                 if isinstance(e, TimeoutError):
                     self.replace()  # its worker is stuck: a pool that keeps it would wait on it at close
-                else:
-                    self.restart()
                 if attempt == 2:  # one of these files kills (or hangs) the decoder
                     log.error("decode worker failed again on that batch (%s): its %d files get error rows",
                               reason, len(job.files))
@@ -217,41 +374,28 @@ class DecodeStage(Generic[T]):
                     job.future.cancel()
 
     def restart(self) -> None:
-        """Replace the pool if it is broken or stuck; a healthy one (already replaced) is kept.
-
-        Stuck: a worker SIGKILLed halfway through sending a result leaves the pool's reader thread
-        waiting forever for the rest, so the health check itself must time out.
-        """
+        """Replace the pool if it is stuck (no worker answers within DECODE_TIMEOUT_S); a healthy one is kept.
+        A dead worker needs no restart: the pool starts a fresh one for the next job."""
         if self.pool is None:
             return
         try:
             self.pool.submit(os.getpid).result(timeout=DECODE_TIMEOUT_S)
-        except Exception:  # BrokenProcessPool, shut down after a failure, or TimeoutError: stuck
+        except Exception:
             self.replace()
 
     def replace(self) -> None:
         """Kill the pool's workers and start a fresh pool."""
         if self.pool is not None:
-            _kill(self.pool)
-            self.pool = decode_pool(self.workers)
+            self.pool.kill()
+            self.pool = WorkerPool(self.workers)
 
     def close(self, *, cancel: bool = False) -> None:
-        """Let each worker finish the batch it is on (``cancel``: drop the queued ones), and wait for the
-        pool to be shut down here, not at interpreter exit, where concurrent.futures would race its own
-        manager thread. A worker still stuck after DECODE_TIMEOUT_S is killed."""
+        """Let each worker finish the batch it is on (``cancel``: drop the queued ones) and exit, waiting
+        here, not at interpreter exit. A worker still busy after DECODE_TIMEOUT_S is killed."""
         if self.pool is None:
             return
         pool, self.pool = self.pool, None
-        procs = list((getattr(pool, "_processes", None) or {}).values())
-        shutdown = threading.Thread(target=pool.shutdown, kwargs={"wait": True, "cancel_futures": cancel},
-                                    name="batchcls-decode-shutdown", daemon=True)
-        shutdown.start()
-        shutdown.join(DECODE_TIMEOUT_S)
-        if shutdown.is_alive():
-            for proc in procs:
-                with contextlib.suppress(Exception):
-                    proc.kill()
-            shutdown.join(DECODE_TIMEOUT_S)
+        pool.shutdown(cancel_futures=cancel, timeout=DECODE_TIMEOUT_S)
 
     def __enter__(self) -> DecodeStage[T]:
         return self

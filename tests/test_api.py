@@ -202,3 +202,72 @@ def test_readme_python_example_runs(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "marge_simpson" in out.stdout
+
+
+# --- the API in a plain script, a `python -c`, a forked child: no __main__ guard, the body runs once ---------
+
+PLAIN_SCRIPT = """\
+import os, sys
+import batchcls
+with open(sys.argv[2], "a") as f:  # one line per run of this body, in whatever process runs it
+    f.write(f"{os.getpid()}\\n")
+print("body", flush=True)
+model = batchcls.load(device="cpu")
+rows = model.predict_folder(sys.argv[1], workers=2) + model.predict(sys.argv[3:], top_k=2)
+print(len(rows), sum(r["status"] == "ok" for r in rows))
+"""
+
+
+def twice_the_samples(root: Path) -> tuple[Path, list[str]]:
+    """80 real frames (the 40 samples under two names each): more than one batch, so decode workers start."""
+    for p in SAMPLES.rglob("*.jpg"):
+        for copy in ("a", "b"):
+            (root / "frames" / p.parent.name).mkdir(parents=True, exist_ok=True)
+            (root / "frames" / p.parent.name / f"{copy}_{p.name}").write_bytes(p.read_bytes())
+    files = sorted(str(p) for p in (root / "frames").rglob("*.jpg"))
+    assert len(files) >= 64
+    return root / "frames", files
+
+
+@pytest.mark.parametrize("how", ["script", "-c"])
+def test_a_plain_script_without_a_main_guard_runs_once_and_every_row_is_ok(tmp_path, how):
+    folder, files = twice_the_samples(tmp_path)
+    runs = tmp_path / "runs.txt"
+    script = tmp_path / "label_them.py"
+    script.write_text(PLAIN_SCRIPT)
+    cmd = [sys.executable, str(script)] if how == "script" else [sys.executable, "-c", PLAIN_SCRIPT]
+    out = subprocess.run([*cmd, str(folder), str(runs), *files], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n") == ["body", f"{2 * len(files)} {2 * len(files)}", ""], out.stdout + out.stderr
+    assert len(runs.read_text().split()) == 1, "the script's body ran in more than one process"
+    assert "Traceback" not in out.stderr and "decode worker" not in out.stderr, out.stderr
+
+
+FORKED = """\
+import os, sys
+import batchcls
+
+if __name__ == "__main__":  # this test is about the fork, not about the guard
+    model = batchcls.load(device="cpu")
+    files = sys.argv[1:]
+    before = sum(r["status"] == "ok" for r in model.predict(files))  # the parent used decode workers already
+    pid = os.fork()
+    if pid == 0:
+        try:
+            rows = model.predict(files)
+            print("child", sum(r["status"] == "ok" for r in rows), flush=True)
+        except BaseException as e:
+            print("child raised", repr(e), flush=True)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    print("parent", before, sum(r["status"] == "ok" for r in model.predict(files)), flush=True)
+"""
+
+
+def test_predict_in_a_forked_child_returns_rows(tmp_path):
+    _, files = twice_the_samples(tmp_path)
+    out = subprocess.run([sys.executable, "-c", FORKED, *files], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    n = len(files)
+    assert out.stdout.split("\n") == [f"child {n}", f"parent {n} {n}", ""], out.stdout + out.stderr

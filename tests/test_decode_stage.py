@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from procs import group_members, wait_for
 
-from batchcls.decode_stage import DecodeStage, image_stage
+from batchcls.decode_stage import WORKER_FLAG, DecodeStage, image_stage
 from batchcls.output import read_rows
 from batchcls.presets import EvalPreset
 from batchcls.scan import InputFile
@@ -86,8 +86,8 @@ def test_a_batch_that_kills_its_decoder_twice_gets_error_rows(monkeypatch):
     monkeypatch.setattr("batchcls.decode_stage.DECODE_TIMEOUT_S", 10.0)
     with DecodeStage(always_dies, failed, workers=1) as stage:
         got = [r for b in stage.map(batches(6)) for r in b]
-    assert got == ["0", "1", "2: decode worker crashed twice on this batch: BrokenProcessPool",
-                   "3: decode worker crashed twice on this batch: BrokenProcessPool", "4", "5"]
+    assert got == ["0", "1", "2: decode worker crashed twice on this batch: WorkerDied",
+                   "3: decode worker crashed twice on this batch: WorkerDied", "4", "5"]
 
 
 def test_image_stage_gives_error_rows_for_bad_files(tmp_path):
@@ -115,7 +115,9 @@ def start_run(tmp_path: Path, bundle: Path, n: int = 3000) -> tuple[subprocess.P
     root, out = many_images(tmp_path / "many", n), tmp_path / "labels.csv"
     cmd = [sys.executable, "-m", "batchcls.cli", "run", str(root), "--out", str(out), "--model", str(bundle),
            "--batch-size", "4", "--workers", "2", "-q"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    (tmp_path / "tmp").mkdir()  # its own temp folder, to see what it leaves there
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
     partial = Path(str(out) + ".partial")
     wait_for(lambda: partial.exists() and partial.read_bytes().count(b"\n") > 20 or proc.poll() is not None,
              "the first rows")
@@ -123,9 +125,23 @@ def start_run(tmp_path: Path, bundle: Path, n: int = 3000) -> tuple[subprocess.P
     return proc, root, out
 
 
+def decode_workers(parent: int) -> list[int]:
+    """Live decode workers of process ``parent``: its children with the worker flag on their command line."""
+    out = []
+    for pid in group_members(os.getpgid(parent)):
+        try:
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+            if ppid == parent and WORKER_FLAG.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out.append(pid)
+        except OSError:  # exited meanwhile
+            pass
+    return out
+
+
 def test_ctrl_c_to_the_process_group_is_one_line_and_rc_130(tmp_path, colour_bundle):
     proc, root, out = start_run(tmp_path, colour_bundle)
-    assert len(group_members(proc.pid)) >= 3  # the CLI, the forkserver, decode workers (+ resource tracker)
+    wait_for(lambda: len(decode_workers(proc.pid)) == 2, "both decode workers")
+    assert len(group_members(proc.pid)) == 3  # the CLI and its 2 decode workers: no forkserver, no resource tracker
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: every process in the group
     _, err = proc.communicate(timeout=DEADLINE)
     assert proc.returncode == 130
@@ -136,21 +152,19 @@ def test_ctrl_c_to_the_process_group_is_one_line_and_rc_130(tmp_path, colour_bun
     assert len(paths) == len(set(paths)) > 0
 
 
-def test_kill_9_of_run_leaves_no_process_behind(tmp_path, colour_bundle):
+def test_kill_9_of_run_leaves_no_process_and_no_temp_folder_behind(tmp_path, colour_bundle):
     proc, _, _ = start_run(tmp_path, colour_bundle)
+    wait_for(lambda: len(decode_workers(proc.pid)) == 2, "both decode workers")
     members = group_members(proc.pid)
-    assert len(members) >= 3, members
-    proc.kill()  # the parent only: its workers, forkserver and resource tracker must notice on their own
+    proc.kill()  # the parent only: its workers must notice on their own
     proc.wait()
     wait_for(lambda: not group_members(proc.pid), f"the run's processes {members} to exit", timeout=15)
+    assert not list((tmp_path / "tmp").glob("pymp-*"))  # multiprocessing's socket folder, which only exit removes
 
 
 def test_a_decode_worker_killed_during_run_costs_no_file(tmp_path, colour_bundle):
     proc, root, out = start_run(tmp_path, colour_bundle)
-    workers = [p for p in group_members(proc.pid) if p != proc.pid and "forkserver" in
-               Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace") and
-               int(Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()[1]) != proc.pid]
-    assert workers, "no decode worker found"
+    workers = wait_for(lambda: decode_workers(proc.pid), "a decode worker")
     killed = 0
     for pid in workers:  # every one: the batches in flight are lost for certain, whichever worker held them
         try:

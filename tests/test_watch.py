@@ -3,6 +3,7 @@
 No fixed sleeps for results: every wait is on a condition with a deadline. The only sleeps are
 a slow writer's own pauses, which are the behaviour under test.
 """
+import contextlib
 import io
 import os
 import queue
@@ -24,6 +25,7 @@ from PIL import Image
 from procs import wait_for
 
 from batchcls.cli import cli
+from batchcls.decode_stage import WORKER_FLAG
 from batchcls.errors import OutputError
 from batchcls.output import RowWriter, columns_for, read_rows
 from batchcls.pipeline import RunOptions
@@ -353,14 +355,15 @@ def test_restart_finishes_cut_moves_and_relabels_a_cut_row(inbox, tmp_path, daem
     assert list(inbox.iterdir()) == []
 
 
-def _grandchildren() -> list[int]:
-    """The decode workers: children of the forkserver, which is a child of this process."""
-    def children(pid: int) -> list[int]:
-        out = []
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            out += [int(c) for c in (task / "children").read_text().split()]
-        return out
-    return [g for c in children(os.getpid()) for g in children(c)]
+def _decode_workers() -> list[int]:
+    """The decode workers: children of this process with the worker flag on their command line."""
+    out = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            with contextlib.suppress(OSError):  # exited meanwhile
+                if WORKER_FLAG.encode() in Path(f"/proc/{child}/cmdline").read_bytes():
+                    out.append(int(child))
+    return out
 
 
 def test_a_killed_decode_worker_costs_no_file(inbox, tmp_path, daemon, monkeypatch):
@@ -373,7 +376,7 @@ def test_a_killed_decode_worker_costs_no_file(inbox, tmp_path, daemon, monkeypat
         for i in range(100):
             (inbox / f"{i:03d}.jpg").write_bytes(tiny)
         wait_for(lambda: paths(out), "the first rows")
-        victims = wait_for(_grandchildren, "a decode worker")
+        victims = wait_for(_decode_workers, "a decode worker")
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
         for i in range(100, 200):
@@ -606,7 +609,7 @@ def test_kill_9_of_watch_leaves_no_process_behind(inbox, tmp_path, colour_bundle
     (inbox / "a.jpg").write_bytes(jpeg("red"))
     wait_for(has_rows(tmp_path / "labels.csv", "a.jpg"), "a row")
     members = group_members(d.proc.pid)
-    assert len(members) >= 3, members  # the daemon, the forkserver, a decode worker (+ resource tracker)
+    assert len(members) >= 2, members  # the daemon and its decode worker
     d.proc.kill()
     d.proc.wait()
     wait_for(lambda: not group_members(d.proc.pid), f"the daemon's processes {members} to exit", timeout=15)
