@@ -17,7 +17,7 @@ from PIL import Image
 
 from batchcls.backends import load_backend
 from batchcls.card import ModelCard, load_card
-from batchcls.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, upright_rgb
+from batchcls.decode import DEFAULT_MAX_PIXELS, DecodeError, byte_limit, decode_image, upright_rgb
 from batchcls.errors import first_line
 from batchcls.pipeline import Classifier, DecodedBatch, RunOptions, classify
 from batchcls.scan import InputFile, scan
@@ -149,13 +149,14 @@ def _to_image(item: object, min_side: int, max_pixels: int) -> Image.Image:
     if isinstance(item, (bytes, bytearray, memoryview)):
         return decode_image(item, min_side=min_side, max_pixels=max_pixels)
     if isinstance(item, Image.Image):
-        return upright_rgb(item)
+        return upright_rgb(item, byte_limit(max_pixels))
     if isinstance(item, np.ndarray):
         channels = item.shape[2] if item.ndim == 3 else 1
         if item.dtype != np.uint8 or item.ndim not in (2, 3) or channels not in (1, 3, 4) or 0 in item.shape:
             raise DecodeError(f"array of {item.dtype} with shape {item.shape}: give HxWx3 (RGB), HxWx4 (RGBA) "
                               "or HxW (grey) uint8")
         # Pillow reads HxW as L, HxWx3 as RGB, HxWx4 as RGBA; RGBA is then composited over white
-        return upright_rgb(Image.fromarray(np.ascontiguousarray(item.reshape(item.shape[:2]) if channels == 1 else item)))
+        return upright_rgb(Image.fromarray(np.ascontiguousarray(item.reshape(item.shape[:2]) if channels == 1 else item)),
+                           byte_limit(max_pixels))
     raise DecodeError(f"unsupported input {type(item).__name__}: give a path, a PIL image, "
                       "an HWC uint8 array or encoded image bytes")

@@ -12,7 +12,7 @@ import warnings
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from batchcls.fsutil import open_long
 
@@ -43,24 +43,57 @@ def _gray8(img: Image.Image) -> Image.Image:
     return Image.fromarray(out, "L")
 
 
-_BAND_PIXELS = 1 << 20  # pixels per band in _gray8: 8 MB of float64 at a time
+_BAND_PIXELS = 1 << 18  # pixels per band in _gray8 (2 MB of float64) and _to_rgb (4 MB of RGBA and RGB)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any mode to 8-bit RGB; transparency is composited over white so it can't turn black."""
+def _to_rgb(img: Image.Image, max_bytes: int | None = None) -> Image.Image:
+    """Any mode to 8-bit RGB; transparency is composited over white so it can't turn black.
+
+    Converted a band of rows at a time, so no full-size RGBA copy (nor a white background) is made beside
+    the image: peak memory is the image plus its RGB result. ``max_bytes`` bounds that result too: a grey,
+    1-bit or palette image holds up to 3x the pixels of an RGB one under the same byte limit, and its
+    full-size RGB form would be 3x the limit; such an image is box-reduced band by band, by the smallest
+    integer factor that brings its RGB form under ``max_bytes`` (the model sees a few hundred pixels a
+    side anyway). An image whose RGB form fits is converted at full size, pixel for pixel as before.
+    """
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         img = _gray8(img)
-    if img.mode == "P" and "transparency" in img.info or img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img if img.mode == "RGB" else img.convert("RGB")
+    if img.mode == "RGB":
+        return img
+    alpha = img.mode == "P" and "transparency" in img.info or img.mode in ("RGBA", "LA", "PA", "La", "RGBa")
+    w, h = img.size
+    factor = 1
+    while max_bytes is not None and 3 * _ceil(w, factor) * _ceil(h, factor) > max_bytes and factor < max(w, h):
+        factor += 1
+    rows = max(1, _BAND_PIXELS // max(1, w)) // factor * factor or factor  # whole reduction boxes per band
+    out = None if rows >= h else Image.new("RGB", (_ceil(w, factor), _ceil(h, factor)))
+    for y in range(0, h, rows):
+        band = img if out is None else img.crop((0, y, w, min(h, y + rows)))
+        if alpha:
+            band = band.convert("RGBA")
+            band = Image.alpha_composite(Image.new("RGBA", band.size, (255, 255, 255, 255)), band).convert("RGB")
+        else:
+            band = band.convert("RGB")
+        if factor > 1:
+            band = band.reduce(factor)
+        if out is None:
+            return band
+        out.paste(band, (0, y // factor))
+    assert out is not None
+    return out
+
+
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}  # EXIF orientation -> what makes the image upright
 
 
 def decoded_bytes(img: Image.Image) -> int:
-    """Bytes of the image once decoded: pixels x channels x bytes per sample (16-bit counts 2, 32-bit 4)."""
+    """Bytes of the image once decoded: pixels x channels x bytes per sample (16-bit counts 2, 32-bit 4);
+    Pillow keeps a 2-band image (LA, PA) in 4 bytes a pixel, so it counts 4."""
     sample = 2 if img.mode.startswith("I;16") else 4 if img.mode in ("I", "F") else 1
-    return img.width * img.height * len(img.getbands()) * sample
+    bands = 4 if img.mode in ("LA", "PA", "La") else len(img.getbands())
+    return img.width * img.height * bands * sample
 
 
 def byte_limit(max_pixels: int) -> int:
@@ -137,9 +170,13 @@ def check_header(img: Image.Image, source: BinaryIO, size: int, max_pixels: int 
         raise DecodeError(short)
 
 
-def upright_rgb(img: Image.Image) -> Image.Image:
-    """EXIF orientation applied, then 8-bit RGB: what every decoded image goes through (the API's PIL inputs too)."""
-    return _to_rgb(ImageOps.exif_transpose(img))
+def upright_rgb(img: Image.Image, max_bytes: int | None = None) -> Image.Image:
+    """8-bit RGB (see ``_to_rgb`` for ``max_bytes``), then EXIF orientation applied: what every decoded image
+    goes through (the API's PIL inputs too). Rotating the RGB result, not the source, saves a full-size copy
+    (ImageOps.exif_transpose copies even an upright image)."""
+    method = _TRANSPOSE.get(img.getexif().get(ExifTags.Base.Orientation, 1))
+    rgb = _to_rgb(img, max_bytes)
+    return rgb.transpose(method) if method is not None else rgb
 
 
 def _open(path: str | os.PathLike) -> tuple[BinaryIO, int]:
@@ -186,7 +223,7 @@ def decode_image(path: str | os.PathLike | bytes, *, min_side: int = 0,
                 img.draft("RGB", (min_side, min_side))
             img.seek(0)  # first frame of animations
             img.load()
-            return upright_rgb(img)
+            return upright_rgb(img, byte_limit(max_pixels))
     except DecodeError:
         raise
     except FileNotFoundError:
