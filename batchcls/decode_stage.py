@@ -42,6 +42,7 @@ import numpy as np
 
 from batchcls.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
 from batchcls.errors import first_line
+from batchcls.machine import default_threads, max_decode_workers
 from batchcls.presets import EvalPreset
 from batchcls.scan import InputFile
 
@@ -322,6 +323,10 @@ class DecodeStage(Generic[T]):
                  workers: int, window: int | None = None) -> None:
         if not sys.executable:  # embedded interpreters: no python to start workers with
             workers = 0
+        if workers > max_decode_workers():
+            log.warning("%d decode workers is more than this machine can use (%d cores): using %d",
+                        workers, default_threads(), max_decode_workers())
+            workers = max_decode_workers()
         self.work, self.fail, self.workers = work, fail, workers
         self.window = max(1, window if window is not None else workers + 1)
         self.pool: WorkerPool | None = WorkerPool(workers) if workers > 0 else None

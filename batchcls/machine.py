@@ -16,6 +16,13 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def max_decode_workers() -> int:
+    """The most decode processes worth starting: two per core. Decoding is CPU work; a second process per
+    core covers reads that wait on storage; more only add memory (each may hold one image at the
+    --max-pixels limit) and switching."""
+    return 2 * default_threads()
+
+
 @dataclass(frozen=True)
 class MachineFacts:
     """What ``auto`` decides on: gathered by ``machine_facts()``, built by hand in tests."""

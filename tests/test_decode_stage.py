@@ -90,6 +90,17 @@ def test_a_batch_that_kills_its_decoder_twice_gets_error_rows(monkeypatch):
                    "3: decode worker crashed twice on this batch: WorkerDied", "4", "5"]
 
 
+def test_workers_are_capped_at_two_per_core_with_one_line(caplog):
+    cap = 2 * len(os.sched_getaffinity(0))
+    with DecodeStage(names, failed, workers=1000) as stage:
+        assert stage.workers == cap  # before any worker starts: uncapped, warm() would start 1000 interpreters
+        stage.warm()  # one job per worker: every worker there is starts
+        assert len(stage.pool.processes()) == cap
+        assert [r for b in stage.map(batches(9)) for r in b] == [str(i) for i in range(9)]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"1000 decode workers is more than this machine can use ({cap // 2} cores): using {cap}"]
+
+
 def test_image_stage_gives_error_rows_for_bad_files(tmp_path):
     Image.new("RGB", (20, 10), (250, 0, 0)).save(tmp_path / "a.png")
     (tmp_path / "b.jpg").write_bytes(b"junk")
