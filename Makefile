@@ -13,13 +13,18 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-install: $(BIN)/python  ## runtime only: ONNX Runtime on CPU, no torch
+# The editable install follows code changes by itself; pip only needs to run again when pyproject.toml (the
+# dependencies, the entry points) changes, so the install is a file the recipe touches, newer than both.
+$(VENV)/.installed: pyproject.toml $(BIN)/python
 	$(BIN)/pip install -q -e .
+	touch $@
+
+install: $(VENV)/.installed  ## runtime only: ONNX Runtime on CPU, no torch
 
 install-dev: $(BIN)/python  ## everything: training stack, Ray, test tools
 	$(BIN)/pip install -q -e '.[train,ray,dev]'
 
-run: install  ## classify the committed sample folder with the shipped model
+run: $(VENV)/.installed  ## classify the committed sample folder with the shipped model
 	$(BIN)/batchcls run $(IMAGES) --out $(OUT) --overwrite
 
 test: install-dev lint  ## lint, then the test suite (what CI runs)

@@ -138,3 +138,25 @@ def test_parquet_without_pyarrow_is_a_one_line_hint(colour_images, colour_bundle
     r = run_without(["pyarrow"], code, tmp_path)
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         "Error: --format parquet needs pyarrow: pip install 'batchcls[parquet]'"]
+
+
+def _make_n(venv: Path, *args: str) -> str:
+    """The commands ``make run`` would run with this venv (-n: printed, not run)."""
+    return subprocess.run(["make", "-n", "run", f"VENV={venv}", *args], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make here")
+def test_make_run_installs_only_when_pyproject_changed(tmp_path):
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    assert "pip install" in _make_n(venv)  # never installed
+    (venv / ".installed").touch()  # what the install recipe does last
+    assert "pip install" not in _make_n(venv) and "batchcls run" in _make_n(venv)
+    assert "pip install" in _make_n(venv, "-W", "pyproject.toml")  # pyproject.toml newer than the install
+
+
+def test_build_outputs_are_ignored():
+    for path in ("dist/batchcls-0.1.0-py3-none-any.whl", "build/lib/batchcls/api.py", "batchcls.egg-info/PKG-INFO"):
+        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0, path
