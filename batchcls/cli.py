@@ -270,16 +270,21 @@ def engine() -> None:
 @click.option("--val-dir", type=Existing("labelled folder", file_okay=False), default=None, help="CPU: labelled DIR/<class>/* that decides whether INT8 is kept. Default: the card's split manifest (val).")
 @click.option("--calib-dir", type=Existing("folder of images", file_okay=False), default=None, help="CPU: images to calibrate INT8 on. Default: the card's split manifest (train).")
 @click.option("--calib-images", type=click.IntRange(1), default=300, show_default=True, help="CPU: how many calibration images to use.")
-def engine_build(model, target, fp16, max_batch, val_dir, calib_dir, calib_images) -> None:
+@click.option("--ship", is_flag=True, default=False, help="CPU: build the INT8 model the bundle ships to every machine (shipped-int8.onnx: 7-bit weights, the same logits on AVX2 and VNNI), gated on the val images and recorded with a probe that each new CPU checks at load.")
+def engine_build(model, target, fp16, max_batch, val_dir, calib_dir, calib_images, ship) -> None:
     """Build the fastest engine this machine allows and store it beside the bundle's card.
 
     Example: batchcls engine build --model engines/simpsons --val-dir data/val
     """
     from batchcls.builders import build_engines
 
-    built = build_engines(model, target=target, fp16=fp16, max_batch=max_batch, val_dir=val_dir,
-                          calib_dir=calib_dir, calib_images=calib_images, log=lambda m: click.echo(m, err=True))
-    click.echo(f"built {built} engine; `batchcls run` picks it up with --backend auto", err=True)
+    if ship and target == "tensorrt":
+        raise click.UsageError("--ship builds the CPU INT8 model: use it with --target cpu")
+    built = build_engines(model, target="cpu" if ship else target, fp16=fp16, max_batch=max_batch, val_dir=val_dir,
+                          calib_dir=calib_dir, calib_images=calib_images, ship=ship,
+                          log=lambda m: click.echo(m, err=True))
+    click.echo(f"built {'shipped INT8' if ship else built} engine; `batchcls run` picks it up with --backend auto",
+               err=True)
 
 
 @cli.command("watch")

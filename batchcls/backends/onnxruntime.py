@@ -1,14 +1,21 @@
 """ONNX Runtime: the CPU backend every install has (and CUDA where onnxruntime-gpu is installed)."""
 from __future__ import annotations
 
+import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from batchcls.backends.record import cpu_engine_path
+from batchcls.backends.record import cpu_family, local_cpu_engine, shipped_int8, shipped_int8_path, shipped_probe_path
 from batchcls.card import ModelCard
 from batchcls.errors import ModelError, first_line
+from batchcls.fsutil import atomic_write
 from batchcls.machine import default_threads
+from batchcls.presets import normalize
+
+PROBE_TOLERANCE = 0.01  # relative logit difference to the gate machine's run: rounding noise, not saturation
 
 
 class OnnxRuntimeBackend:
@@ -53,8 +60,76 @@ def check_providers(device: str, active: list[str]) -> None:
 
 
 def cpu_model_path(card: ModelCard) -> Path:
-    """The fastest ONNX file the bundle holds for CPU: ``make engine`` may add optimized variants."""
-    return cpu_engine_path(card)
+    """The fastest ONNX file this CPU may run: what ``make engine`` built and gated here, else the INT8
+    model the bundle ships if this CPU computes the logits its gate measured, else the FP32 ONNX."""
+    local = local_cpu_engine(card)
+    if local is not None:
+        return local
+    entry = shipped_int8(card)
+    if entry is not None and shipped_int8_checked(card, entry):
+        return shipped_int8_path(card)
+    return card.onnx_path
+
+
+def checks_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "batchcls" / "int8-checks.json"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
+def shipped_int8_checked(card: ModelCard, entry: dict) -> bool:
+    """Does this CPU give the shipped INT8 model's probe images the logits they gave on the gate machine?
+
+    Kernels differ between CPU families (AVX2's saturating u8 x s8 sums, ARM's) and ONNX Runtime
+    versions; the same logits mean the recorded gate figures hold here. Asked once per model, CPU and ONNX
+    Runtime version, the answer kept in the user's cache with one line saying so.
+    """
+    import onnxruntime as ort
+
+    key = f"{entry['int8_sha256']} onnxruntime {ort.__version__} {cpu_family()} {_cpu_name()}"
+    cache = checks_cache()
+    try:
+        checks = json.loads(cache.read_text())
+        checks = checks if isinstance(checks, dict) else {}
+    except (OSError, ValueError):
+        checks = {}
+    if isinstance(checks.get(key), dict):
+        return bool(checks[key].get("ok"))
+    try:
+        images = np.load(shipped_probe_path(card), allow_pickle=False)
+        want = np.asarray(entry["probe"]["logits"], np.float32)
+        session = OnnxRuntimeBackend(shipped_int8_path(card)).session
+        names = [o.name for o in session.get_outputs()]
+        got = session.run(["logits" if "logits" in names else names[0]],
+                          {session.get_inputs()[0].name: normalize(images, card.mean, card.std)})[0]
+        off = float(np.linalg.norm(got - want) / max(float(np.linalg.norm(want)), 1e-12))
+        ok = got.shape == want.shape and off <= PROBE_TOLERANCE and bool((got.argmax(1) == want.argmax(1)).all())
+    except (OSError, ValueError, KeyError, TypeError, ModelError) as e:
+        off, ok = float("nan"), False
+        print(f"warning: cannot check the shipped INT8 model ({e}): running FP32", file=sys.stderr)
+    checks[key] = {"ok": ok, "probe_rel_error": off}
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(cache, json.dumps(checks, indent=1) + "\n")
+        noted = f"noted in {cache}"
+    except OSError:
+        noted = "not cached: checked again next run"
+    v = entry.get("validation", {})
+    if ok:
+        print(f"batchcls: this CPU ({cpu_family()}) runs the shipped INT8 model as its gate measured it "
+              f"(val accuracy {-v.get('accuracy_drop_points', float('nan')):+.2f}, macro-F1 "
+              f"{-v.get('f1_drop_points', float('nan')):+.2f} points vs FP32): using it; {noted}", file=sys.stderr)
+    elif off == off:
+        print(f"warning: the shipped INT8 model's logits here are {off:.3f} off what its gate measured: running "
+              f"FP32 on this CPU ({cpu_family()}); `make engine` builds and gates INT8 for it; {noted}", file=sys.stderr)
+    return ok
 
 
 def onnx_metadata(path: Path) -> dict[str, str]:

@@ -4,7 +4,8 @@
   (what the plan is tied to) + a timing cache;
 - CPU (``cpu.py``): ``model.opt.onnx`` (ONNX Runtime offline-optimized) and ``model.int8.onnx`` (static
   INT8), with ``engines.json`` recording whether INT8 was kept and the macro-F1s that decided it
-  (``parity.py`` compares the rows).
+  (``parity.py`` compares the rows); with ``ship``, ``shipped-int8.onnx`` + ``shipped-int8.json``: the
+  INT8 model a bundle carries to every machine, with its gate figures and a probe checked at load.
 
 Builders use the runtime (``batchcls.backends``, ``batchcls.pipeline``) to judge what they built; the
 runtime only reads what they leave (``batchcls.backends.record``), so imports point one way.
@@ -22,7 +23,7 @@ TARGETS = ("auto", "tensorrt", "cpu")
 
 def build_engines(model: str | None, *, target: str = "auto", fp16: bool = True, max_batch: int = 256,
                   val_dir: str | None = None, calib_dir: str | None = None, calib_images: int = 300,
-                  log: Callable[[str], None] = print) -> str:
+                  ship: bool = False, log: Callable[[str], None] = print) -> str:
     """Build the fastest engine this machine allows; returns the target that was built.
 
     auto: a TensorRT plan when the tensorrt package and a CUDA GPU are here, else CPU engines.
@@ -49,5 +50,6 @@ def build_engines(model: str | None, *, target: str = "auto", fp16: bool = True,
         missing = [m for m in ("onnx", "ml_dtypes", "sympy") if importlib.util.find_spec(m) is None]
         if missing:
             raise ModelError(f"building CPU engines needs {', '.join(missing)}: pip install 'batchcls[engine]'")
-        build_cpu_engines(card, val_dir=val_dir, calib_dir=calib_dir, calib_images=calib_images, log=log)
+        build_cpu_engines(card, val_dir=val_dir, calib_dir=calib_dir, calib_images=calib_images, ship=ship,
+                          log=log)
     return target
