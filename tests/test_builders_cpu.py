@@ -152,10 +152,11 @@ def test_cpu_int8_gate_keeps_what_it_measured(lite0_engines):
     judged = entry["validation"]
     assert entry["int8_settings"]["reduce_range"] is not cpu_has_vnni()  # 7-bit weights where AVX2 would saturate
     assert judged["f1_drop_points"] == pytest.approx(100 * (judged["macro_f1_ref"] - judged["macro_f1_candidate"]))
-    assert entry["int8_kept"] is (judged["f1_drop_points"] <= entry["tolerance_points"])
+    assert entry["int8_kept"] is (judged["f1_drop_points"] <= entry["tolerance_points"]
+                                  and judged["accuracy_drop_points"] <= entry["accuracy_tolerance_points"])
     val = load_split(card, "val")
     assert judged["n"] == len(val) and judged["errors"] == 0
-    kept, again = judge_int8(card, int8_path(card), val, entry["tolerance_points"])
+    kept, again = judge_int8(card, int8_path(card), val, entry["tolerance_points"], entry["accuracy_tolerance_points"])
     assert kept is entry["int8_kept"]
     assert (again["macro_f1_ref"], again["macro_f1_candidate"]) == (judged["macro_f1_ref"], judged["macro_f1_candidate"])
     expect = int8_path(card) if kept else opt_path(card)
