@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -129,20 +128,22 @@ def test_shipped_int8_records_its_gate(shipped_build):
 
 @pytest.mark.slow
 def test_run_uses_the_shipped_int8_after_checking_it_once(shipped_build, fresh_cache, tmp_path):
-    """A fresh install runs the shipped INT8 model with no build step: the first run checks its probe on this CPU
-    and says so in one line; later runs read the answer from the user cache."""
-    def run(out: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "batchcls.cli", "run", str(SAMPLES), "--model", str(shipped_build),
-                               "--out", str(tmp_path / out), "-q"], env=fresh_cache, capture_output=True, text=True)
+    """A fresh install runs the shipped INT8 model with no build step: the first run at a terminal checks its probe
+    on this CPU and says so in one line; later runs read the answer from the user cache and say nothing."""
+    from terminal import run_in_terminal
 
-    first = run("a.csv")
-    assert first.returncode == 0, first.stderr
-    lines = [ln for ln in first.stderr.splitlines() if "shipped INT8" in ln]
-    assert len(lines) == 1 and "using it" in lines[0], first.stderr
+    def run(out: str) -> str:
+        code, screen = run_in_terminal(sys.executable, "-m", "batchcls.cli", "run", SAMPLES, "--model", shipped_build,
+                                       "--out", tmp_path / out, "-q", env=fresh_cache)
+        assert code == 0, screen
+        return screen
+
+    lines = [ln for ln in run("a.csv").splitlines() if "shipped INT8" in ln]
+    assert len(lines) == 1 and "using it" in lines[0], lines
     assert checks_cache().is_file()
-    second = run("b.csv")
-    assert second.returncode == 0 and "shipped INT8" not in second.stderr, second.stderr
-    assert load_backend(load_card(shipped_build), "onnxruntime").model_path == shipped_int8_path(load_card(shipped_build))
+    assert "shipped INT8" not in run("b.csv")
+    card = load_card(shipped_build)
+    assert load_backend(card, "onnxruntime").model_path == shipped_int8_path(card)
 
 
 @pytest.mark.slow

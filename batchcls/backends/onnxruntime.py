@@ -89,7 +89,8 @@ def shipped_int8_checked(card: ModelCard, entry: dict) -> bool:
 
     Kernels differ between CPU families (AVX2's saturating u8 x s8 sums, ARM's) and ONNX Runtime
     versions; the same logits mean the recorded gate figures hold here. Asked once per model, CPU and ONNX
-    Runtime version, the answer kept in the user's cache with one line saying so.
+    Runtime version, the answer kept in the user's cache with one line saying so (at a terminal; a
+    mismatch is always said).
     """
     import onnxruntime as ort
 
@@ -122,7 +123,7 @@ def shipped_int8_checked(card: ModelCard, entry: dict) -> bool:
     except OSError:
         noted = "not cached: checked again next run"
     v = entry.get("validation", {})
-    if ok:
+    if ok and sys.stderr.isatty():  # news for a person at a terminal; scripts and pipes get rows only
         print(f"batchcls: this CPU ({cpu_family()}) runs the shipped INT8 model as its gate measured it "
               f"(val accuracy {-v.get('accuracy_drop_points', float('nan')):+.2f}, macro-F1 "
               f"{-v.get('f1_drop_points', float('nan')):+.2f} points vs FP32): using it; {noted}", file=sys.stderr)
