@@ -6,13 +6,12 @@ calls the same stages (``decode_stage``, ``infer``) batch by batch. Each stage h
     scan.py            files, streamed in a stable order
     decode_stage.py    decode.py + presets.py in worker processes, a bounded window ahead (gpu.py: nvJPEG)
     infer.py           normalize -> backend (backends/) -> softmax -> rows
-    output.py          rows -> CSV / JSONL / Parquet (runner.py wires it to ``run``)
+    output/            rows -> CSV / JSONL / Parquet (runner.py's job loop wires it to ``classify``)
 """
 from __future__ import annotations
 
 import itertools
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from batchcls.backends import Backend
@@ -28,7 +27,7 @@ from batchcls.scan import InputFile
 
 # The stages' types, for callers that drive the pipeline (api, runner, Ray): one import for all of it.
 __all__ = ["CPU_BATCH", "GPU_BATCH", "Classifier", "DecodedBatch", "RunOptions", "RunSummary", "classify",
-           "decoded_batches", "load_images", "run", "softmax"]
+           "decoded_batches", "load_images", "softmax"]
 
 CPU_BATCH = 64  # ONNX Runtime on a few cores: bigger batches gain nothing, and cost memory
 GPU_BATCH = 512  # H200, nvJPEG end to end: 5.6k img/s at 256, 6.1k at 512, 6.4k at 1024
@@ -126,15 +125,3 @@ def classify(files: Iterable[InputFile], classifier: Classifier, options: RunOpt
     for batch in decoded_batches(files, classifier.preset, batch_size=options.batch(_on_gpu(classifier.backend)),
                                  workers=workers, max_pixels=options.max_pixels):
         yield classifier.rows(batch, top_k=options.top_k, threshold=options.threshold, probs=options.probs)
-
-
-def run(files: Iterable[InputFile], classifier: Classifier, write: Callable[[list[dict]], None],
-        options: RunOptions) -> RunSummary:
-    """Classify ``files`` and hand each finished batch of rows to ``write``."""
-    summary = RunSummary()
-    start = time.perf_counter()
-    for rows in classify(files, classifier, options):
-        write(rows)
-        summary.add(rows)
-    summary.seconds = time.perf_counter() - start
-    return summary

@@ -1,8 +1,9 @@
 """Scale-out: ``batchcls run --engine ray`` as Ray Data adapters over the pipeline's batch functions.
 
 scan (driver) -> ``pipeline.load_images`` in Ray tasks -> ``Classifier.rows`` in a model actor pool
-(one actor per GPU, CPU actors otherwise) -> rows stream back to the driver, are put back in input
-order and go through the same ``RowWriter`` as a local run, so the output is the same file.
+(one actor per GPU, CPU actors otherwise) -> rows stream back to the driver in input order (Ray Data's
+``preserve_order``) and go through the same job loop (``runner.run_job``) as a local run, so the output is
+the same file.
 
 ``import ray`` happens only inside functions: the local path never imports Ray.
 
@@ -18,10 +19,8 @@ import math
 import os
 import re
 import shutil
-import sys
 import tempfile
-import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +29,10 @@ import numpy as np
 from batchcls.backends import load_backend
 from batchcls.card import CARD_FILE, ModelCard, load_card
 from batchcls.errors import BatchclsError, first_line
-from batchcls.output import RowWriter
 from batchcls.pipeline import Classifier, DecodedBatch, RunSummary, load_images
 from batchcls.presets import EvalPreset
-from batchcls.runner import Interrupted, RunJob, _pending
-from batchcls.scan import InputFile, scan
-from batchcls.stopping import StopRequested
+from batchcls.runner import Classify, RunJob, Stage, run_job
+from batchcls.scan import InputFile
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # s3://, gs://, hdfs://, file:// ... (whatever pyarrow.fs reads)
 
@@ -179,19 +176,23 @@ def connect(address: str | None) -> bool:
     return True
 
 
-class _QuietRayData:
-    """Ray Data's per-run INFO logs off, its progress bars only on a terminal; restore() puts both back."""
+class _RayDataSettings:
+    """Rows in input order (Ray Data's ``preserve_order``), its per-run INFO logs and progress bars off (the
+    job loop draws one bar for both runners); ``restore()`` puts all of it back."""
 
-    def __init__(self, ray, *, progress: bool) -> None:  # ray module
+    def __init__(self, ray) -> None:  # ray module
         self.ctx = ray.data.DataContext.get_current()
         self.logger = logging.getLogger("ray.data")
-        self.saved = (self.ctx.enable_progress_bars, self.ctx.print_on_execution_start, self.logger.level)
-        self.ctx.enable_progress_bars, self.ctx.print_on_execution_start = progress, False
+        self.saved = (self.ctx.execution_options.preserve_order, self.ctx.enable_progress_bars,
+                      self.ctx.print_on_execution_start, self.logger.level)
+        self.ctx.execution_options.preserve_order = True
+        self.ctx.enable_progress_bars, self.ctx.print_on_execution_start = False, False
         # ERROR, not WARNING: turning the bars off makes Ray Data warn that they are off.
-        self.logger.setLevel(logging.WARNING if progress else logging.ERROR)
+        self.logger.setLevel(logging.ERROR)
 
     def restore(self) -> None:
-        self.ctx.enable_progress_bars, self.ctx.print_on_execution_start, level = self.saved
+        order, self.ctx.enable_progress_bars, self.ctx.print_on_execution_start, level = self.saved
+        self.ctx.execution_options.preserve_order = order
         self.logger.setLevel(level)
 
 
@@ -214,8 +215,7 @@ def _classify(ray, files: list[InputFile], card: ModelCard, job: RunJob,  # ray 
     items = [{"idx": i, "path": _b(f.path), "rel": _b(f.rel)} for i, f in enumerate(files)]
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     ds = ds.map_batches(decode_batch, fn_kwargs={"preset": EvalPreset.from_card(card), "max_pixels": options.max_pixels},
-                        batch_size=options.batch(), batch_format="numpy", num_cpus=1,
-                        compute=ray.data.TaskPoolStrategy(size=decode_tasks))
+                        batch_size=options.batch(), batch_format="numpy", num_cpus=1, concurrency=decode_tasks)
     ds = ds.map_batches(ModelActor, batch_size=options.batch(), batch_format="numpy",
                         fn_constructor_kwargs={"bundle": bundle, "backend": job.backend,
                                                # Ray sets CUDA_VISIBLE_DEVICES per actor: "cuda" is its own GPU.
@@ -224,79 +224,56 @@ def _classify(ray, files: list[InputFile], card: ModelCard, job: RunJob,  # ray 
                                                "threads": None if on_gpu else 1,
                                                "top_k": options.top_k, "threshold": options.threshold,
                                                "probs": options.probs, "tta": options.tta},
-                        compute=ray.data.ActorPoolStrategy(size=pool), num_cpus=1, num_gpus=1 if on_gpu else 0)
-    # Batches arrive in completion order; hold them until every earlier file's row is in.
-    waiting: dict[int, str] = {}
-    next_idx = 0
-    for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for i, row in zip(out["idx"], out["row"]):
-            if int(i) >= next_idx:  # a retried task can't write a row twice
-                waiting[int(i)] = row
-        ready = []
-        while next_idx in waiting:
-            ready.append(json.loads(waiting.pop(next_idx)))
-            next_idx += 1
-        if ready:
-            yield ready
-    if next_idx != len(files):
-        raise RayRunError(f"Ray returned rows for {next_idx} of {len(files)} files: rerun with --resume to finish")
+                        concurrency=pool, num_cpus=1, num_gpus=1 if on_gpu else 0)
+    done = 0
+    for out in ds.iter_batches(batch_size=None, batch_format="numpy"):  # in input order: preserve_order
+        idx = [int(i) for i in out["idx"]]
+        if idx != list(range(done, done + len(idx))):
+            raise RayRunError(f"Ray returned rows out of input order after {done} files: rerun with --resume")
+        done += len(idx)
+        yield [json.loads(row) for row in out["row"]]
+    if done != len(files):
+        raise RayRunError(f"Ray returned rows for {done} of {len(files)} files: rerun with --resume to finish")
 
 
-def _abandon(writer: RowWriter) -> None:
-    """A failed run keeps its rows for --resume; one that wrote nothing leaves no stray OUT.partial behind."""
-    writer.close(complete=False)
-    if not writer.to_stdout and writer.rows_written == 0 and not writer.done:
-        writer.partial.unlink(missing_ok=True)
+def ray_stage(job: RunJob, *, address: str | None = None, actors: int | None = None) -> Stage:
+    """The Ray Data stages as a job-loop stage: Ray is imported before the output is touched and joined
+    (or started) when the first file is due; a Ray failure is one line and the rows so far are kept."""
+
+    def build(card: ModelCard) -> Classify:
+        ray = _import_ray()
+
+        def classify(files: Iterable[InputFile]) -> Iterator[list[dict]]:
+            files = list(files)
+            started = connect(address)
+            settings = _RayDataSettings(ray)
+            rows = 0
+            try:
+                for batch in _classify(ray, files, card, job, actors) if files else ():
+                    rows += len(batch)
+                    yield batch
+            except BatchclsError:
+                raise
+            except Exception as e:  # a Ray failure (actor died, task error): say so in one line
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, BatchclsError):  # e.g. the actor could not load the model
+                    raise cause from e
+                raise RayRunError(f"the Ray job failed after {rows} rows ({first_line(e)}): "
+                                  "fix the cause and rerun with --resume; --verbose shows the traceback") from e
+            finally:
+                settings.restore()
+                if started:
+                    ray.shutdown()
+
+        return classify
+
+    return build
 
 
 def run_ray_job(job: RunJob, *, address: str | None = None, actors: int | None = None) -> RunSummary:
-    """``batchcls run --engine ray``: the same job, rows and output file as ``runner.run_job``.
+    """``batchcls run --engine ray``: ``runner.run_job`` with the Ray stages, so the same rows and file.
 
     ``job.options.workers`` caps concurrent decode tasks (default: one per cluster CPU); ``actors``
     sizes the model pool (default: one per GPU, else half the CPUs).
     """
-    card = load_card(job.model)  # fail on a bad bundle before starting anything
-    columns = job.options.columns(card)
-    writer = RowWriter(job.out, fmt=job.fmt, columns=columns,
-                       resume=job.resume, overwrite=job.overwrite)
-    exclude = [] if writer.to_stdout else [str(writer.out), str(writer.partial)]
-    files = list(_pending(scan(job.source, recursive=job.recursive, files_from=job.files_from, exclude=exclude),
-                          writer.done))
-    ray = _import_ray()
-    try:
-        started = connect(address)
-    except BatchclsError:
-        _abandon(writer)
-        raise
-    quiet_ray = _QuietRayData(ray, progress=not job.quiet and sys.stderr.isatty())
-    stop = StopRequested()
-    previous = stop.install()
-    summary = RunSummary()
-    start = time.perf_counter()
-    try:
-        for rows in _classify(ray, files, card, job, actors) if files else ():
-            writer.write(rows)
-            summary.add(rows)
-            stop.check()
-    except KeyboardInterrupt:
-        writer.close(complete=False)
-        raise Interrupted(writer.rows_written, "stdout" if writer.to_stdout else str(writer.partial)) from None
-    except BatchclsError:
-        _abandon(writer)
-        raise
-    except Exception as e:  # a Ray failure (actor died, task error): keep the rows so far, say so in one line
-        _abandon(writer)
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, BatchclsError):  # e.g. the actor could not load the model
-            raise cause from e
-        raise RayRunError(f"the Ray job failed after {writer.rows_written} rows ({first_line(e)}): "
-                             "fix the cause and rerun with --resume; --verbose shows the traceback") from e
-    finally:
-        stop.restore(previous)
-        quiet_ray.restore()
-        if started:
-            ray.shutdown()
-    writer.close(complete=True)
-    summary.seconds = time.perf_counter() - start
-    summary.skipped = len(writer.done)
-    return summary
+    return run_job(job, ray_stage(job, address=address, actors=actors))

@@ -1,16 +1,28 @@
-"""``batchcls run`` as a library call: a typed job config in, a summary out."""
+"""``batchcls run`` as a library call: a typed job config in, a summary out.
+
+``run_job`` is the one job loop of both runners: the output (lock, resume, provenance), the scan of
+what is left to do, the progress bar, Ctrl-C/SIGTERM at a batch boundary and the summary. What turns
+files into rows is a *stage*: the local pipeline here, or the Ray Data stages of ``ray_runner``.
+"""
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from batchcls.backends import load_backend
-from batchcls.card import load_card
+from batchcls.card import ModelCard, load_card
 from batchcls.output import RowWriter
-from batchcls.pipeline import Classifier, RunOptions, RunSummary, run
+from batchcls.pipeline import RunOptions, RunSummary
 from batchcls.progress import progress
 from batchcls.scan import InputFile, count, scan
 from batchcls.stopping import StopRequested
+
+Classify = Callable[[Iterable[InputFile]], Iterator[list[dict]]]
+"""Rows for the files, batch by batch, in input order."""
+
+Stage = Callable[[ModelCard], Classify]
+"""Makes the ``Classify`` for a model; called before the output is touched, so a model that cannot
+load (or an engine that cannot start) fails without creating or locking anything."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +48,19 @@ class Interrupted(Exception):
         super().__init__(f"interrupted after {rows} rows; they are kept in {partial}: rerun with --resume to finish")
 
 
+def local_stage(job: RunJob) -> Stage:
+    """The pipeline on this machine: decode workers, then the backend ``job`` names."""
+
+    def build(card: ModelCard) -> Classify:
+        from batchcls.backends import load_backend
+        from batchcls.pipeline import Classifier, classify
+
+        classifier = Classifier(card, load_backend(card, job.backend, device=job.device), tta=job.options.tta)
+        return lambda files: classify(files, classifier, job.options)
+
+    return build
+
+
 def _pending(files: Iterator[InputFile], done: set[str]) -> Iterator[InputFile]:
     """Skip files already written (resume) and repeats (a list naming a file twice): one row per file."""
     seen: set[str] = set()
@@ -46,41 +71,56 @@ def _pending(files: Iterator[InputFile], done: set[str]) -> Iterator[InputFile]:
         yield f
 
 
-def run_job(job: RunJob) -> RunSummary:
+def _abandon(writer: RowWriter) -> None:
+    """A failed run keeps its rows for --resume; one that wrote nothing leaves no stray OUT.partial behind."""
+    writer.close(complete=False)
+    if not writer.to_stdout and writer.rows_written == 0 and not writer.done:
+        writer.partial.unlink(missing_ok=True)
+
+
+def run_job(job: RunJob, stage: Stage | None = None) -> RunSummary:
+    """Classify ``job.source`` into ``job.out`` with ``stage`` (default: the local pipeline)."""
     card = load_card(job.model)
-    backend = load_backend(card, job.backend, device=job.device)
     columns = job.options.columns(card)
-    classifier = Classifier(card, backend, tta=job.options.tta)
-    writer = RowWriter(job.out, fmt=job.fmt, columns=columns,
-                       resume=job.resume, overwrite=job.overwrite)
+    classify_files = (stage or local_stage(job))(card)
+    writer = RowWriter(job.out, fmt=job.fmt, columns=columns, resume=job.resume, overwrite=job.overwrite)
     exclude = [] if writer.to_stdout else [str(writer.out), str(writer.partial)]
-    files = _pending(scan(job.source, recursive=job.recursive, files_from=job.files_from, exclude=exclude),
-                     writer.done)
+    try:
+        files = _pending(scan(job.source, recursive=job.recursive, files_from=job.files_from, exclude=exclude),
+                         writer.done)
+    except BaseException:
+        _abandon(writer)
+        raise
     # the total, for a percentage and an ETA: counted by a second walk while the first batches run
     bar = progress("classifying", quiet=job.quiet, count=lambda stop: count(
         job.source, recursive=job.recursive, files_from=job.files_from, exclude=exclude, skip=writer.done, stop=stop))
     stop = StopRequested()
     previous = stop.install()
-
-    def write(rows: list[dict]) -> None:
-        writer.write(rows)
-        if bar is not None:
-            bar.update(len(rows))
-        stop.check()  # after the batch is on disk: what was classified is kept
-
+    summary = RunSummary()
+    start = time.perf_counter()
+    batches = classify_files(files)
     try:
-        summary = run(files, classifier, write, job.options)
+        for rows in batches:
+            writer.write(rows)
+            summary.add(rows)
+            if bar is not None:
+                bar.update(len(rows))
+            stop.check()  # after the batch is on disk: what was classified is kept
     except KeyboardInterrupt:
         writer.close(complete=False)
         raise Interrupted(writer.rows_written, "stdout" if writer.to_stdout else str(writer.partial)) from None
-    except Exception:  # a run stopped by an error (GpuFailure: the GPU ran out of memory) resumes like a Ctrl-C'd one
-        writer.close(complete=False)
+    except BaseException:  # stopped by an error (a Ray failure, GpuFailure): rows so far are kept for --resume
+        _abandon(writer)
         raise
     finally:
+        close = getattr(batches, "close", None)
+        if close is not None:  # the stage's workers (or Ray session) end here, not at garbage collection
+            close()
         stop.restore(previous)
         if bar is not None:
             bar.close()
     writer.close(complete=True)
+    summary.seconds = time.perf_counter() - start
     summary.skipped = len(writer.done)
     return summary
 
@@ -89,4 +129,3 @@ def describe(summary: RunSummary, out: str) -> str:
     where = "" if out == "-" else f" -> {out}"
     return (f"classified {summary.files} files ({summary.errors} errors) in {summary.seconds:.1f}s, "
             f"{summary.images_per_s:.1f} images/s{where}")
-
