@@ -21,7 +21,7 @@ from batchcls.decode_stage import DecodedBatch, batched, image_stage, load_image
 from batchcls.errors import ModelError
 from batchcls.infer import Classifier, softmax
 from batchcls.machine import default_threads
-from batchcls.output import columns_for
+from batchcls.output.columns import columns_for
 from batchcls.presets import EvalPreset
 from batchcls.scan import InputFile
 

@@ -1,0 +1,223 @@
+"""``RowWriter``: rows appended as they are produced, the file finished atomically, resumed without duplicates.
+
+Rows go to ``OUT.partial`` (flushed per batch, so a crash loses at most the batches in flight) and the
+finished file is moved into place with ``os.replace``. One writer per output: ``.OUT.lock`` beside OUT
+is held (``fcntl.flock``) from before anything is renamed or deleted until the file is finished.
+Nothing is created until the first row (or the end of a run with no rows), so a command that fails at
+start leaves no file behind.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import weakref
+from collections.abc import Iterable
+from pathlib import Path
+from typing import BinaryIO
+
+from batchcls.errors import OutputError
+from batchcls.fsutil import FileLock, LockHeld, fsync_dir, lock_path
+from batchcls.output.formats import FORMATS, CsvFormat, ParquetFormat
+
+
+class RowWriter:
+    """Appends rows to OUT.partial and completes OUT on close(); '-' writes straight to stdout.
+
+    ``in_place=True`` is for a long-lived writer (the watch daemon): rows are appended to OUT
+    itself and fsynced per write, so OUT is always a valid file that readers can tail and the
+    ledger of what is done; there is no final rename. Parquet can't be appended, so it is refused.
+
+    The lock is taken in the constructor, before any file is touched, and held until ``close``
+    (or the process ends). Files are created at the first ``write`` (or at ``close(complete=True)``
+    of a run without rows); a write finds out when its file was deleted or replaced under it.
+    """
+
+    def __init__(self, out: str, *, fmt: str = "csv", columns: list[str], resume: bool = False,
+                 overwrite: bool = False, in_place: bool = False) -> None:
+        if fmt not in FORMATS:
+            raise OutputError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+        if fmt == "parquet":
+            try:
+                import pyarrow  # noqa: F401
+            except ImportError:
+                raise OutputError("--format parquet needs pyarrow: pip install 'batchcls[parquet]'") from None
+        self.format = FORMATS[fmt]
+        if in_place and self.format is ParquetFormat:
+            raise OutputError("parquet files can't be appended to in place: use csv or jsonl")
+        self.in_place = in_place
+        self.columns = columns
+        self.done: set[str] = set()
+        self.to_stdout = out == "-"
+        self.rows_written = 0
+        self.fh: BinaryIO | None = None  # unbuffered: a failed write leaves no bytes behind to flush later
+        if self.to_stdout:
+            if resume:
+                raise OutputError("--resume needs an output file, not stdout")
+            sys.stdout.write(self.format.header(columns))
+            return
+        self.out = Path(out)
+        self.partial = self.out.with_name(self.out.name + ".partial")
+        self.lock_file = lock_path(self.out)
+        if not self.out.parent.is_dir():
+            raise OutputError(f"output folder {self.out.parent} does not exist: create it first")
+        if not os.access(self.out.parent, os.W_OK):
+            raise OutputError(f"output folder {self.out.parent} is not writable: choose another --out")
+        self._lock = FileLock(self.lock_file)
+        # A writer dropped without close() (a command that failed early) still lets go of the lock and
+        # removes the lock file, at garbage collection or interpreter exit.
+        weakref.finalize(self, self._lock.release)
+        try:
+            self._lock.acquire()
+        except LockHeld as e:
+            raise OutputError(f"{self.out} is being written by another batchcls process (PID "
+                              f"{e.pid if e.pid is not None else 'unknown'}): wait for it to finish or stop it, "
+                              "or choose another --out") from None
+        except OSError as e:
+            raise OutputError(f"cannot lock {self.lock_file}: {e.strerror}: choose another --out") from None
+        try:
+            self._prepare(resume, overwrite)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    @property
+    def target(self) -> Path:
+        """The file rows are appended to."""
+        return self.out if self.in_place else self.partial
+
+    def _prepare(self, resume: bool, overwrite: bool) -> None:
+        existing = [p for p in (self.out, self.partial) if p.exists()]
+        if existing and not (resume or overwrite):
+            raise OutputError(f"{existing[0]} already exists: pass --resume to continue it or --overwrite to replace it")
+        self._clear = overwrite and not resume  # done at the first write: a failed start deletes nothing
+        self._continue_out = False  # a finished text OUT being resumed: its rows go on in OUT.partial
+        self._expect: os.stat_result | None = None  # the file whose rows are in self.done, as read
+        if resume:
+            self._load_previous()
+
+    def _load_previous(self) -> None:
+        """Repair what a crash left, then collect the paths already written."""
+        if self.in_place and self.partial.exists():
+            # An interrupted `batchcls run`'s OUT.partial simply becomes the ledger; both at once is ambiguous.
+            if self.out.exists():
+                raise OutputError(f"both {self.out} and {self.partial} exist: finish the interrupted run with "
+                                  "`batchcls run --resume` first, or choose another output")
+            os.replace(self.partial, self.out)
+        both = self.out.exists() and self.partial.exists()
+        if both and self.format is not ParquetFormat:
+            # Which one is current can't be known; merging could drop or repeat rows.
+            raise OutputError(f"both {self.out} and {self.partial} exist: keep the one you trust, "
+                              "remove the other, then --resume")
+        for p in (self.partial, self.out):
+            if not p.exists() or p.stat().st_size == 0:  # 0 bytes: a crash before the header
+                continue
+            if not (p == self.out and self.format is ParquetFormat):
+                # Before reading: a CSV row cut after its path field would otherwise count as done.
+                repair(p, self.format)
+            header, done = self.format.read_paths(p)
+            if header and header != self.columns:
+                raise OutputError(f"{p} has columns {header}, this run writes {self.columns}: "
+                                  "use the same --top-k/--threshold/--probs/--format, or a new --out")
+            self.done |= done
+        self._continue_out = not self.in_place and self.format is not ParquetFormat and self.out.exists()
+        kept = self.out if self._continue_out else self.target
+        self._expect = kept.stat() if kept.exists() else None
+
+    def _open(self) -> BinaryIO:
+        """Create (or continue) the file rows go to; called at the first write."""
+        try:
+            if self._expect is not None:
+                self._identity = self._expect
+                self._check_still_ours(self.out if self._continue_out else self.target)
+            if self._clear:
+                for p in (self.out, self.partial):
+                    p.unlink(missing_ok=True)
+            elif self._continue_out:
+                os.replace(self.out, self.partial)
+            fh = open(self.target, "ab", buffering=0)
+            self._identity = os.fstat(fh.fileno())
+            if self._identity.st_size == 0:
+                _write_all(fh, self.format.header(self.columns))
+        except OSError as e:
+            raise OutputError(f"cannot write {self.target}: {e.strerror}: free the space (or fix the cause), "
+                              "then run the same command again") from None
+        self._clear = self._continue_out = False
+        return fh
+
+    def _check_still_ours(self, path: Path | None = None) -> None:
+        """Rows written into a file someone deleted or replaced would be lost without a word: stop instead."""
+        path = path or self.target
+        try:
+            same = os.path.samestat(os.stat(path), self._identity)
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise OutputError(f"{path} was deleted or replaced while this process was writing it: "
+                              "stopping so no row is lost; restore it, or rerun with a new --out")
+
+    def write(self, rows: Iterable[dict]) -> None:
+        rows = list(rows)
+        if not rows:
+            return
+        if self.to_stdout:
+            sys.stdout.write(self.format.render(rows, self.columns))
+            sys.stdout.flush()
+            self.rows_written += len(rows)
+            return
+        if self.fh is None:
+            self.fh = self._open()
+        else:
+            self._check_still_ours()
+        try:
+            _write_all(self.fh, self.format.render(rows, self.columns))
+            if self.in_place:  # the daemon renames files after this: the rows must be on disk first
+                os.fsync(self.fh.fileno())
+        except OSError as e:
+            raise OutputError(f"cannot write {self.target}: {e.strerror}: free the space (or fix the cause), "
+                              "then rerun with --resume") from None
+        self.rows_written += len(rows)
+
+    def close(self, complete: bool = True) -> None:
+        """complete=False (interrupted) leaves OUT.partial in place for --resume; in place, OUT is already final."""
+        if self.to_stdout:
+            sys.stdout.flush()
+            return
+        if not self._lock.held:
+            return  # closed already
+        try:
+            if self.fh is None and complete:
+                self.fh = self._open()  # a run with no rows still ends with a (header-only) output
+            if self.fh is not None:
+                fh, self.fh = self.fh, None
+                try:
+                    os.fsync(fh.fileno())
+                finally:
+                    fh.close()
+            if not complete or self.in_place:
+                return
+            if self.format is ParquetFormat:
+                ParquetFormat.finalize(self.partial, self.out, self.columns)
+                self.partial.unlink()
+            else:
+                os.replace(self.partial, self.out)
+            fsync_dir(self.out.parent)
+        finally:
+            self._lock.release()
+
+
+def _write_all(fh: BinaryIO, text: str) -> None:
+    """All of ``text`` as UTF-8, or an OSError; a full disk leaves a prefix that ``repair`` cuts back."""
+    data = memoryview(text.encode("utf-8", "backslashreplace"))
+    while data:
+        data = data[fh.write(data):]
+
+
+def repair(path: Path, fmt: type = CsvFormat) -> None:
+    """Cut a crash's fragment (an incomplete last record) off ``path`` so the file is well-formed again."""
+    with open(path, "rb+") as fh:
+        data = fh.read()
+        end = fmt.cut(data, path)
+        if end != len(data):
+            fh.truncate(end)
+            fh.flush()
+            os.fsync(fh.fileno())
