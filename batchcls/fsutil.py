@@ -15,6 +15,7 @@ import hashlib
 import os
 import re
 import secrets
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -188,12 +189,18 @@ class LockHeld(Exception):
         self.path, self.pid = path, pid
 
 
+class NotALock(OSError):
+    """The lock file's name holds something batchcls never makes there (a symlink, a file with other names)."""
+
+
 class FileLock:
     """An exclusive, non-blocking ``fcntl.flock`` on a lock file that records the holder's PID.
 
     The kernel drops the lock when its holder dies (even by kill -9), so a stale file never blocks
     anyone. ``release`` removes the file while still holding the lock; ``acquire`` re-checks that the
-    name it locked is still the file on disk, so a remover and a newcomer can never both win.
+    name it locked is still the file on disk, so a remover and a newcomer can never both win. The name
+    is opened without following a symlink, and a file with other names (hard links) is refused, so
+    taking the lock can never truncate a file elsewhere.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -207,7 +214,17 @@ class FileLock:
 
     def acquire(self) -> None:
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise NotALock(errno.ELOOP, "a symbolic link", str(self.path)) from None
+                raise
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+                os.close(fd)
+                raise NotALock(errno.EEXIST, "a file with other names (hard links)" if stat.S_ISREG(st.st_mode)
+                               else "not a regular file", str(self.path))
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:

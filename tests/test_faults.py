@@ -338,3 +338,83 @@ def test_moves_stay_inside_move_to_and_folders_never_move(inbox, tmp_path, daemo
     assert list(elsewhere.iterdir()) == [] and (inbox / "a.jpg").is_file()  # refused, logged, kept
     assert (sorted_ / "green" / "b.jpg").is_file()
     assert (inbox / "proc").is_symlink() and list(failed.iterdir()) == []  # a link to a folder never moves
+
+
+# --- files that are not ours: planted links, foreign files under OUT's name ------------------------
+
+NOTES = b'my notes\n"quoted, open\nthird line\nfourth line\n'
+
+
+def _untouched(path: Path, data: bytes) -> None:
+    assert path.read_bytes() == data, f"{path} was changed"
+
+
+@pytest.mark.parametrize("how", ["symlink", "hardlink"])
+@pytest.mark.parametrize("command", ["run", "resume", "overwrite", "watch"])
+def test_a_planted_lock_is_refused_and_the_file_it_names_is_untouched(tmp_path, command, how):
+    images = tmp_path / "images"
+    make_tree(images, names=[b"a.jpg"], extras=False)
+    out, victim = tmp_path / "labels.csv", tmp_path / "victim.txt"
+    if command == "resume":
+        assert run_cli("run", images, "--out", out, "--workers", "0", "-q").returncode == 0
+    victim.write_bytes(NOTES)
+    lock = tmp_path / ".labels.csv.lock"
+    lock.symlink_to(victim) if how == "symlink" else os.link(victim, lock)
+    flags = {"run": [], "resume": ["--resume"], "overwrite": ["--overwrite"]}
+    if command == "watch":
+        r = run_cli("watch", images, "--out", out, timeout=120)
+    else:
+        r = run_cli("run", images, "--out", out, "--workers", "0", *flags[command])
+    assert r.returncode == 1 and "not a lock batchcls made" in _one_line(r.stderr), r.stderr
+    _untouched(victim, NOTES)
+
+
+@pytest.mark.parametrize("name, data", [
+    ("labels.csv", NOTES),  # a notes file under the output's name
+    ("labels.csv", b"path,label\nx.jpg,cat\ny.jpg,dog"),  # somebody's CSV without a final newline
+    ("labels.csv", b"path,label,confidence,status,error\r\nx.jpg,cat\r\n"),  # our header, then foreign rows
+    ("labels.jsonl", b'{"path": "x.jpg"}\n{"note": 1}'),
+    ("labels.jsonl", b"hello"),
+])
+@pytest.mark.parametrize("command", ["resume", "watch"])
+def test_resume_checks_before_it_repairs_and_leaves_a_foreign_file_whole(tmp_path, name, data, command):
+    images = tmp_path / "images"
+    make_tree(images, names=[b"a.jpg"], extras=False)
+    out = tmp_path / name
+    out.write_bytes(data)
+    fmt = ["--format", name.rpartition(".")[2]]
+    if command == "watch":
+        r = run_cli("watch", images, "--out", out, *fmt, timeout=120)
+    else:
+        r = run_cli("run", images, "--out", out, *fmt, "--workers", "0", "--resume")
+    assert r.returncode == 1, r.stderr
+    line = _one_line(r.stderr)
+    assert "is not a batchcls output" in line or "has columns" in line, line
+    _untouched(out, data)
+
+
+def test_a_symlinked_out_is_continued_only_when_it_names_a_batchcls_output(tmp_path):
+    images = tmp_path / "images"
+    make_tree(images, names=[b"a.jpg", b"b.jpg"], extras=False)
+    real, out, victim = tmp_path / "real.csv", tmp_path / "labels.csv", tmp_path / "victim.txt"
+    victim.write_bytes(NOTES)
+    out.symlink_to(victim)
+    r = run_cli("run", images, "--out", out, "--workers", "0", "--resume")
+    assert r.returncode == 1 and "is a symbolic link to" in _one_line(r.stderr)
+    _untouched(victim, NOTES)
+    out.unlink()
+    partial = tmp_path / "labels.csv.partial"
+    partial.symlink_to(victim)  # a run (no --resume) would append to it; --resume must not repair it
+    for extra in ([], ["--resume"]):
+        r = run_cli("run", images, "--out", out, "--workers", "0", *extra)
+        assert r.returncode == 1, r.stderr
+        _one_line(r.stderr)
+        _untouched(victim, NOTES)
+    partial.unlink()
+    (images / "b.jpg").rename(tmp_path / "b.jpg")
+    assert run_cli("run", images, "--out", real, "--workers", "0", "-q").returncode == 0
+    (tmp_path / "b.jpg").rename(images / "b.jpg")
+    out.symlink_to(real)  # a link to our own output: --resume continues that file
+    r = run_cli("run", images, "--out", out, "--workers", "0", "--resume")
+    assert r.returncode == 0 and "classified 1 files" in r.stderr.decode(), r.stderr
+    assert out.is_symlink() and check_output(real, {"a.jpg", "b.jpg"}) == []

@@ -36,6 +36,20 @@ def _csv_line(cells: list[str]) -> str:
     return buf.getvalue()
 
 
+def not_ours(path: Path, why: str) -> OutputError:
+    return OutputError(f"{path} is not a batchcls output ({why}): it was left as it is; "
+                       "choose another --out, or --overwrite to replace it")
+
+
+def _check_header(header: list[str], columns: list[str], path: Path) -> None:
+    if header == columns:
+        return
+    if "path" not in header:
+        raise not_ours(path, "no 'path' column")
+    raise OutputError(f"{path} has columns {header}, this run writes {columns}: "
+                      "use the same --top-k/--threshold/--probs/--format, or a new --out")
+
+
 class CsvFormat:
     suffix = ".csv"
     cut = staticmethod(csv_cut)
@@ -48,14 +62,29 @@ class CsvFormat:
     def render(rows: list[dict], columns: list[str]) -> str:
         return "".join(_csv_line([_csv_cell(c, r.get(c)) for c in columns]) for r in rows)
 
+
     @staticmethod
-    def read_paths(path: Path) -> tuple[list[str], set[str]]:
-        records = csv_records(path.read_bytes(), path)
-        header = next(records, ([], 0))[0]
-        if "path" not in header:
-            raise OutputError(f"{path} has no 'path' column: it is not a batchcls output")
-        i = header.index("path")
-        return header, {decode_name(unescape_cell(rec[i])) for rec, _ in records if len(rec) > i}
+    def check(data: bytes, path: Path, columns: list[str]) -> tuple[set[str], int]:
+        """The paths ``data`` holds and where its last complete row ends, if it is provably a batchcls CSV
+        with ``columns``: the header exactly, every complete row as wide with a status. Reads only."""
+        header = _csv_line(columns).encode()
+        if header.startswith(data):
+            return set(), 0  # nothing, or a crash inside the header
+        records = csv_records(data, path)
+        first = next(records, None)
+        if first is None:
+            raise not_ours(path, "no header line")
+        _check_header(first[0], columns, path)
+        done, end, status = set(), first[1], columns.index("status")
+        for n, (record, record_end) in enumerate(records, 2):
+            if len(record) != len(columns) or record[status] not in ("ok", "error"):
+                raise not_ours(path, f"record {n} does not fit its header")
+            done.add(decode_name(unescape_cell(record[0])))
+            end = record_end
+        return done, end
+
+
+_JSONL_START = b'{"path": '  # every row JsonlFormat writes starts so: path is always the first column
 
 
 class JsonlFormat:
@@ -71,14 +100,28 @@ class JsonlFormat:
         return "".join(json.dumps({c: _json_value(c, r.get(c)) for c in columns}, ensure_ascii=False) + "\n"
                        for r in rows)
 
+
     @staticmethod
-    def read_paths(path: Path) -> tuple[list[str], set[str]]:
-        header: list[str] = []
+    def check(data: bytes, path: Path, columns: list[str]) -> tuple[set[str], int]:
+        """As ``CsvFormat.check``: every complete line a JSON object with exactly ``columns``, and what
+        follows the last newline the start of such a line. Reads only."""
+        end = jsonl_cut(data, path)
+        tail = data[end:]
+        if not (tail.startswith(_JSONL_START) or _JSONL_START.startswith(tail)):
+            raise not_ours(path, "its last line is not a row")
         done: set[str] = set()
-        for row in jsonl_rows(path.read_bytes()):
-            header = header or list(row)
+        for n, line in enumerate(data[:end].split(b"\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.decode("utf-8", "surrogateescape"))
+            except ValueError:
+                raise not_ours(path, f"line {n} is not JSON") from None
+            if not isinstance(row, dict) or not isinstance(row.get("path"), str):
+                raise not_ours(path, f"line {n} is not a row with a path")
+            _check_header(list(row), columns, path)
             done.add(decode_name(row["path"]))
-        return header, done
+        return done, end
 
 
 def _arrow_schema(columns: list[str]):
@@ -96,13 +139,21 @@ class ParquetFormat(JsonlFormat):
 
     suffix = ".parquet"
 
+
     @staticmethod
-    def read_paths(path: Path) -> tuple[list[str], set[str]]:
-        if path.suffix == ".partial":
-            return JsonlFormat.read_paths(path)
+    def check_finished(path: Path, columns: list[str]) -> set[str]:
+        """The paths of a finished Parquet OUT, if it is one with ``columns``."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
-        table = pq.read_table(path, columns=["path"])
-        return pq.read_schema(path).names, {decode_name(p) for p in table.column("path").to_pylist()}
+
+        try:
+            names = pq.read_schema(path).names
+            if "path" in names:
+                paths = pq.read_table(path, columns=["path"]).column("path").to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise not_ours(path, f"not a Parquet file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        _check_header(names, columns, path)
+        return {decode_name(p) for p in paths}
 
     @staticmethod
     def finalize(partial: Path, out: Path, columns: list[str]) -> None:

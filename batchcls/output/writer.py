@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from batchcls.errors import OutputError
-from batchcls.fsutil import FileLock, LockHeld, fsync_dir, lock_path
+from batchcls.fsutil import FileLock, LockHeld, NotALock, fsync_dir, lock_path
 from batchcls.output.formats import FORMATS, CsvFormat, ParquetFormat
 
 
@@ -56,6 +56,8 @@ class RowWriter:
             sys.stdout.write(self.format.header(columns))
             return
         self.out = Path(out)
+        if resume and self.out.is_symlink():
+            self.out = self._follow(self.out)
         self.partial = self.out.with_name(self.out.name + ".partial")
         self.lock_file = lock_path(self.out)
         if not self.out.parent.is_dir():
@@ -72,6 +74,9 @@ class RowWriter:
             raise OutputError(f"{self.out} is being written by another batchcls process (PID "
                               f"{e.pid if e.pid is not None else 'unknown'}): wait for it to finish or stop it, "
                               "or choose another --out") from None
+        except NotALock as e:
+            raise OutputError(f"{self.lock_file} is {e.strerror}, not a lock batchcls made; it was left as it is: "
+                              "remove it, then run again") from None
         except OSError as e:
             raise OutputError(f"cannot lock {self.lock_file}: {e.strerror}: choose another --out") from None
         try:
@@ -85,8 +90,29 @@ class RowWriter:
         """The file rows are appended to."""
         return self.out if self.in_place else self.partial
 
+    def _follow(self, link: Path) -> Path:
+        """A resumed OUT that is a symlink: continue the file it names, if that is a batchcls output."""
+        target = Path(os.path.realpath(link))
+        try:
+            if not target.is_file():
+                raise OutputError("not a file")
+            self._inspect(target, finished=True)
+        except OutputError:
+            raise OutputError(f"{link} is a symbolic link to {target}, which is not a batchcls output with this "
+                              "run's columns: nothing was changed; remove the link or choose another --out") from None
+        return target
+
+    def _inspect(self, path: Path, *, finished: bool) -> tuple[set[str], bytes | None, int]:
+        """The paths in ``path``, its bytes and where its last complete row ends; OutputError, with the file
+        untouched, unless it is provably a batchcls output with this run's columns."""
+        if finished and self.format is ParquetFormat:  # OUT.partial of a Parquet run is JSON lines
+            return ParquetFormat.check_finished(path, self.columns), None, 0
+        data = _read_nofollow(path)
+        done, end = self.format.check(data, path, self.columns)
+        return done, data, end
+
     def _prepare(self, resume: bool, overwrite: bool) -> None:
-        existing = [p for p in (self.out, self.partial) if p.exists()]
+        existing = [p for p in (self.out, self.partial) if os.path.lexists(p)]
         if existing and not (resume or overwrite):
             raise OutputError(f"{existing[0]} already exists: pass --resume to continue it or --overwrite to replace it")
         self._clear = overwrite and not resume  # done at the first write: a failed start deletes nothing
@@ -96,29 +122,30 @@ class RowWriter:
             self._load_previous()
 
     def _load_previous(self) -> None:
-        """Repair what a crash left, then collect the paths already written."""
-        if self.in_place and self.partial.exists():
+        """Check that what is there is ours, then cut what a crash left and collect the paths already written.
+
+        Nothing is changed before every file has passed its check: a file that is refused is left whole.
+        """
+        if self.partial.is_symlink():
+            raise OutputError(f"{self.partial} is a symbolic link, which batchcls never makes: nothing was changed; "
+                              "remove it, then --resume")
+        out, partial = os.path.lexists(self.out), os.path.lexists(self.partial)
+        if self.in_place and out and partial:
             # An interrupted `batchcls run`'s OUT.partial simply becomes the ledger; both at once is ambiguous.
-            if self.out.exists():
-                raise OutputError(f"both {self.out} and {self.partial} exist: finish the interrupted run with "
-                                  "`batchcls run --resume` first, or choose another output")
-            os.replace(self.partial, self.out)
-        both = self.out.exists() and self.partial.exists()
-        if both and self.format is not ParquetFormat:
+            raise OutputError(f"both {self.out} and {self.partial} exist: finish the interrupted run with "
+                              "`batchcls run --resume` first, or choose another output")
+        if out and partial and self.format is not ParquetFormat:
             # Which one is current can't be known; merging could drop or repeat rows.
             raise OutputError(f"both {self.out} and {self.partial} exist: keep the one you trust, "
                               "remove the other, then --resume")
-        for p in (self.partial, self.out):
-            if not p.exists() or p.stat().st_size == 0:  # 0 bytes: a crash before the header
-                continue
-            if not (p == self.out and self.format is ParquetFormat):
-                # Before reading: a CSV row cut after its path field would otherwise count as done.
-                repair(p, self.format)
-            header, done = self.format.read_paths(p)
-            if header and header != self.columns:
-                raise OutputError(f"{p} has columns {header}, this run writes {self.columns}: "
-                                  "use the same --top-k/--threshold/--probs/--format, or a new --out")
+        found = [(p, *self._inspect(p, finished=p == self.out)) for p in (self.partial, self.out) if os.path.lexists(p)]
+        for p, done, data, end in found:
+            if data is not None and end != len(data):
+                # Before reading on: a CSV row cut after its path field would otherwise count as done.
+                _truncate(p, len(data), end)
             self.done |= done
+        if self.in_place and partial:
+            os.replace(self.partial, self.out)
         self._continue_out = not self.in_place and self.format is not ParquetFormat and self.out.exists()
         kept = self.out if self._continue_out else self.target
         self._expect = kept.stat() if kept.exists() else None
@@ -134,7 +161,9 @@ class RowWriter:
                     p.unlink(missing_ok=True)
             elif self._continue_out:
                 os.replace(self.out, self.partial)
-            fh = open(self.target, "ab", buffering=0)
+            # Never through a symlink someone put at this name: that would append to a file elsewhere.
+            fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+            fh = open(fd, "ab", buffering=0)
             self._identity = os.fstat(fh.fileno())
             if self._identity.st_size == 0:
                 _write_all(fh, self.format.header(self.columns))
@@ -212,12 +241,30 @@ def _write_all(fh: BinaryIO, text: str) -> None:
         data = data[fh.write(data):]
 
 
+def _read_nofollow(path: Path) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise OutputError(f"cannot read {path}: {e.strerror}: choose another --out") from None
+    with open(fd, "rb") as fh:
+        return fh.read()
+
+
+def _truncate(path: Path, size: int, end: int) -> None:
+    """Cut ``path`` (checked to be ours, ``size`` bytes when read) back to ``end``."""
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if os.fstat(fd).st_size != size:
+            raise OutputError(f"{path} changed while it was being checked: stop the other writer, then --resume")
+        os.ftruncate(fd, end)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def repair(path: Path, fmt: type = CsvFormat) -> None:
-    """Cut a crash's fragment (an incomplete last record) off ``path`` so the file is well-formed again."""
-    with open(path, "rb+") as fh:
-        data = fh.read()
-        end = fmt.cut(data, path)
-        if end != len(data):
-            fh.truncate(end)
-            fh.flush()
-            os.fsync(fh.fileno())
+    """Cut a crash's fragment (an incomplete last record) off ``path``, a file known to be a batchcls output."""
+    data = _read_nofollow(path)
+    end = fmt.cut(data, path)
+    if end != len(data):
+        _truncate(path, len(data), end)
