@@ -179,7 +179,7 @@ def run(source, out, model, backend, device, files_from, recursive, fmt, batch_s
 
     Example: batchcls run ./images --out labels.csv --top-k 3
     """
-    from batchcls.runner import Interrupted, RunJob, describe, run_job
+    from batchcls.runner import Interrupted, RunJob, describe, run_job, warnings
 
     options = RunOptions(batch_size=batch_size, workers=workers, top_k=top_k, threshold=threshold, probs=probs,
                          max_pixels=max_pixels, gpu_decode=not cpu_decode, tta=tta)
@@ -201,6 +201,8 @@ def run(source, out, model, backend, device, files_from, recursive, fmt, batch_s
     except Interrupted as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(EXIT_INTERRUPTED)
+    for line in warnings(summary):
+        click.echo(line, err=True)
     if not quiet:
         click.echo(describe(summary, out), err=True)
     if strict and summary.errors:

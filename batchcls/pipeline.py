@@ -10,9 +10,11 @@ calls the same stages (``decode_stage``, ``infer``) batch by batch. Each stage h
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from batchcls.backends import Backend
 from batchcls.card import ModelCard
@@ -39,6 +41,7 @@ class RunSummary:
     errors: int = 0
     seconds: float = 0.0
     skipped: int = 0  # already in the output of a resumed run
+    changed: list[str] = field(default_factory=list)  # of those, files changed since their row was written
     labels: dict[str, int] = field(default_factory=dict)
 
     def add(self, rows: list[dict]) -> None:
@@ -54,6 +57,9 @@ class RunSummary:
         return self.files / self.seconds if self.seconds > 0 else 0.0
 
 
+ROW_NEUTRAL = ("batch_size", "workers")  # how fast rows come, not what they say
+
+
 @dataclass(frozen=True)
 class RunOptions:
     batch_size: int | None = None  # None: CPU_BATCH, or GPU_BATCH on a GPU backend (see batch())
@@ -64,6 +70,14 @@ class RunOptions:
     gpu_decode: bool = True  # GPU backends decode JPEGs with nvJPEG; False: Pillow, the CPU path's exact pixels
     probs: bool = False  # every class's probability in the rows (prob_<class>)
     tta: str | None = None  # "flip": average each image with its mirror (2x the inference)
+
+    def row_settings(self) -> dict[str, Any]:
+        """The options that shape rows, which a resumed output must have been written with: every field but
+        ROW_NEUTRAL, so a field added later counts without being listed here."""
+        settings = dataclasses.asdict(self)
+        for name in ROW_NEUTRAL:
+            del settings[name]
+        return settings
 
     def batch(self, gpu: bool = False) -> int:
         return self.batch_size or (GPU_BATCH if gpu else CPU_BATCH)

@@ -6,12 +6,13 @@ files into rows is a *stage*: the local pipeline here, or the Ray Data stages of
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from batchcls.card import ModelCard, load_card
-from batchcls.output import RowWriter
+from batchcls.output import Provenance, RowWriter
 from batchcls.pipeline import RunOptions, RunSummary
 from batchcls.progress import progress
 from batchcls.scan import InputFile, count, scan
@@ -61,14 +62,31 @@ def local_stage(job: RunJob) -> Stage:
     return build
 
 
-def _pending(files: Iterator[InputFile], done: set[str]) -> Iterator[InputFile]:
-    """Skip files already written (resume) and repeats (a list naming a file twice): one row per file."""
+def _pending(files: Iterator[InputFile], done: set[str], *, written_ns: int | None = None,
+             changed: list[str] | None = None) -> Iterator[InputFile]:
+    """Skip files already written (resume) and repeats (a list naming a file twice): one row per file.
+
+    A skipped file modified or replaced after the output was last written (its mtime or ctime is later)
+    is listed in ``changed``: its row is kept (one row per file) and the run says so.
+    """
     seen: set[str] = set()
     for f in files:
-        if f.rel in done or f.rel in seen:
+        if f.rel in seen:
             continue
         seen.add(f.rel)
+        if f.rel in done:
+            if written_ns is not None and changed is not None and _changed_since(f.path, written_ns):
+                changed.append(f.rel)
+            continue
         yield f
+
+
+def _changed_since(path: str, ns: int) -> bool:
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):  # gone, unreadable, a URI: nothing to compare
+        return False
+    return max(st.st_mtime_ns, st.st_ctime_ns) > ns
 
 
 def _abandon(writer: RowWriter) -> None:
@@ -83,11 +101,14 @@ def run_job(job: RunJob, stage: Stage | None = None) -> RunSummary:
     card = load_card(job.model)
     columns = job.options.columns(card)
     classify_files = (stage or local_stage(job))(card)
-    writer = RowWriter(job.out, fmt=job.fmt, columns=columns, resume=job.resume, overwrite=job.overwrite)
+    provenance = Provenance.of(card, job.options, source=job.source, files_from=job.files_from)
+    writer = RowWriter(job.out, fmt=job.fmt, columns=columns, resume=job.resume, overwrite=job.overwrite,
+                       provenance=provenance)
     exclude = [] if writer.to_stdout else [str(writer.out), str(writer.partial)]
+    summary = RunSummary()
     try:
         files = _pending(scan(job.source, recursive=job.recursive, files_from=job.files_from, exclude=exclude),
-                         writer.done)
+                         writer.done, written_ns=writer.last_written_ns, changed=summary.changed)
     except BaseException:
         _abandon(writer)
         raise
@@ -96,7 +117,6 @@ def run_job(job: RunJob, stage: Stage | None = None) -> RunSummary:
         job.source, recursive=job.recursive, files_from=job.files_from, exclude=exclude, skip=writer.done, stop=stop))
     stop = StopRequested()
     previous = stop.install()
-    summary = RunSummary()
     start = time.perf_counter()
     batches = classify_files(files)
     try:
@@ -123,6 +143,15 @@ def run_job(job: RunJob, stage: Stage | None = None) -> RunSummary:
     summary.seconds = time.perf_counter() - start
     summary.skipped = len(writer.done)
     return summary
+
+
+def warnings(summary: RunSummary) -> list[str]:
+    """What the user should know although the run succeeded (shown even with --quiet)."""
+    if not summary.changed:
+        return []
+    n = len(summary.changed)
+    return [f"warning: {n} file{'s' if n > 1 else ''} changed since {'their rows were' if n > 1 else 'its row was'} "
+            f"written (e.g. {summary.changed[0]!r}); the old rows were kept: rerun with --overwrite to relabel"]
 
 
 def describe(summary: RunSummary, out: str) -> str:

@@ -257,8 +257,20 @@ def _source(path: str) -> tuple[str, bool, str]:
     return path, False, os.path.join(os.path.realpath(parent or "."), name)
 
 
+def key_root(sources: Source | Sequence[Source]) -> str:
+    """The real folder that ``scan(sources)`` keys rows relative to: the folder, a file's folder, or the
+    common parent of several (what a resumed output's rows must have been keyed against)."""
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    return _base([_source(os.fspath(s)) for s in sources])
+
+
+def _base(roots: list[tuple[str, bool, str]]) -> str:
+    return os.path.commonpath([real if is_dir else os.path.dirname(real) for _, is_dir, real in roots])
+
+
 def _several(roots: list[tuple[str, bool, str]], recursive: bool, exclude: frozenset[str]) -> Iterator[InputFile]:
-    base = os.path.commonpath([real if is_dir else os.path.dirname(real) for _, is_dir, real in roots])
+    base = _base(roots)
     files_seen: set[tuple] = set()
     folders: dict[str, tuple[int, int] | None] = {}
     for path, is_dir, real in roots:

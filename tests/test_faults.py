@@ -418,3 +418,74 @@ def test_a_symlinked_out_is_continued_only_when_it_names_a_batchcls_output(tmp_p
     r = run_cli("run", images, "--out", out, "--workers", "0", "--resume")
     assert r.returncode == 0 and "classified 1 files" in r.stderr.decode(), r.stderr
     assert out.is_symlink() and check_output(real, {"a.jpg", "b.jpg"}) == []
+
+
+# --- an output knows what produced it --------------------------------------------------------------
+
+def _two_folders(tmp_path: Path) -> tuple[Path, Path]:
+    first, second = tmp_path / "first", tmp_path / "second"
+    make_tree(first, names=[b"a.jpg", b"b.jpg"], extras=False)
+    make_tree(second, names=[b"b.jpg", b"a.jpg", b"c.jpg"], extras=False)  # same names, other pictures
+    return first, second
+
+
+@pytest.mark.parametrize("change, what", [
+    ("model", "model sha256"),
+    ("folder", "input"),
+    ("threshold", "threshold 0.5, now 0.6"),
+    ("tta", "tta None, now flip"),
+    ("format", "--format csv, now jsonl"),
+    ("watch-model", "model sha256"),
+])
+def test_a_resume_by_another_run_is_refused_naming_what_differs(tmp_path, colour_bundle, change, what):
+    first, second = _two_folders(tmp_path)
+    out = tmp_path / "labels.csv"
+    base = ["--threshold", "0.5"] if change == "threshold" else []
+    assert run_cli("run", first, "--out", out, "--workers", "0", "-q", *base).returncode == 0
+    before = out.read_bytes()
+    if change == "watch-model":
+        r = run_cli("watch", first, "--out", out, "--model", colour_bundle, timeout=120)
+    else:
+        args = {"model": [first, "--model", colour_bundle], "folder": [second],
+                "threshold": [first, "--threshold", "0.6"], "tta": [first, "--tta", "flip"],
+                "format": [first, "--format", "jsonl"]}[change]
+        r = run_cli("run", *args, "--out", out, "--workers", "0", "--resume")
+    line = _one_line(r.stderr)
+    assert r.returncode == 1 and "written by another run" in line and what in line and "--overwrite" in line, line
+    _untouched(out, before)
+
+
+def test_an_output_without_provenance_resumes_and_gets_it(tmp_path):
+    from batchcls.output import meta_path
+
+    first, _ = _two_folders(tmp_path)
+    out = tmp_path / "labels.csv"
+    assert run_cli("run", first, "--out", out, "--workers", "0", "-q").returncode == 0
+    meta = meta_path(out)
+    recorded = json.loads(meta.read_text())
+    assert recorded["model_sha256"] == json.loads((SHIPPED / "card.json").read_text())["onnx_sha256"]
+    assert recorded["input"] == str(first.resolve()) and recorded["format"] == "csv"
+    assert "batch_size" not in recorded["options"] and recorded["options"]["top_k"] == 1
+    meta.unlink()  # as an output written before provenance was recorded
+    (first / "c.jpg").write_bytes(tiny_jpeg(7))
+    r = run_cli("run", first, "--out", out, "--workers", "0", "--resume")
+    assert r.returncode == 0 and "classified 1 files" in r.stderr.decode(), r.stderr
+    assert json.loads(meta.read_text()) == recorded
+    assert check_output(out, {"a.jpg", "b.jpg", "c.jpg"}) == []
+
+
+def test_a_file_changed_since_its_row_is_reported_on_resume(tmp_path):
+    first, _ = _two_folders(tmp_path)
+    out = tmp_path / "labels.csv"
+    assert run_cli("run", first, "--out", out, "--workers", "0", "-q").returncode == 0
+    (first / "a.jpg").write_bytes(tiny_jpeg(9))  # replaced after its row was written
+    r = run_cli("run", first, "--out", out, "--workers", "0", "--resume", "-q")
+    err = r.stderr.decode()
+    assert r.returncode == 0 and "1 file changed since its row was written (e.g. 'a.jpg')" in err, err
+    assert "--overwrite" in err and check_output(out, {"a.jpg", "b.jpg"}) == []
+    r = run_cli("run", first, "--out", out, "--workers", "0", "--resume", "-q")
+    assert "1 file changed" in r.stderr.decode()  # its row is still the old file's: said again
+    assert run_cli("run", first, "--out", out, "--workers", "0", "--overwrite", "-q").returncode == 0
+    r = run_cli("run", first, "--out", out, "--workers", "0", "--resume", "-q")
+    assert r.returncode == 0 and r.stderr == b"", r.stderr  # relabelled: nothing to say
+

@@ -18,6 +18,7 @@ from typing import BinaryIO
 from batchcls.errors import OutputError
 from batchcls.fsutil import FileLock, LockHeld, NotALock, fsync_dir, lock_path
 from batchcls.output.formats import FORMATS, CsvFormat, ParquetFormat
+from batchcls.output.provenance import Provenance, check_meta, write_meta
 
 
 class RowWriter:
@@ -33,7 +34,7 @@ class RowWriter:
     """
 
     def __init__(self, out: str, *, fmt: str = "csv", columns: list[str], resume: bool = False,
-                 overwrite: bool = False, in_place: bool = False) -> None:
+                 overwrite: bool = False, in_place: bool = False, provenance: Provenance | None = None) -> None:
         if fmt not in FORMATS:
             raise OutputError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
         if fmt == "parquet":
@@ -46,6 +47,9 @@ class RowWriter:
             raise OutputError("parquet files can't be appended to in place: use csv or jsonl")
         self.in_place = in_place
         self.columns = columns
+        self.fmt = fmt
+        self.provenance = provenance
+        self.last_written_ns: int | None = None  # a resumed output's last write (mtime), as found
         self.done: set[str] = set()
         self.to_stdout = out == "-"
         self.rows_written = 0
@@ -138,7 +142,11 @@ class RowWriter:
             # Which one is current can't be known; merging could drop or repeat rows.
             raise OutputError(f"both {self.out} and {self.partial} exist: keep the one you trust, "
                               "remove the other, then --resume")
+        if self.provenance is not None and (out or partial):
+            check_meta(self.out, self.provenance, self.columns, self.fmt)
         found = [(p, *self._inspect(p, finished=p == self.out)) for p in (self.partial, self.out) if os.path.lexists(p)]
+        if found:
+            self.last_written_ns = max(os.stat(p).st_mtime_ns for p, *_ in found)
         for p, done, data, end in found:
             if data is not None and end != len(data):
                 # Before reading on: a CSV row cut after its path field would otherwise count as done.
@@ -161,6 +169,8 @@ class RowWriter:
                     p.unlink(missing_ok=True)
             elif self._continue_out:
                 os.replace(self.out, self.partial)
+            if self.provenance is not None:  # before the rows: an output on disk always says what made it
+                write_meta(self.out, self.provenance, self.columns, self.fmt)
             # Never through a symlink someone put at this name: that would append to a file elsewhere.
             fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
             fh = open(fd, "ab", buffering=0)

@@ -29,6 +29,7 @@ from batchcls.decode_stage import DecodedBatch, DecodeStage, Job, image_stage
 from batchcls.errors import InputError, OutputError
 from batchcls.infer import Classifier
 from batchcls.machine import default_threads
+from batchcls.output import Provenance
 from batchcls.scan import InputFile, scan_dir
 from batchcls.stopping import StopRequested
 from batchcls.watch.arrivals import Arrivals, Scope
@@ -82,7 +83,9 @@ class Watcher:
             card = load_card(cfg.model)
             self.classifier = Classifier(card, load_backend(card, cfg.backend, device=cfg.device),
                                          tta=cfg.options.tta)
-        self.ledger = Ledger(cfg.out, fmt=cfg.fmt, columns=cfg.options.columns(self.classifier.card))
+        card = self.classifier.card
+        provenance = Provenance.of(card, cfg.options, source=cfg.folder)
+        self.ledger = Ledger(cfg.out, fmt=cfg.fmt, columns=cfg.options.columns(card), provenance=provenance)
         self.scope = Scope(self.root, recursive=cfg.recursive, excluded_files=self.ledger.files,
                            excluded_dirs=[str(p) for p in self.mover.folders])
         workers = default_threads() if cfg.options.workers is None else cfg.options.workers

@@ -16,13 +16,13 @@ import os
 from pathlib import Path
 
 from batchcls.fsutil import atomic_write
-from batchcls.output import RowWriter, read_rows
+from batchcls.output import Provenance, RowWriter, read_rows
 from batchcls.scan import InputFile
 
 
 class Ledger:
-    def __init__(self, out: str, *, fmt: str, columns: list[str]) -> None:
-        self.writer = RowWriter(out, fmt=fmt, columns=columns, resume=True, in_place=True)
+    def __init__(self, out: str, *, fmt: str, columns: list[str], provenance: Provenance | None = None) -> None:
+        self.writer = RowWriter(out, fmt=fmt, columns=columns, resume=True, in_place=True, provenance=provenance)
         self.out = self.writer.out
         self.done: set[str] = self.writer.done  # relative paths already labelled
         self.journal = self.out.with_name(f".{self.out.name}.moving")
