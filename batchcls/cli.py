@@ -17,9 +17,9 @@ import click
 
 from batchcls.backends import BACKENDS
 from batchcls.decode import DEFAULT_MAX_PIXELS
-from batchcls.errors import BatchclsError, InputError
+from batchcls.errors import BatchclsError, InputError, OutputError
 from batchcls.infer import TTA_MODES
-from batchcls.output import FORMATS
+from batchcls.output import FORMATS, output_format
 from batchcls.pipeline import CPU_BATCH, GPU_BATCH, RunOptions
 from batchcls.report import THUMB_SIZE
 from batchcls.watch.config import WATCH_FORMATS, WatchConfig
@@ -143,9 +143,18 @@ def recursive_option(help: str) -> Callable[[F], F]:
     return click.option("--recursive/--no-recursive", default=True, show_default=True, help=help)
 
 
-def format_option(choices: Iterable[str], help: str) -> Callable[[F], F]:
-    return click.option("--format", "fmt", type=click.Choice(list(choices)), default="csv", show_default=True,
-                        help=help)
+def format_option(choices: Iterable[str], help: str, *, stdout: bool = False) -> Callable[[F], F]:
+    suffixes = ", ".join(FORMATS[c].suffix for c in choices)
+    return click.option("--format", "fmt", type=click.Choice(list(choices)), default=None,
+                        help=f"{help} Default: from --out's extension ({suffixes}){'; csv for -' if stdout else ''}.")
+
+
+def _output_format(out: str, fmt: str | None, *, resume: bool) -> str:
+    """--format, or the one --out's extension names; what can't work as asked is wrong usage (exit 2)."""
+    try:
+        return output_format(out, fmt, resume=resume)
+    except OutputError as e:
+        raise click.UsageError(str(e)) from None
 
 
 def quiet_option(help: str) -> Callable[[F], F]:
@@ -158,7 +167,7 @@ def quiet_option(help: str) -> Callable[[F], F]:
 @model_options
 @click.option("--files-from", type=click.Path(allow_dash=True), help="Read paths to classify, one per line ('-' = stdin).")
 @recursive_option("Descend into sub-folders.")
-@format_option(FORMATS, "Output format.")
+@format_option(FORMATS, "Output format.", stdout=True)
 @batch_options
 @click.option("--cpu-decode", is_flag=True, help="With a GPU backend, decode with Pillow instead of nvJPEG: slower, but the CPU path's exact pixels (nvJPEG moves confidences by up to ~0.06).")
 @row_options
@@ -181,6 +190,7 @@ def run(source, out, model, backend, device, files_from, recursive, fmt, batch_s
     """
     from batchcls.runner import Interrupted, RunJob, describe, run_job, warnings
 
+    fmt = _output_format(out, fmt, resume=resume)
     options = RunOptions(batch_size=batch_size, workers=workers, top_k=top_k, threshold=threshold, probs=probs,
                          max_pixels=max_pixels, gpu_decode=not cpu_decode, tta=tta)
     job = RunJob(source=source or None, out=out, model=model, backend=backend, device=device, recursive=recursive,
@@ -313,6 +323,7 @@ def watch(folder, out, model, backend, device, fmt, polling, stable_seconds, bat
     from batchcls.watch import watch as watch_folder
 
     log_to_stderr(quiet)
+    fmt = _output_format(out, fmt, resume=True)  # the ledger is always continued
     options = RunOptions(batch_size=batch_size, workers=workers, top_k=top_k, threshold=threshold, tta=tta)
     watch_folder(WatchConfig(folder=folder, out=out, model=model, backend=backend, device=device, fmt=fmt,
                              recursive=recursive, polling=polling, stable_s=stable_seconds, max_wait_s=max_wait,

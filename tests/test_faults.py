@@ -489,3 +489,59 @@ def test_a_file_changed_since_its_row_is_reported_on_resume(tmp_path):
     r = run_cli("run", first, "--out", out, "--workers", "0", "--resume", "-q")
     assert r.returncode == 0 and r.stderr == b"", r.stderr  # relabelled: nothing to say
 
+
+# --- --out and --format: inferred, or wrong usage in one line ----------------------------------------
+
+def _usage_error(r: subprocess.CompletedProcess) -> str:
+    """Exit 2 (wrong usage), click's usage block, no traceback; returns the error line."""
+    text = r.stderr.decode(errors="replace")
+    assert r.returncode == 2 and "Traceback" not in text, (r.returncode, text)
+    return [line for line in text.splitlines() if line.startswith("Error:")][0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", ""], "--out is empty"),
+    (["--out", "-", "--format", "parquet"], "parquet can't be streamed to stdout"),
+    (["--out", "-", "--resume"], "needs a file, not stdout"),
+    (["--out", "{tmp}/labels.txt"], "name it *.csv, *.jsonl, *.parquet, or pass --format"),
+])
+def test_an_output_that_cannot_work_is_wrong_usage_in_one_line(tmp_path, args, message):
+    images = tmp_path / "images"
+    make_tree(images, names=[b"a.jpg"], extras=False)
+    r = run_cli("run", images, *[a.format(tmp=tmp_path) for a in args], "--workers", "0")
+    assert message in _usage_error(r) and r.stdout == b""  # nothing streamed in another format
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+
+
+def test_the_format_comes_from_the_extension(tmp_path):
+    pytest.importorskip("pyarrow")
+    images = tmp_path / "images"
+    expected = make_tree(images, names=HOSTILE[:3], extras=False)
+    for fmt in ("csv", "jsonl", "parquet"):
+        out = tmp_path / f"labels.{fmt}"
+        r = run_cli("run", images, "--out", out, "--workers", "0", "-q")
+        assert r.returncode == 0, r.stderr
+        assert check_output(out, expected, fmt) == [], fmt
+    assert (tmp_path / "labels.parquet").read_bytes()[:4] == b"PAR1"
+    assert (tmp_path / "labels.jsonl").read_bytes().startswith(b'{"path": ')
+    out = tmp_path / "labels.data"  # any name, with --format
+    assert run_cli("run", images, "--out", out, "--format", "jsonl", "--workers", "0", "-q").returncode == 0
+    assert out.read_bytes().startswith(b'{"path": ')
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_a_resume_in_another_format_is_one_line_and_leaves_the_file(tmp_path, fmt):
+    from batchcls.output import meta_path
+
+    if fmt == "parquet":
+        pytest.importorskip("pyarrow")
+    images = tmp_path / "images"
+    make_tree(images, names=[b"a.jpg"], extras=False)
+    out = tmp_path / "labels.csv"
+    assert run_cli("run", images, "--out", out, "--workers", "0", "-q").returncode == 0
+    meta_path(out).unlink()  # an output from before provenance: its bytes are the only witness
+    before = out.read_bytes()
+    r = run_cli("run", images, "--out", out, "--format", fmt, "--workers", "0", "--resume")
+    line = _one_line(r.stderr)
+    assert r.returncode == 1 and "is not a batchcls output" in line, line
+    _untouched(out, before)

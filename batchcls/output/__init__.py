@@ -6,7 +6,7 @@ cells), ``records`` (reading bytes back as records, finding a crash's cut), ``fo
 ``OUT.partial``, the lock, resume). Everything public is importable from ``batchcls.output``.
 """
 from batchcls.output.columns import BASE_COLUMNS, TEXT_COLUMNS, columns_for
-from batchcls.output.formats import FORMATS, CsvFormat, JsonlFormat, ParquetFormat, read_rows
+from batchcls.output.formats import FORMATS, CsvFormat, JsonlFormat, ParquetFormat, output_format, read_rows
 from batchcls.output.names import decode_name, encode_name, escape_cell, unescape_cell
 from batchcls.output.provenance import Provenance, meta_path
 from batchcls.output.records import csv_records
@@ -14,4 +14,4 @@ from batchcls.output.writer import RowWriter, repair
 
 __all__ = ["BASE_COLUMNS", "FORMATS", "TEXT_COLUMNS", "CsvFormat", "JsonlFormat", "ParquetFormat", "Provenance",
            "RowWriter", "columns_for", "csv_records", "decode_name", "encode_name", "escape_cell", "meta_path",
-           "read_rows", "repair", "unescape_cell"]
+           "output_format", "read_rows", "repair", "unescape_cell"]

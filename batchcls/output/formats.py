@@ -173,6 +173,31 @@ class ParquetFormat(JsonlFormat):
 
 
 FORMATS = {"csv": CsvFormat, "jsonl": JsonlFormat, "parquet": ParquetFormat}
+STDOUT = "-"
+
+
+def output_format(out: str, fmt: str | None = None, *, resume: bool = False) -> str:
+    """The format ``out`` is written in: ``fmt`` when given, else the one its extension names; an output
+    that cannot work as asked is an OutputError, one line (the CLI reports it as wrong usage)."""
+    if not out:
+        raise OutputError("--out is empty: name a file (labels.csv, labels.jsonl, labels.parquet) or '-' for stdout")
+    if fmt is not None and fmt not in FORMATS:
+        raise OutputError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if out == STDOUT:
+        if resume:
+            raise OutputError("--resume (and watch, which always continues its --out) needs a file, not stdout ('-')")
+        if fmt == "parquet":
+            raise OutputError("parquet can't be streamed to stdout: name a .parquet file with --out, "
+                              "or stream csv or jsonl")
+        return fmt or "csv"
+    if fmt is not None:
+        return fmt
+    by_suffix = {cls.suffix: name for name, cls in FORMATS.items()}
+    suffix = Path(out).suffix.lower()
+    if suffix not in by_suffix:
+        raise OutputError(f"cannot tell the format of --out {out} from its extension: name it "
+                          f"{', '.join('*' + s for s in by_suffix)}, or pass --format")
+    return by_suffix[suffix]
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:

@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 from batchcls.errors import OutputError
 from batchcls.fsutil import FileLock, LockHeld, NotALock, fsync_dir, lock_path
-from batchcls.output.formats import FORMATS, CsvFormat, ParquetFormat
+from batchcls.output.formats import FORMATS, STDOUT, CsvFormat, ParquetFormat, output_format
 from batchcls.output.provenance import Provenance, check_meta, write_meta
 
 
@@ -35,8 +35,8 @@ class RowWriter:
 
     def __init__(self, out: str, *, fmt: str = "csv", columns: list[str], resume: bool = False,
                  overwrite: bool = False, in_place: bool = False, provenance: Provenance | None = None) -> None:
-        if fmt not in FORMATS:
-            raise OutputError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+        # The CLI's rules (stdout takes neither parquet nor --resume) hold for API callers too.
+        fmt = output_format(out, fmt, resume=resume)
         if fmt == "parquet":
             try:
                 import pyarrow  # noqa: F401
@@ -51,12 +51,10 @@ class RowWriter:
         self.provenance = provenance
         self.last_written_ns: int | None = None  # a resumed output's last write (mtime), as found
         self.done: set[str] = set()
-        self.to_stdout = out == "-"
+        self.to_stdout = out == STDOUT
         self.rows_written = 0
         self.fh: BinaryIO | None = None  # unbuffered: a failed write leaves no bytes behind to flush later
         if self.to_stdout:
-            if resume:
-                raise OutputError("--resume needs an output file, not stdout")
             sys.stdout.write(self.format.header(columns))
             return
         self.out = Path(out)
