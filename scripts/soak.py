@@ -5,7 +5,8 @@ daemon with --move-to while files arrive, then a restart), a torn last row
 (a finished output cut at a random byte, as a crash mid-write leaves it, then --resume), a full disk (a
 tiny tmpfs, then more room and --resume; skipped where mounting is not allowed), a second writer (run,
 --resume, --overwrite, a watch daemon) while a run holds the output, a hostile tree, a tampered bundle,
-and rows that point outside --images. Survived means: every input file has exactly one row, csv,
+rows that point outside --images, planted lock links, foreign files under OUT's name and resumes by
+another model, folder or option set. Survived means: every input file has exactly one row, csv,
 pandas and read_rows all parse the output, and every refusal was one line naming what to do.
 
     python scripts/soak.py --rounds 20 --seed 16
@@ -195,6 +196,48 @@ def outside_rows(work: Path, tally: Tally) -> None:
     tally.record("rows pointing outside --images", problems, f"{len(bad)} rows")
 
 
+def not_ours(work: Path, tally: Tally) -> None:
+    """A planted lock (symlink or hard link to a file), a foreign file under OUT's name, an output written
+    by another run: each refused in one line, and the file involved left byte for byte as it was."""
+    images = work / "small"
+    make_tree(images, names=[b"a.jpg", b"b.jpg"], extras=False)
+    notes = b'my notes\n"quoted, open\nthird line\nfourth line\n'
+    for i, (command, how) in enumerate((c, h) for c in ("run", "resume", "overwrite", "watch")
+                                       for h in ("symlink", "hardlink")):
+        out, victim = work / f"planted{i}.csv", work / f"victim{i}.txt"
+        if command == "resume":
+            run_cli("run", images, "--out", out, "--workers", "0", "-q")
+        victim.write_bytes(notes)
+        lock = out.with_name(f".{out.name}.lock")
+        lock.symlink_to(victim) if how == "symlink" else os.link(victim, lock)
+        flags = {"run": [], "resume": ["--resume"], "overwrite": ["--overwrite"]}.get(command)
+        r = (run_cli("watch", images, "--out", out, timeout=120) if flags is None
+             else run_cli("run", images, "--out", out, "--workers", "0", *flags))
+        problems = _one_line(r, "not a lock batchcls made")
+        tally.record("planted lock", problems + ([] if victim.read_bytes() == notes else ["its target changed"]),
+                     f"{command} {how}")
+    foreign = [("csv", notes), ("csv", b"path,label\nx.jpg,cat\ny.jpg,dog"),
+               ("csv", b"path,label,confidence,status,error\r\nx.jpg,cat\r\n"), ("jsonl", b"hello"),
+               ("jsonl", b'{"path": "x.jpg"}\n{"note": 1}')]
+    for i, (fmt, data) in enumerate(foreign):
+        out = work / f"foreign{i}.{fmt}"
+        out.write_bytes(data)
+        r = run_cli("run", images, "--out", out, "--workers", "0", "--resume")
+        problems = _one_line(r, "")
+        tally.record("foreign file resumed", problems + ([] if out.read_bytes() == data else ["it was changed"]),
+                     repr(data[:20]))
+    other = work / "other"
+    make_tree(other, names=[b"b.jpg", b"a.jpg"], extras=False)
+    for i, change in enumerate([[other], [images, "--tta", "flip"], [images, "--threshold", "0.3"],
+                                [images, "--format", "jsonl"]]):
+        out = work / f"producer{i}.csv"
+        run_cli("run", images, "--out", out, "--workers", "0", "-q")
+        before = out.read_bytes()
+        r = run_cli("run", *change, "--out", out, "--workers", "0", "--resume")
+        problems = _one_line(r, "written by another run") + ([] if out.read_bytes() == before else ["it was changed"])
+        tally.record("resume by another run", problems, " ".join(map(str, change[1:])) or "another folder")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=20, help="kill -9 faults (torn rows: half as many per format)")
@@ -215,6 +258,7 @@ def main() -> int:
         hostile_tree(work, tally)
         tampered_bundles(work, tree, tally)
         outside_rows(work, tally)
+        not_ours(work, tally)
     total = sum(tally.counts.values())
     survived = sum(n for (_, ok), n in tally.counts.items() if ok)
     for kind in tally.kinds():
