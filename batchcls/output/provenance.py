@@ -23,13 +23,12 @@ from batchcls.fsutil import atomic_write
 from batchcls.scan import key_root
 
 META_VERSION = 1
-FILES_FROM = "--files-from"  # a list's rows are keyed by the paths it names, wherever it is run from
 
 
 @dataclass(frozen=True)
 class Provenance:
     model_sha256: str
-    input: str  # the real folder the rows' paths are relative to (scan.key_root), or FILES_FROM
+    input: str  # the real folder the rows' relative paths are relative to (a list's: the current folder)
     options: dict[str, Any]  # the options that shape rows (RunOptions.row_settings())
     # For an option a recorded output predates: its rows were made with the default of today.
     option_defaults: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -39,7 +38,8 @@ class Provenance:
            files_from: str | None = None) -> Provenance:
         """The provenance of rows ``card`` makes from ``source`` (folders and files, or a list) with
         ``options``, a ``pipeline.RunOptions`` (anything with ``row_settings()`` whose class builds its defaults)."""
-        where = FILES_FROM if files_from is not None or not source else key_root(source)
+        # A list's relative lines are keyed as spelled, so relative to the current folder, like a folder's files.
+        where = os.path.realpath(".") if files_from is not None or not source else key_root(source)
         return cls(model_sha256(card), where, _plain(options.row_settings()),
                    _plain(type(options)().row_settings()))
 
