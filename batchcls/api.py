@@ -69,24 +69,31 @@ class Model:
 
     @overload
     def predict(self, items: Sequence[Item], *, top_k: int = ..., threshold: float | None = ...,
-                probs: bool = ..., max_pixels: int = ...) -> list[Row]: ...
+                probs: bool = ..., open_set: bool = ..., open_set_cut: float | None = ...,
+                embeddings: bool = ..., max_pixels: int = ...) -> list[Row]: ...
 
     @overload
     def predict(self, items: Item, *, top_k: int = ..., threshold: float | None = ...,
-                probs: bool = ..., max_pixels: int = ...) -> Row: ...
+                probs: bool = ..., open_set: bool = ..., open_set_cut: float | None = ...,
+                embeddings: bool = ..., max_pixels: int = ...) -> Row: ...
 
     def predict(self, items: Item | Sequence[Item], *, top_k: int = 1, threshold: float | None = None,
-                probs: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> Row | list[Row]:
+                probs: bool = False, open_set: bool = True, open_set_cut: float | None = None,
+                embeddings: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> Row | list[Row]:
         """Classify one item (-> one dict) or a list/tuple of items (-> one dict per item, in order).
 
         Each dict has the keys of the CSV ``batchcls run`` writes with the same options: ``label_2``,
         ``confidence_2``, ... with ``top_k``; ``model_label`` with ``threshold`` (rows under it are
-        labelled "unknown"); ``prob_<class>`` for every class with ``probs``. ``path`` is the path as
+        labelled "unknown"); ``prob_<class>`` for every class with ``probs``; with ``open_set`` (the default,
+        when the bundle has the decision) ``known_score`` and ``model_label``, and "unknown" for an image that
+        shows none of the classes (``open_set_cut`` moves the cut); with ``embeddings`` an ``embedding`` key
+        holds the penultimate-layer vector (float32 numpy array; None on error rows). ``path`` is the path as
         given, "" for an in-memory item. A path or encoded bytes gives exactly the CLI's row for that
         file (JPEGs are draft-decoded as the CLI does); a PIL image is used at the size it has.
         """
-        options = _options(top_k, threshold, probs, max_pixels)
-        columns = options.columns(self.card)  # refuses a top_k past the class count before any work
+        options = _options(top_k, threshold, probs, max_pixels, open_set=open_set, open_set_cut=open_set_cut,
+                           embeddings=embeddings)
+        columns = options.columns(self.card) + (["embedding"] if embeddings else [])  # refuses a top_k past the class count before any work
         single = not isinstance(items, (list, tuple))
         batch = [items] if single else list(items)
         rows: list[Row | None] = [None] * len(batch)
@@ -98,22 +105,24 @@ class Model:
         for start in range(0, len(in_memory), options.batch()):
             chunk = in_memory[start:start + options.batch()]
             decoded = self._decode([batch[i] for i in chunk], max_pixels)
-            for i, row in zip(chunk, self._classifier.rows(decoded, top_k=top_k, threshold=threshold, probs=probs)):
+            for i, row in zip(chunk, self._classifier.rows(decoded, **options.row_args())):
                 rows[i] = row
-        out = [{c: r.get(c, None if c.startswith(("confidence", "prob_")) else "") for c in columns}
+        out = [{c: r.get(c, None if c.startswith(("confidence", "prob_", "known_score", "embedding")) else "") for c in columns}
                for r in rows if r is not None]
         assert len(out) == len(batch), "one row per item"
         return out[0] if single else out
 
     def predict_folder(self, folder: str | os.PathLike, *, recursive: bool = True, top_k: int = 1,
-                       threshold: float | None = None, probs: bool = False, workers: int | None = None,
+                       threshold: float | None = None, probs: bool = False, open_set: bool = True,
+                       open_set_cut: float | None = None, embeddings: bool = False, workers: int | None = None,
                        max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Row]:
         """Every file under ``folder``, as ``batchcls run FOLDER`` lists and classifies it: the same rows
         (``path`` relative to the folder), decoded in ``workers`` processes (None: one per core).
 
         ``pandas.DataFrame(model.predict_folder(...))`` makes it a table.
         """
-        options = _options(top_k, threshold, probs, max_pixels, workers=workers)
+        options = _options(top_k, threshold, probs, max_pixels, workers=workers, open_set=open_set,
+                           open_set_cut=open_set_cut, embeddings=embeddings)
         options.columns(self.card)  # refuses a top_k past the class count before any work
         return [row for rows in classify(scan(folder, recursive=recursive), self._classifier, options)
                 for row in rows]
@@ -135,13 +144,16 @@ class Model:
         return DecodedBatch([InputFile("", "")] * len(items), stack, errors)
 
 
-def _options(top_k: int, threshold: float | None, probs: bool, max_pixels: int,
-             workers: int | None = None) -> RunOptions:
+def _options(top_k: int, threshold: float | None, probs: bool, max_pixels: int, workers: int | None = None,
+             *, open_set: bool = True, open_set_cut: float | None = None, embeddings: bool = False) -> RunOptions:
     if not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be an integer >= 1, not {top_k!r}")
     if threshold is not None and not 0 <= threshold <= 1:
         raise ValueError(f"threshold must be between 0 and 1, not {threshold!r}")
-    return RunOptions(top_k=top_k, threshold=threshold, probs=probs, max_pixels=max_pixels, workers=workers)
+    if open_set_cut is not None and not 0 <= open_set_cut <= 1:
+        raise ValueError(f"open_set_cut must be between 0 and 1, not {open_set_cut!r}")
+    return RunOptions(top_k=top_k, threshold=threshold, probs=probs, max_pixels=max_pixels, workers=workers,
+                      open_set=open_set, open_set_cut=open_set_cut, embeddings=embeddings)
 
 
 def _to_image(item: object, min_side: int, max_pixels: int) -> Image.Image:

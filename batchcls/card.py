@@ -40,6 +40,7 @@ class ModelCard:
     onnx_sha256: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    openset: dict[str, Any] = field(default_factory=dict)  # the "none of these" decision (batchcls.openset)
     bundle_dir: Path | None = field(default=None, compare=False)
 
     @property
@@ -110,7 +111,7 @@ def _problems(data: dict[str, Any]) -> list[str]:
         out.append(f"temperature must be a number > 0, not {t!r}")
     if not isinstance(data.get("onnx_sha256", ""), str):
         out.append("onnx_sha256 must be a string")
-    for key in ("metrics", "training"):
+    for key in ("metrics", "training", "openset"):
         if not isinstance(data.get(key, {}), dict):
             out.append(f"{key} must be a JSON object")
     return out

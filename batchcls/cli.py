@@ -135,8 +135,16 @@ top_k_option = click.option("--top-k", type=click.IntRange(1, 100), default=1, s
 threshold_option = click.option("--threshold", type=click.FloatRange(0, 1), default=None,
                                 help="Label rows below this confidence as 'unknown'; the model's own top label stays "
                                      "in a model_label column.")
+open_set_options = options(
+    click.option("--open-set/--no-open-set", default=True, show_default=True,
+                 help="Label images that show none of the model's classes 'unknown' (known_score and model_label "
+                      "columns); --no-open-set gives the plain top class."),
+    click.option("--open-set-cut", type=click.FloatRange(0, 1), default=None,
+                 help="Move the open-set operating point: 'unknown' below this known_score (0-1: the share of real "
+                      "validation frames scoring lower). Default: the model card's cut."),
+)
 # What each row holds, for the commands that write rows (run, watch): the home of any further row setting.
-row_options = options(top_k_option, threshold_option, tta_option)
+row_options = options(top_k_option, threshold_option, tta_option, open_set_options)
 
 
 def recursive_option(help: str) -> Callable[[F], F]:
@@ -172,6 +180,7 @@ def quiet_option(help: str) -> Callable[[F], F]:
 @click.option("--cpu-decode", is_flag=True, help="With a GPU backend, decode with Pillow instead of nvJPEG: slower, but the CPU path's exact pixels (nvJPEG moves confidences by up to ~0.06).")
 @row_options
 @click.option("--probs", is_flag=True, help="Also write every class's probability (prob_<class> columns), e.g. for cleanlab or FiftyOne.")
+@click.option("--embeddings", type=click.Path(dir_okay=False), default=None, help="Also write each ok row's penultimate-layer vector to this .npy file (float16, row order; paths in FILE.paths.jsonl beside it).")
 @click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS, show_default=True, help="Refuse an image whose decoded bytes pass this many 8-bit RGB pixels (3 bytes each; alpha and 16-bit count more); above Pillow's own limit it raises that too.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted (or earlier) run, skipping files already in --out.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
@@ -180,7 +189,8 @@ def quiet_option(help: str) -> Callable[[F], F]:
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="Run here, or on Ray Data across a cluster (needs the ray extra).")
 @click.option("--address", default=None, help="With --engine ray: 'auto' or 'ray://HEAD:10001'. Default: $RAY_ADDRESS, else Ray on this machine.")
 def run(source, out, model, backend, device, files_from, recursive, fmt, batch_size, workers, cpu_decode, top_k,
-        threshold, tta, probs, max_pixels, resume, overwrite, strict, quiet, engine, address) -> None:
+        threshold, tta, open_set, open_set_cut, probs, embeddings, max_pixels, resume, overwrite, strict, quiet,
+        engine, address) -> None:
     """Classify every image in each SOURCE (folders and files, e.g. a shell glob) and write one row per file.
 
     Rows follow the order of the SOURCEs; a file named twice gets one row. The path column is relative to
@@ -192,9 +202,13 @@ def run(source, out, model, backend, device, files_from, recursive, fmt, batch_s
 
     fmt = _output_format(out, fmt, resume=resume)
     options = RunOptions(batch_size=batch_size, workers=workers, top_k=top_k, threshold=threshold, probs=probs,
-                         max_pixels=max_pixels, gpu_decode=not cpu_decode, tta=tta)
+                         max_pixels=max_pixels, gpu_decode=not cpu_decode, tta=tta, open_set=open_set,
+                         open_set_cut=open_set_cut, embeddings=bool(embeddings))
+    if embeddings and engine == "ray":
+        raise click.UsageError("--embeddings runs with --engine local only")
     job = RunJob(source=source or None, out=out, model=model, backend=backend, device=device, recursive=recursive,
-                 files_from=files_from, fmt=fmt, resume=resume, overwrite=overwrite, quiet=quiet, options=options)
+                 files_from=files_from, fmt=fmt, resume=resume, overwrite=overwrite, quiet=quiet, options=options,
+                 embeddings=embeddings)
     if address and engine != "ray":
         raise click.UsageError("--address only applies with --engine ray")
     if source and files_from:
@@ -252,8 +266,10 @@ def info(model, as_json) -> None:
 @click.option("--top-k", type=click.IntRange(1, 100), default=1, show_default=True,
               help="Also report top-K accuracy: the true class among the K most probable (e.g. 5).")
 @tta_option
+@open_set_options
 @quiet_option("No progress bar.")
-def evaluate(labelled_dir, labels, model, backend, device, batch_size, workers, top_k, tta, quiet) -> None:
+def evaluate(labelled_dir, labels, model, backend, device, batch_size, workers, top_k, tta, open_set, open_set_cut,
+             quiet) -> None:
     """Score a model on LABELLED_DIR/<class>/* (or a flat folder and --labels CSV): accuracy, F1, per-class table.
 
     Example: batchcls eval samples/simpsons --top-k 5
@@ -261,7 +277,8 @@ def evaluate(labelled_dir, labels, model, backend, device, batch_size, workers, 
     from batchcls.evaluate import evaluate_folder, format_report
 
     report = evaluate_folder(labelled_dir, model=model, backend=backend, device=device, labels=labels, quiet=quiet,
-                             options=RunOptions(batch_size=batch_size, workers=workers, top_k=top_k, tta=tta))
+                             options=RunOptions(batch_size=batch_size, workers=workers, top_k=top_k, tta=tta,
+                                                open_set=open_set, open_set_cut=open_set_cut))
     click.echo(format_report(report))
 
 
@@ -314,7 +331,7 @@ def engine_build(model, target, fp16, max_batch, val_dir, calib_dir, calib_image
 @row_options
 @quiet_option("Log warnings only, not one line per batch.")
 def watch(folder, out, model, backend, device, fmt, polling, stable_seconds, batch_size, workers, max_wait, move_to,
-          errors_to, recursive, top_k, threshold, tta, quiet) -> None:
+          errors_to, recursive, top_k, threshold, tta, open_set, open_set_cut, quiet) -> None:
     """Label images as they arrive in FOLDER until SIGINT/SIGTERM; a restart catches up first.
 
     Example: batchcls watch ./inbox --out labels.csv --move-to ./sorted
@@ -324,7 +341,8 @@ def watch(folder, out, model, backend, device, fmt, polling, stable_seconds, bat
 
     log_to_stderr(quiet)
     fmt = _output_format(out, fmt, resume=True)  # the ledger is always continued
-    options = RunOptions(batch_size=batch_size, workers=workers, top_k=top_k, threshold=threshold, tta=tta)
+    options = RunOptions(batch_size=batch_size, workers=workers, top_k=top_k, threshold=threshold, tta=tta,
+                         open_set=open_set, open_set_cut=open_set_cut)
     watch_folder(WatchConfig(folder=folder, out=out, model=model, backend=backend, device=device, fmt=fmt,
                              recursive=recursive, polling=polling, stable_s=stable_seconds, max_wait_s=max_wait,
                              move_to=move_to, errors_to=errors_to, options=options))

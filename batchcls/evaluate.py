@@ -15,7 +15,7 @@ from batchcls.backends import load_backend
 from batchcls.card import load_card
 from batchcls.errors import InputError
 from batchcls.fsutil import confined
-from batchcls.infer import Classifier
+from batchcls.infer import UNKNOWN_LABEL, Classifier
 from batchcls.metrics import REVIEW_THRESHOLDS, f1_table
 from batchcls.pipeline import RunOptions, classify
 from batchcls.progress import progress
@@ -34,6 +34,7 @@ class EvalReport:
     unknown_classes: list[str] = field(default_factory=list)
     top_k: int = 1
     top_k_accuracy: float | None = None  # the true class among the K most probable (top_k > 1 only)
+    open_set: dict | None = None  # unknown_rate, coverage, selective_accuracy, cut (None: decision off)
 
 
 def labels_from_csv(root: str | os.PathLike, labels: str | os.PathLike) -> list[tuple[InputFile, str]]:
@@ -76,7 +77,8 @@ def evaluate_folder(root: str | os.PathLike, *, model: str | None = None, backen
     """
     card = load_card(model)
     options.columns(card)  # a --top-k past the class count is refused here, as in run
-    classifier = Classifier(card, load_backend(card, backend, device=device), tta=options.tta)
+    classifier = Classifier(card, load_backend(card, backend, device=device), tta=options.tta,
+                            open_set=options.open_set)
     pairs = labels_from_csv(root, labels) if labels is not None else labelled_files(root)
     truth = dict((f.rel, label) for f, label in pairs)
     y_true, y_pred, conf, in_top_k = [], [], [], []
@@ -90,7 +92,7 @@ def evaluate_folder(root: str | os.PathLike, *, model: str | None = None, backen
                 errors += not ok
                 y_pred.append(r["label"] if ok else "<error>")
                 conf.append(r["confidence"] if ok else 0.0)
-                top = [r["label"]] + [r.get(f"label_{k}") for k in range(2, options.top_k + 1)]
+                top = [r.get("model_label") or r["label"]] + [r.get(f"label_{k}") for k in range(2, options.top_k + 1)]
                 in_top_k.append(ok and y_true[-1] in top)
             if bar is not None:
                 bar.update(len(rows))
@@ -99,14 +101,22 @@ def evaluate_folder(root: str | os.PathLike, *, model: str | None = None, backen
             bar.close()
     macro, micro, per_class = f1_table(y_true, y_pred)
     t, p, c = np.asarray(y_true, object), np.asarray(y_pred, object), np.asarray(conf, float)
+    open_set = None
+    if classifier.open_set is not None:
+        unknown = p == UNKNOWN_LABEL
+        kept = ~unknown & (p != "<error>")
+        open_set = {"cut": options.open_set_cut if options.open_set_cut is not None else classifier.open_set.cut,
+                    "unknown_rate": float(unknown.mean()) if len(p) else 0.0,
+                    "coverage": float(kept.mean()) if len(p) else 0.0,
+                    "selective_accuracy": float((t[kept] == p[kept]).mean()) if kept.any() else float("nan")}
     coverage = []
     for th in REVIEW_THRESHOLDS:
         kept = c >= th
         coverage.append({"threshold": th, "coverage": float(kept.mean()),
                          "accuracy": float((t[kept] == p[kept]).mean()) if kept.any() else float("nan")})
     return EvalReport(n=len(y_true), errors=errors, accuracy=micro, macro_f1=macro, micro_f1=micro,
-                      per_class=per_class, coverage=coverage,
-                      unknown_classes=sorted(set(y_true) - set(card.classes)), top_k=options.top_k,
+                      per_class=per_class, coverage=coverage, open_set=open_set,
+                      unknown_classes=sorted(set(y_true) - set(card.classes) - {UNKNOWN_LABEL}), top_k=options.top_k,
                       top_k_accuracy=float(np.mean(in_top_k)) if options.top_k > 1 and in_top_k else None)
 
 
@@ -114,6 +124,10 @@ def format_report(r: EvalReport) -> str:
     top_k = f"  top-{r.top_k} accuracy: {r.top_k_accuracy:.4f}" if r.top_k_accuracy is not None else ""
     lines = [f"images: {r.n}  errors: {r.errors}",
              f"accuracy: {r.accuracy:.4f}{top_k}  macro-F1: {r.macro_f1:.4f}  micro-F1: {r.micro_f1:.4f}"]
+    if r.open_set is not None:
+        lines.append(f"open set (cut {r.open_set['cut']:.4f}): unknown {r.open_set['unknown_rate']:.4f}  "
+                     f"coverage {r.open_set['coverage']:.4f}  accuracy on kept rows {r.open_set['selective_accuracy']:.4f}"
+                     "  (an 'unknown' on a known class counts as wrong above)")
     if r.unknown_classes:
         lines.append(f"classes the model does not know (always wrong): {', '.join(r.unknown_classes)}")
     lines += ["", f"{'label':32} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>8}"]

@@ -26,7 +26,7 @@ from batchcls.decode import DEFAULT_MAX_PIXELS
 from batchcls.decode_stage import DecodedBatch, DecodeStage, decode_one
 from batchcls.errors import GpuFailure, ModelError
 from batchcls.gpu_read import ReadBatch, failed_read, read_batch
-from batchcls.infer import Classifier, mean_of_views, softmax
+from batchcls.infer import Classifier, Outputs, mean_of_views, softmax
 from batchcls.presets import EvalPreset
 from batchcls.scan import InputFile
 
@@ -162,59 +162,64 @@ def decode_halving(blobs: list, decode: Callable[[list], list], device: torch.de
 class GpuClassifier(Classifier):
     """A Classifier whose batches are device tensors: normalize and infer without leaving the GPU."""
 
-    def launch(self, images: torch.Tensor) -> Callable[[], np.ndarray]:
-        """Queue the batch on the GPU now; the returned callable waits for it and gives probabilities.
+    def launch(self, images: torch.Tensor) -> Callable[[], Outputs]:
+        """Queue the batch on the GPU now; the returned callable waits for it and gives its Outputs (with the
+        features the open-set decision reads, when the bundle has one).
 
         A failure of this batch alone is raised again by the callable (``rows`` makes error rows of it);
         out-of-memory or a CUDA error state raises ``GpuFailure`` at once or from the callable.
         """
         if len(images) == 0:
-            return lambda: np.empty((0, self.card.num_classes), np.float32)
+            return lambda: self.outputs(np.empty((0, 1, 1, 3), np.uint8))
         device = images.device
         views = 2 if self.tta == "flip" else 1
+        want = self.open_set is not None and hasattr(self.backend, "embed_images")
         try:
             if views == 2:
                 images = torch.cat([images, images.flip(3)])  # NCHW: the mirror flips W
-            logits = self.backend.infer_images(images)  # type: ignore[attr-defined]  # async: no sync here
+            if want:  # async: no sync here
+                logits, feats = self.backend.embed_images(images)  # type: ignore[attr-defined]
+            else:
+                logits, feats = self.backend.infer_images(images), None  # type: ignore[attr-defined]
         except Exception as e:
             raise_gpu_failure(e, device)
             error = e
 
-            def fail() -> np.ndarray:
+            def fail() -> Outputs:
                 raise error
             return fail
 
-        def collect() -> np.ndarray:
+        def collect() -> Outputs:
             try:
-                host = logits.cpu().numpy()
+                z = logits.float().cpu().numpy()
+                f = None if feats is None else mean_of_views(feats.float().cpu().numpy(), views)
             except Exception as e:  # an asynchronous CUDA error surfaces at the copy back
                 raise_gpu_failure(e, device)
                 raise
-            return mean_of_views(softmax(host, self.card.temperature), views)
+            return Outputs(mean_of_views(softmax(z, self.card.temperature), views), mean_of_views(z, views), f)
         return collect
 
     def probabilities(self, images: torch.Tensor) -> np.ndarray:  # type: ignore[override]
-        return self.launch(images)()
+        return self.launch(images)().probs
 
 
-def _rows(classifier: GpuClassifier, batch: DecodedBatch, collect: Callable[[], np.ndarray], **kw) -> list[dict]:
+def _rows(classifier: GpuClassifier, batch: DecodedBatch, collect: Callable[[], Outputs], **kw) -> list[dict]:
     """Rows of a launched batch; a GpuFailure leaves here instead of becoming the batch's error rows."""
     try:
-        probs = collect()
+        outputs = collect()
     except GpuFailure:
         raise
     except Exception as e:  # this batch's own failure: rows() writes it into the batch's rows
         error = e
 
-        def fail() -> np.ndarray:
+        def fail() -> Outputs:
             raise error
         return classifier.rows(batch, probabilities=fail, **kw)
-    return classifier.rows(batch, probabilities=lambda: probs, **kw)
+    return classifier.rows(batch, probabilities=lambda: outputs, **kw)
 
 
 def classify_gpu(batches: Iterable[list[InputFile]], classifier: GpuClassifier, *, loader: GpuJpegLoader,
-                 workers: int = READ_WORKERS, top_k: int = 1, threshold: float | None = None,
-                 probs: bool = False) -> Iterator[list[dict]]:
+                 workers: int = READ_WORKERS, row_args: dict | None = None) -> Iterator[list[dict]]:
     """Rows for every file, batch by batch, in order, through nvJPEG.
 
     Three stages overlap: the decode stage reads batches k+1.. in worker processes while batch k is
@@ -223,7 +228,7 @@ def classify_gpu(batches: Iterable[list[InputFile]], classifier: GpuClassifier, 
     rows of earlier batches already yielded.
     """
     work = functools.partial(read_batch, preset=loader.preset, max_pixels=loader.max_pixels)
-    kw = {"top_k": top_k, "threshold": threshold, "probs": probs}
+    kw = row_args or {}
     with DecodeStage(work, failed_read, workers=workers) as stage:
         queued: tuple[DecodedBatch, Callable[[], np.ndarray]] | None = None
         for raw in stage.map(batches):

@@ -57,7 +57,7 @@ class RunSummary:
         return self.files / self.seconds if self.seconds > 0 else 0.0
 
 
-ROW_NEUTRAL = ("batch_size", "workers")  # how fast rows come, not what they say
+ROW_NEUTRAL = ("batch_size", "workers", "embeddings")  # how fast rows come or what goes beside them, not what they say
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,9 @@ class RunOptions:
     gpu_decode: bool = True  # GPU backends decode JPEGs with nvJPEG; False: Pillow, the CPU path's exact pixels
     probs: bool = False  # every class's probability in the rows (prob_<class>)
     tta: str | None = None  # "flip": average each image with its mirror (2x the inference)
+    open_set: bool = True  # the bundle's "none of these" decision: label 'unknown' below the cut
+    open_set_cut: float | None = None  # None: the card's operating point (a known_score, 0..1)
+    embeddings: bool = False  # rows carry ``embedding`` (penultimate features) for --embeddings and the API
 
     def row_settings(self) -> dict[str, Any]:
         """The options that shape rows, which a resumed output must have been written with: every field but
@@ -87,8 +90,16 @@ class RunOptions:
         if self.top_k > card.num_classes:
             raise ModelError(f"--top-k {self.top_k} is more than the {card.num_classes} classes of model "
                              f"{card.name!r}: use --top-k {card.num_classes} or less")
+        if self.open_set_cut is not None and not 0.0 <= self.open_set_cut <= 1.0:
+            raise ModelError(f"--open-set-cut {self.open_set_cut} is not a known_score: use a number from 0 to 1")
         return columns_for(self.top_k, model_label=self.threshold is not None,
+                           known_score=self.open_set and bool(card.openset),
                            prob_classes=card.classes if self.probs else ())
+
+    def row_args(self) -> dict:
+        """The keyword arguments of ``Classifier.rows`` these options set: one place for every runner."""
+        return {"top_k": self.top_k, "threshold": self.threshold, "probs": self.probs,
+                "open_set": self.open_set, "open_set_cut": self.open_set_cut, "embeddings": self.embeddings}
 
 
 def _first_and_rest(files: Iterable[InputFile], size: int) -> tuple[list[InputFile] | None, Iterator[list[InputFile]]]:
@@ -130,12 +141,12 @@ def classify(files: Iterable[InputFile], classifier: Classifier, options: RunOpt
         if first is None:
             return
         readers = 0 if len(first) < options.batch(gpu=True) else min(workers, READ_WORKERS)
-        yield from classify_gpu(itertools.chain([first], rest), GpuClassifier(card, backend, tta=classifier.tta),
+        yield from classify_gpu(itertools.chain([first], rest), GpuClassifier(card, backend, tta=classifier.tta,
+                                                                              open_set=options.open_set),
                                 loader=loader,
-                                workers=readers, top_k=options.top_k, threshold=options.threshold,
-                                probs=options.probs)
+                                workers=readers, row_args=options.row_args())
         return
     # --cpu-decode with a GPU backend: Pillow workers, but the GPU's batch size
     for batch in decoded_batches(files, classifier.preset, batch_size=options.batch(_on_gpu(classifier.backend)),
                                  workers=workers, max_pixels=options.max_pixels):
-        yield classifier.rows(batch, top_k=options.top_k, threshold=options.threshold, probs=options.probs)
+        yield classifier.rows(batch, **options.row_args())

@@ -116,7 +116,7 @@ class ModelActor:
     """Ray actor: unpacks the bundle and loads card + backend once, then turns decoded batches into rows."""
 
     def __init__(self, bundle: Any, *, backend: str | None, device: str | None, threads: int | None,
-                 top_k: int, threshold: float | None, probs: bool = False, tta: str | None = None) -> None:
+                 row_args: dict, tta: str | None = None) -> None:
         import ray
 
         files = ray.get(bundle) if isinstance(bundle, ray.ObjectRef) else bundle
@@ -126,15 +126,16 @@ class ModelActor:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
         card = load_card(self._folder.name)
-        self.classifier = Classifier(card, load_backend(card, backend, device=device, threads=threads), tta=tta)
-        self.top_k, self.threshold, self.probs = top_k, threshold, probs
+        self.classifier = Classifier(card, load_backend(card, backend, device=device, threads=threads), tta=tta,
+                                     open_set=row_args.get("open_set", True))
+        self.row_args = row_args
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         files = [InputFile(_s(p), _s(r)) for p, r in zip(batch["path"], batch["rel"])]
         ok = batch["ok"].astype(bool)
         errors = [None if good else _s(e) for good, e in zip(ok, batch["error"])]
         decoded = DecodedBatch(files, np.ascontiguousarray(batch["image"][ok]), errors)
-        rows = self.classifier.rows(decoded, top_k=self.top_k, threshold=self.threshold, probs=self.probs)
+        rows = self.classifier.rows(decoded, **self.row_args)
         # JSON carries each row exactly as Classifier.rows made it: '' vs float cells, extra top-k keys,
         # undecodable path bytes (as \udcxx escapes) all survive Arrow unchanged.
         return {"idx": batch["idx"], "row": np.array([json.dumps(r) for r in rows], dtype=object)}
@@ -222,8 +223,7 @@ def _classify(ray, files: list[InputFile], card: ModelCard, job: RunJob,  # ray 
                                                # On CPU, None picks the backend exactly as a local run would.
                                                "device": "cuda" if on_gpu else job.device,
                                                "threads": None if on_gpu else 1,
-                                               "top_k": options.top_k, "threshold": options.threshold,
-                                               "probs": options.probs, "tta": options.tta},
+                                               "row_args": options.row_args(), "tta": options.tta},
                         concurrency=pool, num_cpus=1, num_gpus=1 if on_gpu else 0)
     done = 0
     for out in ds.iter_batches(batch_size=None, batch_format="numpy"):  # in input order: preserve_order

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from batchcls.card import ModelCard, load_card
+from batchcls.errors import OutputError
 from batchcls.output import Provenance, RowWriter
 from batchcls.pipeline import RunOptions, RunSummary
 from batchcls.progress import progress
@@ -40,6 +41,7 @@ class RunJob:
     overwrite: bool = False
     quiet: bool = False
     options: RunOptions = RunOptions()
+    embeddings: str | None = None  # --embeddings FILE.npy (see batchcls.embeddings)
 
 
 class Interrupted(Exception):
@@ -56,7 +58,8 @@ def local_stage(job: RunJob) -> Stage:
         from batchcls.backends import load_backend
         from batchcls.pipeline import Classifier, classify
 
-        classifier = Classifier(card, load_backend(card, job.backend, device=job.device), tta=job.options.tta)
+        classifier = Classifier(card, load_backend(card, job.backend, device=job.device), tta=job.options.tta,
+                                open_set=job.options.open_set)
         return lambda files: classify(files, classifier, job.options)
 
     return build
@@ -101,6 +104,14 @@ def run_job(job: RunJob, stage: Stage | None = None) -> RunSummary:
     card = load_card(job.model)
     columns = job.options.columns(card)
     classify_files = (stage or local_stage(job))(card)
+    vectors = None
+    if job.embeddings:
+        from batchcls.embeddings import EmbeddingWriter
+
+        if job.resume:
+            raise OutputError("--embeddings and --resume can't be combined: the vectors of the rows already "
+                              "written are not kept; rerun with --overwrite")
+        vectors = EmbeddingWriter(job.embeddings, overwrite=job.overwrite)
     provenance = Provenance.of(card, job.options, source=job.source, files_from=job.files_from)
     writer = RowWriter(job.out, fmt=job.fmt, columns=columns, resume=job.resume, overwrite=job.overwrite,
                        provenance=provenance)
@@ -122,14 +133,20 @@ def run_job(job: RunJob, stage: Stage | None = None) -> RunSummary:
     try:
         for rows in batches:
             writer.write(rows)
+            if vectors is not None:
+                vectors.add(rows)
             summary.add(rows)
             if bar is not None:
                 bar.update(len(rows))
             stop.check()  # after the batch is on disk: what was classified is kept
     except KeyboardInterrupt:
+        if vectors is not None:  # a cut run leaves no half-written vectors
+            vectors.close(complete=False)
         writer.close(complete=False)
         raise Interrupted(writer.rows_written, "stdout" if writer.to_stdout else str(writer.partial)) from None
     except BaseException:  # stopped by an error (a Ray failure, GpuFailure): rows so far are kept for --resume
+        if vectors is not None:
+            vectors.close(complete=False)
         _abandon(writer)
         raise
     finally:
@@ -140,6 +157,8 @@ def run_job(job: RunJob, stage: Stage | None = None) -> RunSummary:
         if bar is not None:
             bar.close()
     writer.close(complete=True)
+    if vectors is not None:
+        vectors.close(complete=True)
     summary.seconds = time.perf_counter() - start
     summary.skipped = len(writer.done)
     return summary

@@ -10,7 +10,8 @@
   (``--pretrained`` from the shipped model, the benchmark's timm baseline) read them from it
   (``train.models.bundle_state_dict``).
 
-Both graphs output RAW logits; the runtime applies softmax(logits / card.temperature). ONNX Runtime must
+Both graphs have two outputs: ``logits`` (RAW: the runtime applies softmax(logits / card.temperature)) and
+``features``, the pooled penultimate layer the classifier reads (the open-set decision and ``--embeddings``). ONNX Runtime must
 match PyTorch, and the exported program ONNX Runtime, on >= 64 real images (max abs prob diff < 1e-4), or
 export fails.
 
@@ -42,11 +43,34 @@ class ParityError(RuntimeError):
     pass
 
 
+class WithFeatures(torch.nn.Module):
+    """(logits, features) from a timm classifier: the features are exactly what its classifier layer reads."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        return self.model.get_classifier()(features), features
+
+
+def with_features(model: torch.nn.Module) -> torch.nn.Module:
+    """Models with timm's forward_head get the features output; others export logits alone."""
+    return WithFeatures(model) if hasattr(model, "forward_head") else model
+
+
+def _logits(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def export_onnx(model: torch.nn.Module, input_size: int, path: Path) -> None:
     x = torch.zeros(1, 3, input_size, input_size)
+    model = with_features(model.eval())
+    names = ["logits", "features"] if isinstance(model, WithFeatures) else ["logits"]
     with atomic_path(path) as tmp:
-        torch.onnx.export(model.eval(), (x,), str(tmp), input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
+        torch.onnx.export(model.eval(), (x,), str(tmp), input_names=["input"], output_names=names,
+                          dynamic_axes={"input": {0: "batch"}, **{n: {0: "batch"} for n in names}}, opset_version=17,
                           dynamo=False)  # the TorchScript exporter handles timm's "same" padding at a fixed size
 
 
@@ -61,7 +85,8 @@ def onnx_metadata(card: ModelCard) -> dict[str, str]:
             "crop_pct": card.crop_pct, "interpolation": card.interpolation, "mean": card.mean, "std": card.std,
             "normalize": "(pixel / 255 - mean) / std"}),
         "temperature": repr(float(card.temperature)),
-        "output": "raw logits; probabilities = softmax(logits / temperature)",
+        "output": "logits: raw, probabilities = softmax(logits / temperature); features (when present): the "
+                  "pooled penultimate layer the classifier reads (open-set decision, embeddings)",
     }
 
 
@@ -87,7 +112,7 @@ def export_program(model: torch.nn.Module, input_size: int, path: Path, *, sourc
 
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     x = torch.zeros(2, 3, input_size, input_size)  # 2, not 1: export specialises a size-1 dimension
-    program = torch.export.export(model.eval(), (x,), dynamic_shapes=({0: batch},))
+    program = torch.export.export(with_features(model.eval()), (x,), dynamic_shapes=({0: batch},))
     with atomic_open(path, "wb") as fh:  # a file object: torch.export.save wants a .pt2 name or a buffer
         torch.export.save(program, fh, extra_files={PROGRAM_META: json.dumps(
             {"source_onnx_sha256": source_onnx_sha256, "max_batch": MAX_BATCH})})
@@ -104,7 +129,7 @@ def parity(model: torch.nn.Module, onnx_path: Path, card, images: list[Path], *,
     worst = 0.0
     for i in range(0, len(x), 32):  # also exercises the dynamic batch axis
         with torch.inference_mode():
-            ref = model(torch.from_numpy(x[i:i + 32])).numpy()
+            ref = _logits(model(torch.from_numpy(x[i:i + 32]))).numpy()
         got = sess.run(["logits"], {"input": x[i:i + 32]})[0]
         worst = max(worst, float(np.abs(softmax(ref, card.temperature) - softmax(got, card.temperature)).max()))
     if worst >= tol:

@@ -245,7 +245,10 @@ def bundle_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
         return _state_dict(_read_file(folder / "model.pt"), str(folder))
     if not (folder / "model.pt2").is_file():
         raise WeightsError(f"{folder} has no model.pt2: re-export the bundle with `python -m train.export`")
-    return {k: v.detach().clone() for k, v in torch.export.load(folder / "model.pt2").state_dict.items()}
+    sd = {k: v.detach().clone() for k, v in torch.export.load(folder / "model.pt2").state_dict.items()}
+    if sd and all(k.startswith("model.") for k in sd):  # exported through train.export.WithFeatures
+        sd = {k.removeprefix("model."): v for k, v in sd.items()}
+    return sd
 
 
 def load_for_inference(card) -> nn.Module:

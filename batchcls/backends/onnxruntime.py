@@ -17,6 +17,8 @@ from batchcls.presets import normalize
 
 PROBE_TOLERANCE = 0.01  # relative logit difference to the gate machine's run: rounding noise, not saturation
 
+FEATURES = "features"  # the model's second output: the pooled penultimate layer (open-set, --embeddings)
+
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
@@ -36,10 +38,21 @@ class OnnxRuntimeBackend:
             raise ModelError(f"cannot load ONNX model {model_path}: {first_line(e)}") from e
         check_providers(device, self.session.get_providers())
         self.input_name = self.session.get_inputs()[0].name
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.logits_name = outputs[0]
+        self.has_features = FEATURES in outputs
         self.model_path = model_path
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: batch})[0]
+        """float32 NCHW -> logits; the features output, when the model has one, is not fetched."""
+        return self.session.run([self.logits_name], {self.input_name: batch})[0]
+
+    def embed(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """float32 NCHW -> (logits, penultimate features or None for a one-output model), in one run."""
+        if not self.has_features:
+            return self.infer(batch), None
+        logits, features = self.session.run([self.logits_name, FEATURES], {self.input_name: batch})
+        return logits, features
 
 
 def providers_for(device: str) -> list:

@@ -82,7 +82,7 @@ class Watcher:
         if self.classifier is None:
             card = load_card(cfg.model)
             self.classifier = Classifier(card, load_backend(card, cfg.backend, device=cfg.device),
-                                         tta=cfg.options.tta)
+                                         tta=cfg.options.tta, open_set=cfg.options.open_set)
         card = self.classifier.card
         provenance = Provenance.of(card, cfg.options, source=cfg.folder)
         self.ledger = Ledger(cfg.out, fmt=cfg.fmt, columns=cfg.options.columns(card), provenance=provenance)
@@ -266,7 +266,7 @@ class Watcher:
         start = time.perf_counter()
         batch = self.stage.result(job)
         opts = self.config.options
-        rows = self.classifier.rows(batch, top_k=opts.top_k, threshold=opts.threshold, probs=opts.probs)  # type: ignore[union-attr]
+        rows = self.classifier.rows(batch, **opts.row_args())  # type: ignore[union-attr]
         kept, gone = [], []
         for f, row in zip(job.files, rows):
             # Deleted between arrival and decode: no longer an input, so no row (it may come back).

@@ -1,0 +1,136 @@
+"""The open-set decision ("none of these"), on by default: real foreign images (tests/fixtures/foreign: a colour
+wheel, photos, clipart, an icon, a text page, flat colours) next to real frames, through the shipped model, the
+CLI's three formats, the Python API, eval and the bundle checks."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from faults import run_cli
+
+import batchcls
+from batchcls.card import load_card
+from batchcls.openset import OPENSET_FILE, OpenSet
+from batchcls.output import read_rows
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "samples" / "simpsons"
+FOREIGN = REPO / "tests" / "fixtures" / "foreign"
+SHIPPED = REPO / "engines" / "simpsons"
+FOREIGN_FILES = sorted(p.name for p in FOREIGN.iterdir() if p.suffix in (".png", ".jpg"))
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory) -> Path:
+    """The 40 sample frames in their class folders, plus the foreign images in foreign/."""
+    root = tmp_path_factory.mktemp("mixed")
+    shutil.copytree(SAMPLES, root, dirs_exist_ok=True)
+    (root / "foreign").mkdir()
+    for name in FOREIGN_FILES:
+        shutil.copy(FOREIGN / name, root / "foreign" / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def model():
+    return batchcls.load(device="cpu")
+
+
+def test_the_shipped_bundle_carries_a_decision_chosen_on_validation():
+    card = load_card(SHIPPED)
+    spec = card.openset
+    assert spec["method"] and spec["file"] == OPENSET_FILE and 0 < spec["cut"] < 0.05
+    oset = OpenSet.from_card(card)
+    assert oset is not None and oset.cut == spec["cut"]
+
+
+def test_foreign_images_are_unknown_and_real_frames_keep_their_label(mixed, tmp_path):
+    out = tmp_path / "labels.csv"
+    r = run_cli("run", mixed, "--out", out, "--quiet")
+    assert r.returncode == 0, r.stderr.decode()
+    rows = {row["path"]: row for row in read_rows(out)}
+    assert len(rows) == 40 + len(FOREIGN_FILES)
+    for name in FOREIGN_FILES:
+        row = rows[f"foreign/{name}"]
+        assert row["label"] == "unknown", (name, row)
+        assert row["model_label"] != "unknown" and float(row["known_score"]) < load_card(SHIPPED).openset["cut"]
+    frames = [row for path, row in rows.items() if not path.startswith("foreign/")]
+    right = sum(row["label"] == row["path"].split("/")[0] for row in frames)
+    assert right >= 38, [(r["path"], r["label"], r["known_score"]) for r in frames if r["label"] != r["path"].split("/")[0]]
+    assert all(row["model_label"] == row["label"] for row in frames if row["label"] != "unknown")
+
+
+def test_no_open_set_gives_the_plain_top_class_and_no_score_column(mixed, tmp_path):
+    out = tmp_path / "plain.csv"
+    assert run_cli("run", mixed, "--out", out, "--quiet", "--no-open-set").returncode == 0
+    rows = read_rows(out)
+    assert "known_score" not in rows[0] and "model_label" not in rows[0]
+    assert not any(r["label"] == "unknown" for r in rows)
+
+
+def test_the_cut_moves_the_operating_point(mixed, tmp_path):
+    def unknowns(cut: str) -> int:
+        out = tmp_path / f"cut{cut}.jsonl"
+        assert run_cli("run", mixed, "--out", out, "--quiet", "--open-set-cut", cut).returncode == 0
+        return sum(r["label"] == "unknown" for r in read_rows(out))
+    assert unknowns("0") == 0
+    assert unknowns("1") >= 40 + len(FOREIGN_FILES) - 2  # only the very top of validation scores above 1.0's cut
+    r = run_cli("run", mixed, "--out", tmp_path / "bad.csv", "--open-set-cut", "1.5")
+    assert r.returncode == 2 and b"1.5" in r.stderr
+
+
+def test_csv_jsonl_parquet_and_the_api_decide_the_same(mixed, tmp_path, model):
+    pytest.importorskip("pyarrow")
+    got = {}
+    for fmt in ("csv", "jsonl", "parquet"):
+        out = tmp_path / f"labels.{fmt}"
+        assert run_cli("run", mixed, "--out", out, "--format", fmt, "--quiet").returncode == 0
+        got[fmt] = {r["path"]: (r["label"], r["model_label"], float(r["known_score"])) for r in read_rows(out)}
+    api = {r["path"]: (r["label"], r["model_label"], float(r["known_score"])) for r in model.predict_folder(mixed)}
+    for other in (got["jsonl"], got["parquet"], api):
+        assert other.keys() == got["csv"].keys()
+        for path, (label, top, score) in got["csv"].items():
+            assert other[path][:2] == (label, top) and other[path][2] == pytest.approx(score, abs=1e-6), path
+
+
+def test_an_in_memory_foreign_image_is_unknown_through_the_api(model):
+    from PIL import Image
+
+    wheel = Image.open(FOREIGN / "colour_wheel.png")
+    row = model.predict(wheel)
+    assert row["label"] == "unknown" and row["known_score"] < model.card.openset["cut"]
+    assert model.predict(wheel, open_set=False)["label"] != "unknown"
+
+
+def test_eval_reports_coverage_and_accuracy_on_the_rows_it_keeps(tmp_path):
+    r = run_cli("eval", SAMPLES)
+    assert r.returncode == 0, r.stderr.decode()
+    line = next(ln for ln in r.stdout.decode().splitlines() if ln.startswith("open set"))
+    coverage = float(line.split("coverage ")[1].split()[0])
+    assert 0.9 <= coverage <= 1.0 and "accuracy on kept rows" in line
+
+
+def test_a_changed_statistics_file_is_refused_in_one_line(tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(SHIPPED, bundle, ignore=shutil.ignore_patterns("model.pt2", "results", "*.opt.onnx", "engines.json"))
+    with np.load(bundle / OPENSET_FILE) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["q_levels"] = arrays["q_levels"][::-1].copy()
+    np.savez(bundle / OPENSET_FILE, **arrays)
+    r = run_cli("run", SAMPLES, "--out", tmp_path / "x.csv", "--model", bundle)
+    assert r.returncode == 1
+    err = r.stderr.decode().strip()
+    assert len(err.splitlines()) == 1 and "sha256" in err and "--no-open-set" in err
+    assert run_cli("run", SAMPLES, "--out", tmp_path / "y.csv", "--model", bundle, "--no-open-set").returncode == 0
+
+
+def test_the_model_describes_its_two_outputs_for_other_runtimes():
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(SHIPPED / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == ["logits", "features"]
+    meta = sess.get_modelmeta().custom_metadata_map
+    assert "features" in meta["output"]
+    card = json.loads((SHIPPED / "card.json").read_text())
+    assert card["openset"]["sha256"]
