@@ -168,10 +168,14 @@ def export(ckpt_path: str | os.PathLike, bundle_dir: str | os.PathLike, *, tempe
     return bundle
 
 
-def add_program(bundle_dir: str | os.PathLike, parity_images: list[Path], log=print) -> Path:
-    """Bring an existing bundle (card + ONNX + model.pt or model.pt2) up to date: ONNX metadata and model.pt2.
+def renew(bundle_dir: str | os.PathLike, parity_images: list[Path], *, input_size: int | None = None,
+          temperature: float | None = None, log=print) -> Path:
+    """Re-export an existing bundle from its own weights: model.onnx (both outputs, at ``input_size``),
+    its metadata and model.pt2, with the parity checks. ``input_size``/``temperature`` change what serves
+    (train/serving.py chooses them on validation); the weights never change.
 
-    The ONNX graph is untouched; only its metadata changes, so the card's onnx_sha256 is updated with it.
+    A changed graph invalidates the bundle's open-set statistics (they describe the old features' scale
+    only when the size is unchanged), so refit them with ``python -m train.openset`` afterwards.
     """
     from train.models import bundle_state_dict, create_model
 
@@ -179,6 +183,9 @@ def add_program(bundle_dir: str | os.PathLike, parity_images: list[Path], log=pr
     bundle = Path(card.bundle_dir)
     model = create_model(card.architecture, card.num_classes, pretrained="none")
     model.load_state_dict(bundle_state_dict(bundle))
+    card = dataclasses.replace(card, input_size=input_size or card.input_size,
+                               temperature=float(temperature or card.temperature))
+    export_onnx(model.eval(), card.input_size, card.onnx_path)
     card = dataclasses.replace(card, onnx_sha256=write_onnx_metadata(card.onnx_path, card))
     _program_and_parity(model.eval(), card, bundle, parity_images, log)
     card.save(bundle)
@@ -186,10 +193,13 @@ def add_program(bundle_dir: str | os.PathLike, parity_images: list[Path], log=pr
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Add (or renew) model.pt2 and the ONNX metadata of a bundle.")
+    ap = argparse.ArgumentParser(description="Re-export a bundle from its weights: model.onnx (logits + features), "
+                                             "its metadata and model.pt2.")
     ap.add_argument("bundle", type=Path)
     ap.add_argument("--images", type=Path, default=Path(__file__).resolve().parents[1] / "samples" / "simpsons",
                     help="folder of real images for the parity checks (default: samples/simpsons)")
+    ap.add_argument("--input-size", type=int, help="serve at this input side (train/serving.py chooses it)")
+    ap.add_argument("--temperature", type=float, help="the temperature fitted at that size")
     a = ap.parse_args()
     images = sorted(p for p in a.images.rglob("*.jpg"))[:64]
-    add_program(a.bundle, images)
+    renew(a.bundle, images, input_size=a.input_size, temperature=a.temperature)
