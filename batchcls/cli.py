@@ -379,7 +379,8 @@ def report(labels, images, out, thumb_size, workers) -> None:
 @click.option("--to", "to", required=True, type=click.Path(file_okay=False), help="Folder to fill as <to>/<predicted label>/<image>.")
 @click.option("--link", type=click.Choice(["symlink", "hardlink"]), default=None, help="Link instead of copying the images.")
 @click.option("--errors", is_flag=True, help="Also place the images of error rows in <to>/_errors/.")
-def review(labels, images, below, to, link, errors) -> None:
+@click.option("--unknown", is_flag=True, help="Also place every row labelled 'unknown' (none of the classes) in <to>/unknown/, whatever its confidence.")
+def review(labels, images, below, to, link, errors, unknown) -> None:
     """Copy the images a person should check into folders named after their predicted label.
 
     Move wrong ones to the right folder; the result is laid out like training data (<class>/<image>).
@@ -389,7 +390,7 @@ def review(labels, images, below, to, link, errors) -> None:
     from batchcls.review import describe
     from batchcls.review import review as review_rows
 
-    summary = review_rows(labels, to, below=below, images=images, link=link, errors=errors)
+    summary = review_rows(labels, to, below=below, images=images, link=link, errors=errors, unknown=unknown)
     click.echo(describe(summary, images), err=True)
 
 

@@ -137,7 +137,8 @@ class Classifier:
                     if probs:
                         row.update({f"prob_{c}": float(v) for c, v in zip(self.card.classes, p)})
                     if embeddings:
-                        row["embedding"] = out.features[i].astype(np.float32)
+                        dim = self.card.embedding_dim or out.features.shape[1]
+                        row["embedding"] = out.features[i, :dim].astype(np.float32)
                 i += 1
             rows.append(row)
         return rows

@@ -1,16 +1,18 @@
 """The open-set decision: does an image show one of the model's classes at all?
 
 A classifier names one of its classes for every image, a colour wheel included. This module turns the
-network's penultimate-layer features (and logits) into ``known_score``: the share of correctly classified
-validation frames whose raw score is at or below this image's, so 0.3 reads "scores like the lowest 30 % of
-real frames" and 0 "lower than every real frame seen". An image is ``unknown`` when its score is below the cut
-(the card's operating point, chosen on validation so that 1 in 200 correct frames is flagged).
+network's features (and logits) into ``known_score``: the share of correctly classified validation frames whose
+raw score is at or below this image's, so 0.3 reads "scores like the lowest 30 % of real frames" and 0 "lower
+than every real frame seen". An image is ``unknown`` when its score is below the cut: the card's operating
+point, chosen on validation so that at most 1 in 200 correctly classified frames and 1 in 100 of all frames
+are flagged, at full size and 2x downscaled.
 
 Everything that runs at inference travels in the bundle as ``openset.npz`` (its sha256 in the card): the
 per-class feature means and a whitening matrix for the Mahalanobis distance (Lee et al. 2018, with the
 "relative" background term of Ren et al. 2021 when selected), or a bank of normalised training features for
-k-nearest-neighbour distance (Sun et al. 2022), and the validation quantiles that map a raw score to
-``known_score``. The method is chosen on validation by ``train/openset.py``; every backend and runner scores
+k-nearest-neighbour distance (Sun et al. 2022), or one Gaussian of intermediate-layer "texture" statistics
+(the per-channel mean and spread of two EfficientNet stages, after Lee et al.'s feature ensemble), and the
+validation quantiles that map a raw score to ``known_score``. The method is chosen on validation by ``train/openset.py``; every backend and runner scores
 through ``OpenSet.known_score`` here, so the decision is one implementation.
 """
 from __future__ import annotations
@@ -26,9 +28,9 @@ import numpy as np
 from batchcls.errors import ModelError
 
 OPENSET_FILE = "openset.npz"
-METHODS = ("msp", "energy", "maha", "relmaha", "knn", "maha+energy")
-FEATURE_METHODS = ("maha", "relmaha", "knn", "maha+energy")
-DEFAULT_FLAG_RATE = 0.005  # share of correctly classified validation frames the default cut flags
+METHODS = ("msp", "energy", "maha", "relmaha", "knn", "maha+energy", "texture", "texture+msp")
+FEATURE_METHODS = ("maha", "relmaha", "knn", "maha+energy", "texture", "texture+msp")
+DEFAULT_FLAG_RATE = 0.005  # the default cut flags at most this share of correctly classified validation frames
 
 
 def _energy(logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -59,7 +61,15 @@ def raw_score(method: str, arrays: dict[str, np.ndarray], logits: np.ndarray, fe
         return _energy(logits, temperature)
     if features is None:
         raise ModelError(f"open-set method {method!r} needs the model's 'features' output, and this model has none")
-    f = features.astype(np.float32)
+    dim = int(arrays["embed_dim"])  # features = penultimate vector (dim values), then texture statistics
+    f, tex = features[:, :dim].astype(np.float32), features[:, dim:].astype(np.float32)
+    if method in ("texture", "texture+msp"):
+        # one Gaussian of the training frames' texture statistics: photos, clipart and flat colours sit far out
+        score = -np.square((tex - arrays["tex_mean"]) @ arrays["tex_whiten"]).sum(1).astype(np.float64)
+        if method == "texture+msp":  # both on one scale: standardised on correct validation frames
+            mix = arrays["mix"]
+            score = (score - mix[0]) / mix[1] + (_msp(logits, temperature) - mix[2]) / mix[3]
+        return score
     if method == "knn":
         f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
         sims = f @ arrays["bank"].astype(np.float32).T  # cosine similarity to the normalised training features

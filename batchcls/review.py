@@ -21,6 +21,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from batchcls.card import UNKNOWN_LABEL
 from batchcls.errors import InputError, OutputError
 from batchcls.fsutil import atomic_open, confined, inside
 from batchcls.label_folders import ERRORS_DIR, MANIFEST, label_folder
@@ -79,8 +80,9 @@ def _place(src: Path, folder: Path, link: str | None) -> tuple[Path, bool]:
 
 def review(labels: str | os.PathLike, to: str | os.PathLike, *, below: float,
            images: str | os.PathLike | None = None, link: str | None = None,
-           errors: bool = False) -> ReviewSummary:
-    """Place every image whose confidence is under ``below`` into ``to/<label>/``.
+           errors: bool = False, unknown: bool = False) -> ReviewSummary:
+    """Place every image whose confidence is under ``below`` into ``to/<label>/``; with ``unknown`` also every
+    row labelled 'unknown' (the open-set decision or --threshold declined it) into ``to/unknown/``.
 
     ``images`` is the folder the row paths are relative to (default: the current folder);
     ``link`` is None (copy), 'symlink' or 'hardlink'; ``errors`` also places error rows in ``to/_errors``.
@@ -98,7 +100,7 @@ def review(labels: str | os.PathLike, to: str | os.PathLike, *, below: float,
             conf = float(r.get("confidence", ""))
         except (TypeError, ValueError):
             conf = 0.0  # no readable confidence (error rows, damaged cells): doubtful by definition
-        if r.get("status") == "ok" and conf < below:
+        if r.get("status") == "ok" and (conf < below or (unknown and r.get("label") == UNKNOWN_LABEL)):
             chosen.append((conf, r, label_folder(r)))
         elif r.get("status") != "ok" and errors:
             chosen.append((conf, r, ERRORS_DIR))

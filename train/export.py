@@ -43,21 +43,44 @@ class ParityError(RuntimeError):
     pass
 
 
+TEXTURE_BLOCKS = (2, 4)  # EfficientNet stages whose activations' per-channel mean and spread describe texture
+
+
 class WithFeatures(torch.nn.Module):
-    """(logits, features) from a timm classifier: the features are exactly what its classifier layer reads."""
+    """(logits, features) from a timm EfficientNet: features = the penultimate vector its classifier reads,
+    then the per-channel mean and standard deviation of two intermediate stages ("texture").
+
+    The intermediate statistics are what tells a cartoon frame from a photo, a wallpaper or clipart: the
+    open-set decision reads them (batchcls.openset); ``--embeddings`` keeps the first ``embedding_dim``
+    (the penultimate vector), as the card says.
+    """
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
-        return self.model.get_classifier()(features), features
+        m = self.model
+        x = m.bn1(m.conv_stem(x))
+        texture = []
+        for i, block in enumerate(m.blocks):
+            x = block(x)
+            if i in TEXTURE_BLOCKS:
+                mean = x.mean(dim=(2, 3))
+                spread = ((x * x).mean(dim=(2, 3)) - mean * mean).clamp_min(0).sqrt()
+                texture += [mean, spread]
+        penultimate = m.forward_head(m.bn2(m.conv_head(x)), pre_logits=True)
+        return m.get_classifier()(penultimate), torch.cat([penultimate, *texture], dim=1)
 
 
 def with_features(model: torch.nn.Module) -> torch.nn.Module:
-    """Models with timm's forward_head get the features output; others export logits alone."""
-    return WithFeatures(model) if hasattr(model, "forward_head") else model
+    """EfficientNets (timm) get the features output; other networks export logits alone."""
+    return WithFeatures(model) if all(hasattr(model, a) for a in ("conv_stem", "blocks", "forward_head")) else model
+
+
+def embedding_dim(model: torch.nn.Module) -> int:
+    """Length of the penultimate vector at the front of the features output (0: no features output)."""
+    return int(model.num_features) if isinstance(with_features(model), WithFeatures) else 0
 
 
 def _logits(out):
@@ -85,8 +108,11 @@ def onnx_metadata(card: ModelCard) -> dict[str, str]:
             "crop_pct": card.crop_pct, "interpolation": card.interpolation, "mean": card.mean, "std": card.std,
             "normalize": "(pixel / 255 - mean) / std"}),
         "temperature": repr(float(card.temperature)),
-        "output": "logits: raw, probabilities = softmax(logits / temperature); features (when present): the "
-                  "pooled penultimate layer the classifier reads (open-set decision, embeddings)",
+        "output": "logits: raw, probabilities = softmax(logits / temperature); features (when present): "
+                  "the pooled penultimate vector the classifier reads (its first embedding_dim values: the "
+                  "embedding), then the per-channel mean and standard deviation of two intermediate stages "
+                  "(the open-set decision's texture statistics)",
+        "embedding_dim": str(card.embedding_dim),
     }
 
 
@@ -156,7 +182,8 @@ def export(ckpt_path: str | os.PathLike, bundle_dir: str | os.PathLike, *, tempe
     model, ckpt, card = load_trained(ckpt_path)
     onnx_path = bundle / card.onnx
     export_onnx(model, card.input_size, onnx_path)
-    card = dataclasses.replace(card, temperature=float(temperature), metrics=metrics, training=training)
+    card = dataclasses.replace(card, temperature=float(temperature), metrics=metrics, training=training,
+                               embedding_dim=embedding_dim(model))
     card = dataclasses.replace(card, onnx_sha256=write_onnx_metadata(onnx_path, card))
     _program_and_parity(model, card, bundle, parity_images, log)
     card.save(bundle)  # written last: a bundle with a card always has verified models next to it
@@ -184,7 +211,8 @@ def renew(bundle_dir: str | os.PathLike, parity_images: list[Path], *, input_siz
     model = create_model(card.architecture, card.num_classes, pretrained="none")
     model.load_state_dict(bundle_state_dict(bundle))
     card = dataclasses.replace(card, input_size=input_size or card.input_size,
-                               temperature=float(temperature or card.temperature))
+                               temperature=float(temperature or card.temperature), embedding_dim=embedding_dim(model),
+                               openset={})  # the old statistics describe the old graph: refit them
     export_onnx(model.eval(), card.input_size, card.onnx_path)
     card = dataclasses.replace(card, onnx_sha256=write_onnx_metadata(card.onnx_path, card))
     _program_and_parity(model.eval(), card, bundle, parity_images, log)

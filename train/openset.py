@@ -33,6 +33,7 @@ from batchcls.scan import InputFile, scan_dir
 FEATURES_OUTPUT = "features"
 KNN_BANK = 4096  # normalised training features kept for k-NN: a few MB in float16
 KNN_K = 10
+TRAIN_SUBSET = 4000  # train images the statistics are fitted on: plenty for a 304-d Gaussian, minutes not tens
 
 
 def add_features_output(src: Path, dst: Path) -> None:
@@ -118,9 +119,13 @@ def _whitening(cov: np.ndarray, shrink: float = 1e-3) -> np.ndarray:
     return (vecs / np.sqrt(vals)).astype(np.float32)
 
 
-def fit_statistics(features: np.ndarray, labels: np.ndarray, num_classes: int, *, seed: int = 0) -> dict[str, np.ndarray]:
-    """Class means + shared covariance (Mahalanobis), one Gaussian of everything (relative), and a k-NN bank."""
-    f = features.astype(np.float64)
+def fit_statistics(features: np.ndarray, labels: np.ndarray, num_classes: int, *, embed_dim: int,
+                   seed: int = 0) -> dict[str, np.ndarray]:
+    """Class means + shared covariance (Mahalanobis), one Gaussian of everything (relative), a k-NN bank, all on
+    the penultimate vector; and one Gaussian of the texture statistics that follow it in the features."""
+    embed_dim = embed_dim or features.shape[1]
+    tex = features[:, embed_dim:].astype(np.float64)
+    f = features[:, :embed_dim].astype(np.float64)
     means = np.stack([f[labels == c].mean(0) if (labels == c).any() else f.mean(0) for c in range(num_classes)])
     centred = f - means[labels]
     w = _whitening(centred.T @ centred / len(f))
@@ -130,7 +135,9 @@ def fit_statistics(features: np.ndarray, labels: np.ndarray, num_classes: int, *
     pick = rng.choice(len(f), size=min(KNN_BANK, len(f)), replace=False)
     bank = f[pick] / np.linalg.norm(f[pick], axis=1, keepdims=True)
     return {"whiten": w, "means_w": (means @ w).astype(np.float32), "bg_mean": bg_mean.astype(np.float32),
-            "bg_whiten": bg_w, "bank": bank.astype(np.float16), "k": np.array(KNN_K)}
+            "bg_whiten": bg_w, "bank": bank.astype(np.float16), "k": np.array(KNN_K), "embed_dim": np.array(embed_dim),
+            "tex_mean": (tex.mean(0) if tex.shape[1] else np.zeros(0)).astype(np.float32),
+            "tex_whiten": _whitening(np.cov(tex, rowvar=False)) if tex.shape[1] > 1 else np.zeros((0, 0), np.float32)}
 
 
 def _auroc(known: np.ndarray, foreign: np.ndarray) -> float:
@@ -155,14 +162,34 @@ def quantiles(raw_correct_val: np.ndarray, n: int = 1001) -> tuple[np.ndarray, n
     return values.astype(np.float64), levels
 
 
+MAX_FLAGGED = 0.01  # at most this share of ALL validation frames (full size and 2x down) may be flagged
+
+
+def choose_cut(oset: OpenSet, sets: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> float:
+    """The largest cut that flags at most 1 in 200 correctly classified validation frames AND at most
+    ``MAX_FLAGGED`` of all validation frames, at full size and 2x downscaled alike.
+
+    Misclassified frames score low too, so a cut set on correct frames alone flags more of the whole set;
+    the second bound keeps the real frames users send from turning into 'unknown' more than 1 in 100.
+    """
+    scores = {name: (oset.known_score(lg, ft), lg.argmax(1) == y) for name, (lg, ft, y) in sets.items()}
+    best = 0.0
+    for cut in np.arange(1, int(DEFAULT_FLAG_RATE * 10000) + 1) / 10000:
+        if all((s < cut).mean() <= MAX_FLAGGED and (s[ok] < cut).mean() <= DEFAULT_FLAG_RATE
+               for s, ok in scores.values()):
+            best = float(cut)
+    return best
+
+
 def build(method: str, stats: dict, val_logits: np.ndarray, val_feats: np.ndarray, val_y: np.ndarray,
           temperature: float) -> OpenSet:
     """The OpenSet for ``method``: statistics + the quantile map of correct validation frames."""
     arrays = dict(stats)
     correct = val_logits.argmax(1) == val_y
-    if method == "maha+energy":
-        m = raw_score("maha", arrays, val_logits[correct], val_feats[correct], temperature)
-        e = raw_score("energy", arrays, val_logits[correct], val_feats[correct], temperature)
+    if method in ("maha+energy", "texture+msp"):
+        a, b = {"maha+energy": ("maha", "energy"), "texture+msp": ("texture", "msp")}[method]
+        m = raw_score(a, arrays, val_logits[correct], val_feats[correct], temperature)
+        e = raw_score(b, arrays, val_logits[correct], val_feats[correct], temperature)
         arrays["mix"] = np.array([m.mean(), m.std() or 1.0, e.mean(), e.std() or 1.0])
     raw = raw_score(method, arrays, val_logits[correct], val_feats[correct], temperature)
     arrays["q_values"], arrays["q_levels"] = quantiles(raw)
@@ -173,7 +200,8 @@ def method_arrays(method: str, arrays: dict) -> dict[str, np.ndarray]:
     """Only what ``method`` reads at inference: the bundle carries no dead weight."""
     need = {"msp": [], "energy": [], "knn": ["bank", "k"], "maha": ["whiten", "means_w"],
             "relmaha": ["whiten", "means_w", "bg_mean", "bg_whiten"],
-            "maha+energy": ["whiten", "means_w", "mix"]}[method]
+            "maha+energy": ["whiten", "means_w", "mix"], "texture": ["tex_mean", "tex_whiten"],
+            "texture+msp": ["tex_mean", "tex_whiten", "mix"]}[method] + ["embed_dim"]
     return {k: arrays[k] for k in need + ["q_values", "q_levels"]}
 
 
@@ -212,7 +240,7 @@ def refit_head(features: np.ndarray, labels: np.ndarray, num_classes: int, steps
     return w.detach().numpy(), b.detach().numpy()
 
 
-def near_ood(tr_ft, tr_y, va_ft, va_y, num_classes: int, temperature: float, *, seed: int = 0) -> dict[str, dict]:
+def near_ood(tr_ft, tr_y, va_ft, va_y, num_classes: int, *, embed_dim: int, seed: int = 0) -> dict[str, dict]:
     """Leave a few large classes out of the statistics and the head; how often are their frames flagged?
 
     Per method: the share of the left-out classes' validation frames below the cut that flags 1 in 200
@@ -225,11 +253,12 @@ def near_ood(tr_ft, tr_y, va_ft, va_y, num_classes: int, temperature: float, *, 
     remap = {c: i for i, c in enumerate(kept)}
     tr_mask = np.isin(tr_y, kept)
     tr_yk = np.array([remap[c] for c in tr_y[tr_mask]])
-    w, b = refit_head(tr_ft[tr_mask], tr_yk, len(kept))
+    pen = slice(0, embed_dim or tr_ft.shape[1])
+    w, b = refit_head(tr_ft[tr_mask][:, pen], tr_yk, len(kept))
     va_in = np.isin(va_y, kept)
     va_yk = np.array([remap[c] for c in va_y[va_in]])
-    lg_in, lg_out = va_ft[va_in] @ w + b, va_ft[~va_in] @ w + b
-    stats = fit_statistics(tr_ft[tr_mask], tr_yk, len(kept), seed=seed)
+    lg_in, lg_out = va_ft[va_in][:, pen] @ w + b, va_ft[~va_in][:, pen] @ w + b
+    stats = fit_statistics(tr_ft[tr_mask], tr_yk, len(kept), embed_dim=embed_dim, seed=seed)
     result = {"left_out": out_classes}
     for method in METHODS:
         oset = build(method, stats, lg_in, va_ft[va_in], va_yk, 1.0)
@@ -252,6 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--foreign-test", type=Path, help="far-OOD images for the published table only")
     ap.add_argument("--down-val", type=Path, help="2x-downscaled copy of the val split (same relative paths)")
     ap.add_argument("--down-test", type=Path, help="2x-downscaled copy of the test split (same relative paths)")
+    ap.add_argument("--train-subset", type=int, default=TRAIN_SUBSET,
+                    help="fit the statistics on this many seeded train images (0: all)")
     ap.add_argument("--cache", type=Path, default=Path("runs/openset-cache"), help="features are cached here")
     ap.add_argument("--report", type=Path, help="write the comparison (JSON) here")
     ap.add_argument("--method", choices=METHODS, help="write this method instead of the validation winner")
@@ -285,6 +316,10 @@ def run(args) -> dict:
 
     def split(which: str, root: Path, name: str):
         files, y = split_files(root, manifest, which)
+        if which == "train" and args.train_subset:
+            keep = sorted(np.random.default_rng(0).choice(len(files), min(args.train_subset, len(files)), replace=False))
+            files, y = [files[i] for i in keep], y[keep]
+            name = f"{name}{len(files)}"
         lg, ft, ok = cached(args.cache, f"{tag}-{name}", lambda: extract(card.onnx_path, card, files))
         if not ok.all():
             raise SystemExit(f"{int((~ok).sum())} unreadable images in {root} ({which} split)")
@@ -297,7 +332,7 @@ def run(args) -> dict:
     tr_lg, tr_ft, tr_y = split("train", args.data, "train")
     va_lg, va_ft, va_y = split("val", args.data, "val")
     fv_lg, fv_ft = folder(args.foreign_val, "foreign-val")
-    stats = fit_statistics(tr_ft, tr_y, card.num_classes)
+    stats = fit_statistics(tr_ft, tr_y, card.num_classes, embed_dim=card.embedding_dim)
     sets = {"val": (va_lg, va_ft, va_y)}
     if args.down_val:
         sets["val_down"] = split("val", args.down_val, "val-down")
@@ -308,7 +343,8 @@ def run(args) -> dict:
         ft = np.concatenate([v[1] for v in sets.values()])
         y = np.concatenate([v[2] for v in sets.values()])
         oset = build(method, stats, lg, ft, y, T)
-        r = {"auroc_far_val": _auroc(raw_score(method, oset.arrays, lg[lg.argmax(1) == y], ft[lg.argmax(1) == y], T),
+        oset = dataclasses.replace(oset, cut=choose_cut(oset, sets))
+        r = {"cut": oset.cut,"auroc_far_val": _auroc(raw_score(method, oset.arrays, lg[lg.argmax(1) == y], ft[lg.argmax(1) == y], T),
                                      raw_score(method, oset.arrays, fv_lg, fv_ft, T)),
              "far_val_flagged": float((oset.known_score(fv_lg, fv_ft) < oset.cut).mean())}
         for name, (slg, sft, sy) in sets.items():
@@ -318,7 +354,7 @@ def run(args) -> dict:
               + ", ".join(f"{k} {v:.4f}" for k, v in r.items() if k.endswith("_correct_flagged")))
     chosen = args.method or max(METHODS, key=lambda m: (rows[m]["far_val_flagged"], rows[m]["auroc_far_val"]))
     print(f"openset: chosen {chosen} (most far-OOD validation images flagged at the cut)")
-    near = near_ood(tr_ft, tr_y, va_ft, va_y, card.num_classes, T)
+    near = near_ood(tr_ft, tr_y, va_ft, va_y, card.num_classes, embed_dim=card.embedding_dim)
     for method in METHODS:
         rows[method]["near_ood_flagged"] = near[method]["flagged"]
         rows[method]["near_ood_auroc"] = near[method]["auroc"]
@@ -349,7 +385,7 @@ def run(args) -> dict:
         args.report.write_text(json.dumps(summary, indent=2) + "\n")
     if args.write:
         keep = {k: v for k, v in table[chosen].items()}
-        card = write_bundle(args.bundle, card, rows[chosen]["oset"], {"validation": keep})
+        card = write_bundle(args.bundle, card, rows[chosen]["oset"], {"figures": keep})
         print(f"openset: wrote {args.bundle / OPENSET_FILE} ({chosen}, cut {card.openset['cut']})")
     return summary
 

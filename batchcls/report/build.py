@@ -10,11 +10,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+from batchcls.card import UNKNOWN_LABEL
 from batchcls.errors import InputError, OutputError
 from batchcls.fsutil import atomic_write, confined
 from batchcls.output import read_rows
 from batchcls.report import thumbs
-from batchcls.report.page import Item, Links, Section, errors_section, label_section, linker, render, summary_section
+from batchcls.report.page import (
+    Item,
+    Links,
+    Section,
+    errors_section,
+    label_section,
+    linker,
+    render,
+    summary_section,
+    unknown_section,
+)
 
 
 @dataclass
@@ -105,10 +116,14 @@ def _group(items: list[Item]) -> tuple[dict[str, list[Item]], list[Item]]:
 
 
 def _sections(groups: dict[str, list[Item]], errors: list[Item], links: Links) -> list[Section]:
-    """The page, top to bottom: summary, one section per label, errors."""
+    """The page, top to bottom: summary, one section per label, the rows the model declined, errors."""
     labels = [(f"label-{i}", label, items) for i, (label, items) in enumerate(groups.items())]
     sections = [summary_section(labels, errors)]
-    sections += [label_section(sid, label, items, links) for sid, label, items in labels]
+    declined = [it for it in groups.get(UNKNOWN_LABEL, []) if it.row.get("model_label") not in (None, "", UNKNOWN_LABEL)]
+    sections += [label_section(sid, label, items, links) for sid, label, items in labels
+                 if not (label == UNKNOWN_LABEL and declined)]
+    if declined:
+        sections.append(unknown_section(groups[UNKNOWN_LABEL], links))
     if errors:
         sections.append(errors_section(errors, links))
     return sections

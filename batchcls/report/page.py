@@ -185,6 +185,31 @@ def label_section(sid: str, label: str, items: list[Item], links: Links) -> Sect
     return Section(sid, f"{label} ({len(items)})", "\n".join(parts))
 
 
+def unknown_section(items: list[Item], links: Links) -> Section:
+    """Rows the model declined to name ('unknown'): each with the class it would have said and how known it
+    looked (``known_score``, or the confidence under ``--threshold``), the most foreign first."""
+    def score(it: Item) -> float:
+        try:
+            return float(it.row.get("known_score") if it.row.get("known_score") not in (None, "") else it.confidence)
+        except (TypeError, ValueError):
+            return -1.0
+    e = html.escape
+    ordered = sorted(items, key=score)
+    parts = ['<section class="label" id="unknown"><h2>unknown <small>(' f"{len(items)} rows that show none of the "
+             "classes, the most foreign first; under each: the model's own guess and its known_score)</small></h2>"
+             '<div class="grid">']
+    for it in ordered:
+        pic = (f'<img loading="lazy" decoding="async" alt="" src="{links.thumbs_url}/{it.thumb}.jpg">' if it.thumb
+               else f'<span class="none">{e(it.note or "no preview")}</span>')
+        ks = it.row.get("known_score")
+        ks = "-" if ks in (None, "") else f"{float(ks):.3f}"
+        parts.append(f'<figure><a href="{e(links.href(it.path))}">{pic}</a><figcaption>'
+                     f'<b>{e(str(it.row.get("model_label", "") or "?"))}</b>known {ks} · {_breakable(it.path)}'
+                     "</figcaption></figure>")
+    parts.append("</div></section>")
+    return Section("unknown", f"unknown ({len(items)})", "\n".join(parts))
+
+
 def errors_section(errors: list[Item], links: Links) -> Section:
     """Rows that could not be classified, with their reasons."""
     e = html.escape
