@@ -39,7 +39,12 @@ def summary(card: ModelCard) -> str:
     if shown:
         lines.append(f"metrics:     {', '.join(f'{k} {_number(v)}' for k, v in shown.items())}")
     point = openset_point(card)
-    if point is not None:
+    if point is not None and "method" in point:  # batchcls.openset's decision, as train/openset.py writes it
+        fig = point.get("figures", {})
+        seen = (f"; on validation it flagged {fig['far_val_flagged']:.1%} of foreign images and "
+                f"{fig['val_correct_flagged']:.2%} of correctly classified frames" if "far_val_flagged" in fig else "")
+        lines.append(f"open set:    {point['method']}, 'unknown' below known_score {_number(point.get('cut'))}{seen}")
+    elif point is not None:
         flat = {k: v for k, v in point.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
         lines.append(f"open set:    {', '.join(f'{k} {_number(v)}' for k, v in flat.items()) or 'calibrated'}")
     if card.training.get("command"):

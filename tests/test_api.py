@@ -73,7 +73,7 @@ def test_file_rows_are_exactly_the_cli_rows(model, tmp_path, monkeypatch, fmt):
     cli_out = tmp_path / f"cli.{fmt}"
     r = invoke("run", SAMPLES, "--out", cli_out, "--format", fmt, "--device", "cpu", "-q", *opts)
     assert r.exit_code == 0, r.output
-    columns = columns_for(3, model_label=True, prob_classes=model.classes)
+    columns = columns_for(3, model_label=True, known_score=True, prob_classes=model.classes)
     monkeypatch.chdir(SAMPLES)  # paths given relative to the folder are the CLI's relative paths
     rows = model.predict(sample_paths(), top_k=3, threshold=0.9, probs=True)
     assert write(rows, tmp_path / f"api.{fmt}", columns) == cli_out.read_bytes()
@@ -140,7 +140,7 @@ def test_a_bad_item_is_an_error_row_and_the_rest_are_classified(model, tmp_path)
                                       "not a regular file"]):
         assert want in reason, reasons
     # every row has the output's columns, error rows with empty cells
-    assert all(list(r) == columns_for(2) for r in rows)
+    assert all(list(r) == columns_for(2, known_score=True) for r in rows)  # the shipped bundle decides "unknown"
     assert rows[1]["label_2"] == "" and rows[1]["confidence_2"] is None and rows[1]["confidence"] is None
     assert rows[0] == rows[-1] and rows[0]["path"] == good
 

@@ -27,21 +27,12 @@ pytest.importorskip("sympy")
 SHIPPED = REPO / "engines" / "simpsons"
 
 
-def copy_bundle(dst: Path, *, features: bool = False) -> Path:
-    """The shipped model's card and ONNX (not its built or shipped engines); ``features`` adds the pooled
-    features as a second output, as the served model has."""
+def copy_bundle(dst: Path) -> Path:
+    """The shipped model's card, ONNX (logits + features) and open-set statistics, not its built or shipped
+    engines."""
     dst.mkdir(parents=True)
-    shutil.copy(SHIPPED / "card.json", dst)
-    if not features:
-        shutil.copy(SHIPPED / "model.onnx", dst)
-        return dst
-    m = onnx.load(str(SHIPPED / "model.onnx"))
-    flat = next(n for n in m.graph.node if n.op_type == "Flatten")
-    for n in m.graph.node:
-        n.input[:] = ["features" if x == flat.output[0] else x for x in n.input]
-    flat.output[0] = "features"
-    m.graph.output.append(onnx.helper.make_tensor_value_info("features", onnx.TensorProto.FLOAT, ["batch", 1280]))
-    onnx.save(m, str(dst / "model.onnx"))
+    for name in ("card.json", "model.onnx", "openset.npz"):
+        shutil.copy(SHIPPED / name, dst)
     return dst
 
 
@@ -195,7 +186,7 @@ def test_two_output_model_keeps_features_in_fp32(tmp_path):
     features drift; the features output is pooled in FP32, not read back from an 8-bit copy."""
     from batchcls.builders.cpu import build_cpu_engines
 
-    bundle = copy_bundle(tmp_path / "bundle", features=True)
+    bundle = copy_bundle(tmp_path / "bundle")
     card = load_card(bundle)
     entry = build_cpu_engines(card, calib_dir=str(SAMPLES), val_dir=str(SAMPLES), log=lambda m: None)
     v = entry["validation"]
@@ -205,10 +196,10 @@ def test_two_output_model_keeps_features_in_fp32(tmp_path):
     q = onnx.load(str(int8_path(card)))
     producer = {o: n for n in q.graph.node for o in n.output}
     assert [o.name for o in q.graph.output] == ["logits", "features"]
-    assert producer["features"].op_type == "Flatten"
-    assert producer[producer["features"].input[0]].op_type == "GlobalAveragePool"
+    assert producer["features"].op_type == "Concat"  # penultimate + texture statistics, computed in float
+    assert all(producer[i].op_type != "DequantizeLinear" for i in producer["features"].input)
     x = sample_batch(card)
     ref_logits, ref_feat = outputs(card.onnx_path, x, ["logits", "features"])
     got_logits, got_feat = outputs(int8_path(card), x, ["logits", "features"])
-    assert got_feat.shape == ref_feat.shape == (len(x), 1280)
+    assert got_feat.shape == ref_feat.shape and ref_feat.shape[1] > card.embedding_dim > 0
     assert rel_error(got_logits, ref_logits) < 0.15

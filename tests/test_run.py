@@ -374,7 +374,8 @@ def test_info_is_a_short_summary(tmp_path):
     assert len(lines) <= 12, r.stdout
     text = r.stdout
     assert "efficientnet_lite0" in text and "42: abraham_grampa_simpson" in text and "128x128" in text
-    assert "test_acc" in text and "--json" in text and "open set" not in text  # the shipped card has no point
+    assert "test_acc" in text and "--json" in text
+    assert "open set:    texture+msp, 'unknown' below known_score" in text  # the shipped card's decision
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     card = json.loads((SAMPLES.parent.parent / "engines" / "simpsons" / "card.json").read_text())
