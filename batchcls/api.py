@@ -37,7 +37,8 @@ def load(path: str | os.PathLike | None = None, *, backend: str | None = None, d
 
     ``backend`` (auto, onnxruntime, tensorrt, cuda, torch) and ``device`` (cpu, cuda, cuda:N) mean what
     ``batchcls run --backend/--device`` mean; None picks as the CLI does (device "cpu" keeps it on ONNX
-    Runtime). ``tta="flip"`` averages each image with its mirror, as ``--tta flip`` does (2x the work).
+    Runtime). ``tta="flip"`` averages each image with its mirror, as ``--tta flip`` does (2x the work),
+    ``"none"`` turns that off; None: the card's choice (made on validation).
     Raises ``batchcls.ModelError`` with a one-line reason when the bundle can't be used.
     """
     card = load_card(path)

@@ -41,6 +41,7 @@ class ModelCard:
     metrics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     openset: dict[str, Any] = field(default_factory=dict)  # the "none of these" decision (batchcls.openset)
+    tta: str = "none"  # test-time augmentation that serves by default ("none" or "flip"), chosen on validation
     embedding_dim: int = 0  # the features output starts with the penultimate vector of this length (0: none)
     bundle_dir: Path | None = field(default=None, compare=False)
 

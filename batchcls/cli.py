@@ -126,10 +126,10 @@ batch_options = options(
                  help="Decode processes (0 = decode in-process). Default: one per core."),
 )
 
-tta_option = click.option("--tta", type=click.Choice(["none", *(m for m in TTA_MODES if m)]), default="none",
-                          show_default=True, callback=lambda ctx, param, value: None if value == "none" else value,
+tta_option = click.option("--tta", type=click.Choice(list(TTA_MODES)), default=None,
                           help="Test-time augmentation: flip averages each image's probabilities with its mirror's "
-                               "(2x the inference; docs/results.md has its gain and cost).")
+                               "(2x the inference), none turns it off. Default: the model card's choice, made on "
+                               "validation (docs/results.md has its gain and cost).")
 top_k_option = click.option("--top-k", type=click.IntRange(1, 100), default=1, show_default=True,
                             help="Also write the next K-1 labels and confidences.")
 threshold_option = click.option("--threshold", type=click.FloatRange(0, 1), default=None,

@@ -17,7 +17,7 @@ from batchcls.errors import GpuFailure, ModelError, first_line
 from batchcls.openset import OpenSet
 from batchcls.presets import EvalPreset, normalize
 
-TTA_MODES = (None, "flip")  # flip: the mean of the image's and its mirror's probabilities
+TTA_MODES = ("none", "flip")  # flip: the mean of the image's and its mirror's probabilities; None: the card's choice
 
 
 def mean_of_views(p: np.ndarray, views: int) -> np.ndarray:
@@ -48,8 +48,9 @@ class Classifier:
 
     def __init__(self, card: ModelCard, backend: Backend, *, tta: str | None = None, open_set: bool = True) -> None:
         check_against_model(card, backend)  # a card from another model fails here, not mid-run
+        tta = card.tta if tta is None else tta  # what serves was chosen on validation (train/serving.py)
         if tta not in TTA_MODES:
-            raise ModelError(f"unknown test-time augmentation {tta!r}: choose one of {', '.join(map(str, TTA_MODES))}")
+            raise ModelError(f"unknown test-time augmentation {tta!r}: choose one of {', '.join(TTA_MODES)}")
         self.card = card
         self.backend = backend
         self.preset = EvalPreset.from_card(card)

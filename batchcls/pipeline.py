@@ -69,7 +69,7 @@ class RunOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     gpu_decode: bool = True  # GPU backends decode JPEGs with nvJPEG; False: Pillow, the CPU path's exact pixels
     probs: bool = False  # every class's probability in the rows (prob_<class>)
-    tta: str | None = None  # "flip": average each image with its mirror (2x the inference)
+    tta: str | None = None  # "flip": average each image with its mirror (2x), "none": off; None: the card's choice
     open_set: bool = True  # the bundle's "none of these" decision: label 'unknown' below the cut
     open_set_cut: float | None = None  # None: the card's operating point (a known_score, 0..1)
     embeddings: bool = False  # rows carry ``embedding`` (penultimate features) for --embeddings and the API

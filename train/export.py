@@ -196,7 +196,7 @@ def export(ckpt_path: str | os.PathLike, bundle_dir: str | os.PathLike, *, tempe
 
 
 def renew(bundle_dir: str | os.PathLike, parity_images: list[Path], *, input_size: int | None = None,
-          temperature: float | None = None, log=print) -> Path:
+          temperature: float | None = None, tta: str | None = None, log=print) -> Path:
     """Re-export an existing bundle from its own weights: model.onnx (both outputs, at ``input_size``),
     its metadata and model.pt2, with the parity checks. ``input_size``/``temperature`` change what serves
     (train/serving.py chooses them on validation); the weights never change.
@@ -212,6 +212,7 @@ def renew(bundle_dir: str | os.PathLike, parity_images: list[Path], *, input_siz
     model.load_state_dict(bundle_state_dict(bundle))
     card = dataclasses.replace(card, input_size=input_size or card.input_size,
                                temperature=float(temperature or card.temperature), embedding_dim=embedding_dim(model),
+                               tta=tta or card.tta,
                                openset={})  # the old statistics describe the old graph: refit them
     export_onnx(model.eval(), card.input_size, card.onnx_path)
     card = dataclasses.replace(card, onnx_sha256=write_onnx_metadata(card.onnx_path, card))
@@ -228,6 +229,7 @@ if __name__ == "__main__":
                     help="folder of real images for the parity checks (default: samples/simpsons)")
     ap.add_argument("--input-size", type=int, help="serve at this input side (train/serving.py chooses it)")
     ap.add_argument("--temperature", type=float, help="the temperature fitted at that size")
+    ap.add_argument("--tta", choices=["none", "flip"], help="the test-time augmentation that serves by default")
     a = ap.parse_args()
     images = sorted(p for p in a.images.rglob("*.jpg"))[:64]
-    renew(a.bundle, images, input_size=a.input_size, temperature=a.temperature)
+    renew(a.bundle, images, input_size=a.input_size, temperature=a.temperature, tta=a.tta)

@@ -82,9 +82,9 @@ def extract(model_path: Path, card: ModelCard, files: list[InputFile], *, size: 
         if tta and raw_views:
             n = len(b.images)
             lg, ft, mirrored = lg[:n], (None if ft is None else ft[:n]), mirrored + [out["logits"][n:]]
-        elif tta:
+        elif tta:  # as the runtime does (infer.Classifier.outputs): the mean of both views' logits and features
             n = len(b.images)
-            lg = np.log(0.5 * (_softmax(lg[:n], card.temperature) + _softmax(lg[n:], card.temperature))) * card.temperature
+            lg = 0.5 * (lg[:n] + lg[n:])
             ft = None if ft is None else 0.5 * (ft[:n] + ft[n:])
         logits.append(lg)
         if ft is not None:
@@ -312,7 +312,8 @@ def run(args) -> dict:
     if not OnnxRuntimeBackend(card.onnx_path).has_features:
         raise SystemExit(f"{card.onnx_path} has no '{FEATURES_OUTPUT}' output: re-export the bundle (python -m train.export)")
     manifest = json.loads(args.split.read_text())
-    tag, T = card.onnx_sha256[:12], card.temperature
+    tta = card.tta == "flip"  # the statistics describe what serves: with --tta flip, both views' mean
+    tag, T = card.onnx_sha256[:12] + ("-flip" if tta else ""), card.temperature
 
     def split(which: str, root: Path, name: str):
         files, y = split_files(root, manifest, which)
@@ -320,13 +321,13 @@ def run(args) -> dict:
             keep = sorted(np.random.default_rng(0).choice(len(files), min(args.train_subset, len(files)), replace=False))
             files, y = [files[i] for i in keep], y[keep]
             name = f"{name}{len(files)}"
-        lg, ft, ok = cached(args.cache, f"{tag}-{name}", lambda: extract(card.onnx_path, card, files))
+        lg, ft, ok = cached(args.cache, f"{tag}-{name}", lambda: extract(card.onnx_path, card, files, tta=tta))
         if not ok.all():
             raise SystemExit(f"{int((~ok).sum())} unreadable images in {root} ({which} split)")
         return lg, ft, y
 
     def folder(path: Path, name: str):
-        lg, ft, ok = cached(args.cache, f"{tag}-{name}", lambda: extract(card.onnx_path, card, _images(path)))
+        lg, ft, ok = cached(args.cache, f"{tag}-{name}", lambda: extract(card.onnx_path, card, _images(path), tta=tta))
         return lg, ft
 
     tr_lg, tr_ft, tr_y = split("train", args.data, "train")
