@@ -27,12 +27,17 @@ pytest.importorskip("sympy")
 SHIPPED = REPO / "engines" / "simpsons"
 
 
-def copy_bundle(dst: Path) -> Path:
-    """The shipped model's card, ONNX (logits + features) and open-set statistics, not its built or shipped
-    engines."""
+def copy_bundle(dst: Path, *, open_set: bool = False) -> Path:
+    """The shipped model's card and ONNX (logits + features), not its built or shipped engines; without its
+    open-set decision unless ``open_set`` (statistics fitted on FP32 keep INT8 out, see the last test)."""
     dst.mkdir(parents=True)
-    for name in ("card.json", "model.onnx", "openset.npz"):
-        shutil.copy(SHIPPED / name, dst)
+    shutil.copy(SHIPPED / "model.onnx", dst)
+    card = json.loads((SHIPPED / "card.json").read_text())
+    if open_set:
+        shutil.copy(SHIPPED / "openset.npz", dst)
+    else:
+        card["openset"] = {}
+    (dst / "card.json").write_text(json.dumps(card))
     return dst
 
 
@@ -203,3 +208,18 @@ def test_two_output_model_keeps_features_in_fp32(tmp_path):
     got_logits, got_feat = outputs(int8_path(card), x, ["logits", "features"])
     assert got_feat.shape == ref_feat.shape and ref_feat.shape[1] > card.embedding_dim > 0
     assert rel_error(got_logits, ref_logits) < 0.15
+
+
+@pytest.mark.slow
+def test_int8_is_not_used_where_the_open_set_statistics_describe_the_fp32_model(shipped_build, fresh_cache, tmp_path):
+    """INT8 moves the intermediate activations the texture statistics read: a bundle whose decision was fitted
+    on model.onnx runs model.onnx, even with a kept and checked shipped INT8 beside it."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(shipped_build, bundle)
+    assert cpu_model_path(load_card(bundle)).name == "shipped-int8.onnx"  # without a decision: INT8
+    card = json.loads((SHIPPED / "card.json").read_text())
+    shutil.copy(SHIPPED / "openset.npz", bundle)
+    data = json.loads((bundle / "card.json").read_text())
+    data["openset"] = card["openset"]
+    (bundle / "card.json").write_text(json.dumps(data))
+    assert cpu_model_path(load_card(bundle)) == load_card(bundle).onnx_path

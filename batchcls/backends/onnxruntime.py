@@ -8,7 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
-from batchcls.backends.record import cpu_family, local_cpu_engine, shipped_int8, shipped_int8_path, shipped_probe_path
+from batchcls.backends.record import (
+    cpu_family,
+    int8_path,
+    local_cpu_engine,
+    opt_path,
+    shipped_int8,
+    shipped_int8_path,
+    shipped_probe_path,
+)
 from batchcls.card import ModelCard
 from batchcls.errors import ModelError, first_line
 from batchcls.fsutil import atomic_write
@@ -76,12 +84,23 @@ def cpu_model_path(card: ModelCard) -> Path:
     """The fastest ONNX file this CPU may run: what ``make engine`` built and gated here, else the INT8
     model the bundle ships if this CPU computes the logits its gate measured, else the FP32 ONNX."""
     local = local_cpu_engine(card)
-    if local is not None:
+    if local is not None and (local.name != int8_path(card).name or _open_set_fits(card, local)):
         return local
+    if local is not None:  # a local INT8 build the open-set statistics do not describe: its FP32 sibling
+        return opt_path(card) if opt_path(card).is_file() else card.onnx_path
     entry = shipped_int8(card)
-    if entry is not None and shipped_int8_checked(card, entry):
+    if entry is not None and _open_set_fits(card, shipped_int8_path(card)) and shipped_int8_checked(card, entry):
         return shipped_int8_path(card)
     return card.onnx_path
+
+
+def _open_set_fits(card: ModelCard, model: Path) -> bool:
+    """Were the bundle's open-set statistics fitted on this model file (or is there no decision to keep)?
+
+    INT8 moves the intermediate activations the texture statistics read: statistics fitted on FP32 flag
+    several times more real frames when an INT8 model computes them, so INT8 runs only where it was fitted."""
+    spec = card.openset
+    return not spec or spec.get("model", card.onnx) == model.name
 
 
 def checks_cache() -> Path:
