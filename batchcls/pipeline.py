@@ -32,7 +32,7 @@ __all__ = ["CPU_BATCH", "GPU_BATCH", "Classifier", "DecodedBatch", "RunOptions",
            "decoded_batches", "load_images", "softmax"]
 
 CPU_BATCH = 64  # ONNX Runtime on a few cores: bigger batches gain nothing, and cost memory
-GPU_BATCH = 512  # H200, nvJPEG end to end: 5.6k img/s at 256, 6.1k at 512, 6.4k at 1024
+GPU_BATCH = 512  # nvJPEG end to end: throughput flattens past this (docs/engines.md)
 
 
 @dataclass

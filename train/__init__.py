@@ -5,5 +5,5 @@ Run it with ``python -m train`` (or ``make train``); see train/pipeline.py.
 import os
 
 # Must be set before torch loads OpenMP. On a shared CPU, OpenMP threads that spin-wait at every barrier
-# while a sibling thread is descheduled made training ~4x slower than one thread (measured here, 2 cores, load ~5).
+# while a sibling thread is descheduled make training several times slower than one thread.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

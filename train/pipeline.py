@@ -43,11 +43,8 @@ from train.train import main as train_main
 
 # Per-model recipe sized for the CPU budget above; anything in --config overrides it for every model.
 RECIPES = {
-    # Measured on the 2-core AMD EPYC (AVX2) CI machine: lite0 trains ~44 img/s at 128 px with stem + 3 stages
-    # frozen (~54 at 112, ~70-85 at 96; ~35 at 144 with 2 frozen, ~27 at 144 unfrozen), so TrainConfig's default
-    # is 128 px (users' frames are ~120x160 anyway) with progressive resizing from 96 px; lite0, the likely winner,
-    # gets its epochs first. 144 px was tried (63.6 min, Lite2 squeezed out): validation macro-F1 0.905 vs 0.904,
-    # a tie, so the faster 128 px stays.
+    # Sized for a 2-core CPU (speeds and the resolution trials: docs/training.md, docs/results.md): lite0, the
+    # likely winner, gets its epochs first at 128 px with progressive resizing from 96 px.
     "efficientnet_lite0": {},  # = TrainConfig's defaults
     "efficientnet_lite2": {"epochs": 2},  # ~2.5x slower per image
     "efficientnetv2_b0": {"epochs": 3, "input_size": 144, "start_size": 0},

@@ -9,7 +9,7 @@ TrainConfig's defaults ARE the shipped Lite0 recipe (train.pipeline.RECIPES only
 
 Model selection and early stopping use validation NLL at the temperature fitted on validation (what the shipped,
 calibrated probabilities score), not macro-F1: NLL sums over all ~3,100 val images, while macro-F1 over classes
-with 1-2 val images moves by a third of a class's F1 per image and picked the wrong epoch (issue 17). Val
+with 1-2 val images moves by a third of a class's F1 per image and can pick the wrong epoch. Val
 accuracy and macro-F1 are logged beside it. With ``ema_decay`` > 0 an exponential moving average of the weights
 (timm's ModelEmaV3) is scored each epoch beside the raw weights; ckpt_best_raw.pt / ckpt_best_ema.pt hold the
 best of each, ckpt_best.pt the better of the two (its "weights" key says which).
