@@ -105,7 +105,7 @@ def test_info_in_a_terminal(tmp_path):
     assert rc == 0, screen
     assert "42: abraham_grampa_simpson" in screen and "input:" in screen and len([x for x in screen.splitlines() if x.strip()]) <= 12
     rc, screen = run_in_terminal("batchcls", "info", "--json", cwd=tmp_path)
-    assert rc == 0 and "homer_simpson" in screen and '"input_size": 128' in screen, screen
+    assert rc == 0 and "homer_simpson" in screen and '"input_size": 160' in screen, screen
 
 
 def test_report_and_review_in_a_terminal(samples, tmp_path):
