@@ -17,14 +17,13 @@ through ``OpenSet.known_score`` here, so the decision is one implementation.
 """
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from batchcls.backends.record import file_sha256
 from batchcls.errors import ModelError
 
 OPENSET_FILE = "openset.npz"
@@ -85,10 +84,6 @@ def raw_score(method: str, arrays: dict[str, np.ndarray], logits: np.ndarray, fe
         e = _energy(logits, temperature)
         score = (score - arrays["mix"][0]) / arrays["mix"][1] + (e - arrays["mix"][2]) / arrays["mix"][3]
     return score.astype(np.float64)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
     python -m train.openset --bundle engines/simpsons --split runs/train/split.json \
         --data ../shared/data/simpsons/train --foreign-val FOREIGN/val [--foreign-test FOREIGN/test] \
-        [--down-val DIR --down-test DIR] [--report docs/openset.md]
+        [--down-val DIR --down-test DIR] [--report runs/openset.json] --write
 
 Steps, top to bottom: features of the train split (the statistics), of the validation split (the choice and the
 operating point) and of the far-OOD validation images; every candidate method scored; the one with the most
@@ -22,10 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from batchcls.backends.onnxruntime import OnnxRuntimeBackend
+from batchcls.backends.record import file_sha256
 from batchcls.card import ModelCard, load_card
 from batchcls.decode_stage import DecodedBatch
 from batchcls.fsutil import atomic_path
-from batchcls.openset import DEFAULT_FLAG_RATE, METHODS, OPENSET_FILE, OpenSet, file_sha256, raw_score
+from batchcls.openset import DEFAULT_FLAG_RATE, METHODS, OPENSET_FILE, OpenSet, raw_score
 from batchcls.pipeline import decoded_batches
 from batchcls.presets import EvalPreset, normalize
 from batchcls.scan import InputFile, scan_dir
@@ -64,8 +65,6 @@ def extract(model_path: Path, card: ModelCard, files: list[InputFile], *, size: 
 
     With ``tta`` each image and its mirror are scored: averaged as the runtime's --tta flip does, or with
     ``raw_views`` returned as all originals' rows followed by all mirrors' rows."""
-    import onnxruntime as ort
-
     preset = EvalPreset(input_size=size or card.input_size, resize_mode=card.resize_mode, crop_pct=card.crop_pct,
                         interpolation=card.interpolation)
     sess = OnnxRuntimeBackend(model_path).session
@@ -89,16 +88,8 @@ def extract(model_path: Path, card: ModelCard, files: list[InputFile], *, size: 
         logits.append(lg)
         if ft is not None:
             feats.append(ft)
-    del ort
     all_logits = np.concatenate(logits + mirrored)
     return all_logits, (np.concatenate(feats) if feats else np.empty((0, 0))), ok
-
-
-def _softmax(z: np.ndarray, t: float) -> np.ndarray:
-    z = z.astype(np.float64) / t
-    z -= z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
 
 
 def split_files(root: Path, manifest: dict, which: str) -> tuple[list[InputFile], np.ndarray]:
