@@ -7,7 +7,7 @@ IMAGES ?= samples/simpsons
 OUT ?= labels.csv
 MODEL ?= engines/simpsons
 
-.PHONY: install install-dev run test lint bench train train-more train-long train-smoke audit engine soak
+.PHONY: install install-dev run test lint bench train train-more train-long train-smoke audit engine soak train-shipped
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -100,3 +100,21 @@ train-smoke: SMOKE_OUT ?= runs/train-smoke
 train-smoke:  ## the whole training pipeline on samples/simpsons at tiny size (< 3 min); exports to runs/train-smoke (ignored)
 	rm -rf $(SMOKE_OUT)
 	$(BIN)/python -m train --smoke --data samples/simpsons --out $(SMOKE_OUT)/run --export $(SMOKE_OUT)/engine
+
+# --- the shipped model (docs/results.md): train-shipped rebuilds engines/simpsons' weights and decision ----------
+# Lite0 trained on from $(FROM) with users' degradations, outlier exposure on the foreign training images and
+# distillation of $(FROM)'s flip-averaged answers (jobs/train-robust.json), then the pipeline's later steps:
+# evaluate, calibrate, serving choice, export, the "none of these" decision of every served configuration.
+# Rerun the same command after an interruption: it resumes from $(OUT)/efficientnet_lite0/ckpt_last.pt, or from
+# the committed portable checkpoint (jobs/checkpoints/robust-lite0.pt) on a machine that has none.
+train-shipped: OUT = runs/robust
+train-shipped: FROM ?= engines/simpsons
+train-shipped: EXPORT ?= $(OUT)/export
+train-shipped: install-dev  ## rebuild the shipped model from $(FROM) and the data folder (hours on a CPU); exports to $(EXPORT)
+	test -d runs/foreign/train || $(BIN)/python scripts/build_foreign.py runs/foreign
+	mkdir -p $(OUT)/efficientnet_lite0
+	test -f $(OUT)/efficientnet_lite0/ckpt_last.pt || test ! -f jobs/checkpoints/robust-lite0.pt \
+	  || cp jobs/checkpoints/robust-lite0.pt $(OUT)/efficientnet_lite0/ckpt_portable.pt
+	BATCHCLS_TRAIN_COMMAND='make train-shipped DATA=$(DATA) FROM=$(FROM) OUT=$(OUT) EXPORT=$(EXPORT)' \
+	$(BIN)/python -m train --data $(DATA) --models efficientnet_lite0 --pretrained $(FROM) --no-search \
+	  --config jobs/train-robust.json --out $(OUT) --export $(EXPORT) --budget-min 0

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
@@ -36,10 +37,13 @@ from tqdm import tqdm
 
 from batchcls.fsutil import atomic_path
 from batchcls.metrics import macro_f1
+from batchcls.scan import scan_dir
 from train import data as D
 from train import models
+from train.degrade import Degrade
 from train.metrics import fit_temperature, nll
 from train.presets import BatchAugment, EvalTransform, cache_preset, cache_side, preprocessing_card
+from train.teacher import teacher_targets
 
 
 @dataclass
@@ -70,6 +74,13 @@ class TrainConfig:
     patience: int = 2  # early stop after this many epochs without a lower val NLL (raw or EMA); 0 = never
     ema_decay: float = 0.998  # per-step EMA of the weights, scored beside them (0 = off); 0.998 ~ last 500 steps
     epochs_this_run: int = 0  # stop this invocation after N epochs (0 = all); continue later with --resume
+    # robustness: what users send, foreign images, one pass (docs/results.md)
+    degrade: float = 0.0  # share of train images degraded as users' tools do (train.degrade.Degrade); 0 = off
+    oe_dir: str = ""  # folder of foreign images for outlier exposure (Hendrycks et al. 2019); "" = off
+    oe_batch: int = 16  # foreign images added to every batch of the training frames when oe_dir is set
+    oe_weight: float = 0.5  # weight of their cross-entropy to the uniform distribution over the classes
+    teacher: str = ""  # bundle whose flip-averaged probabilities on the clean frame are soft targets; "" = off
+    distill_weight: float = 0.5  # share of the frames' loss given to the teacher's soft targets (rest: labels)
     # system
     out_dir: str = "runs/train/model"  # checkpoints, config.json, split.json (if created here)
     device: str = "auto"  # auto | cpu | cuda
@@ -196,6 +207,9 @@ class Data:
     sampler: D.WeightedShardSampler
     per_rank_batch: int
     val_loader: DataLoader
+    degrade: Degrade | None = None  # users' degradations before the geometric augmentation
+    oe_pixels: np.ndarray | None = None  # foreign images (outlier exposure), cached like the train pixels
+    teacher_probs: torch.Tensor | None = None  # soft targets per train image (distillation)
 
 
 @dataclass
@@ -257,16 +271,19 @@ def setup(cfg: TrainConfig, log) -> Runtime:
 def load_resume(cfg: TrainConfig, rt: Runtime) -> dict | None:
     """The last checkpoint when resuming; the architecture and schedule then come from it, not from flags."""
     out, say = rt.out, rt.say
-    if cfg.resume and not (out / "ckpt_last.pt").is_file():
-        say(f"resume: no {out / 'ckpt_last.pt'} yet, starting from the beginning")
-        return None
     if not cfg.resume:
         return None
-    ckpt = torch.load(out / "ckpt_last.pt", map_location="cpu", weights_only=False)
+    path = next((out / n for n in ("ckpt_last.pt", "ckpt_portable.pt") if (out / n).is_file()), None)
+    if path is None:
+        say(f"resume: no {out / 'ckpt_last.pt'} (or ckpt_portable.pt) yet, starting from the beginning")
+        return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if ckpt.get("portable"):  # half-precision weights from another machine: the optimizer starts afresh
+        say(f"resume: {path} is a portable checkpoint: weights restored, optimizer moments start at zero")
     for k, v in ckpt["config"].items():
         if k not in RUN_LOCAL:  # the run continues exactly as configured, schedule included
             setattr(cfg, k, v)
-    say(f"resuming from {out / 'ckpt_last.pt'} after epoch {ckpt['epoch']}")
+    say(f"resuming from {path} after epoch {ckpt['epoch']}")
     return ckpt
 
 
@@ -310,8 +327,35 @@ def load_data(cfg: TrainConfig, rt: Runtime, ckpt: dict | None, log) -> Data:
     loader_kw = dict(num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0, pin_memory=rt.use_cuda)
     val_loader = DataLoader(val_ds, batch_size=2 * per_rank_batch, shuffle=False, **loader_kw)
     log(f"[rank {rt.rank}/{rt.world}] {rt.device} ready: {len(sampler)} samples/epoch on this rank, batch {per_rank_batch}")
-    return Data(split_path, split_sha, classes, card, train_items, train_pixels, train_labels, augment, val_ds,
+    data = Data(split_path, split_sha, classes, card, train_items, train_pixels, train_labels, augment, val_ds,
                 sampler, per_rank_batch, val_loader)
+    return robustness(cfg, rt, data, preset, cache_dir, ckpt, say)
+
+
+def robustness(cfg: TrainConfig, rt: Runtime, data: Data, preset, cache_dir, ckpt: dict | None, say) -> Data:
+    """The optional robustness inputs: the degradation, the foreign images' pixels, the teacher's soft targets."""
+    if cfg.degrade:
+        data.degrade = Degrade(cfg.degrade)
+    if cfg.oe_dir:
+        oe_items = [[f.rel, -1] for f in sorted(scan_dir(cfg.oe_dir, recursive=True), key=lambda f: f.rel)
+                    if not f.rel.endswith((".csv", ".md", ".txt"))]
+        if not oe_items:
+            raise FileNotFoundError(f"no foreign images under {cfg.oe_dir} (oe_dir): build them with "
+                                    "`python scripts/build_foreign.py DIR`")
+        if rt.master:
+            D.pixel_cache(cfg.oe_dir, oe_items, preset, cache_dir, workers=cfg.num_workers, log=say)
+        if rt.ddp:
+            dist.barrier()
+        data.oe_pixels = D.pixel_cache(cfg.oe_dir, oe_items, preset, cache_dir, workers=0)
+        say(f"outlier exposure: {len(oe_items)} foreign images from {cfg.oe_dir}, {cfg.oe_batch} per batch, "
+            f"weight {cfg.oe_weight}")
+    if cfg.teacher and ckpt is not None and ckpt.get("teacher_probs") is not None:
+        data.teacher_probs = ckpt["teacher_probs"].float()  # the run's own teacher, wherever it resumes
+    elif cfg.teacher:
+        data.teacher_probs = torch.from_numpy(teacher_targets(cfg.teacher, data.train_pixels, data.classes,
+                                                              cache_dir, log=say))
+        say(f"distillation: soft targets of {cfg.teacher} (flip-averaged), weight {cfg.distill_weight}")
+    return data
 
 
 def build_model(cfg: TrainConfig, rt: Runtime, classes: list[str], ckpt: dict | None):
@@ -350,7 +394,8 @@ def restore_progress(cfg: TrainConfig, rt: Runtime, sched: Schedule, ckpt: dict 
     """Fresh counters, or the checkpoint's: optimizer, schedule, counters, best scores and the RNG go on."""
     progress = Progress(best={w: {"nll": math.inf, "epoch": -1} for w in (["raw", "ema"] if with_ema else ["raw"])})
     if ckpt is not None:
-        sched.optimizer.load_state_dict(ckpt["optimizer"])
+        if "optimizer" in ckpt:
+            sched.optimizer.load_state_dict(ckpt["optimizer"])
         sched.scheduler.load_state_dict(ckpt["scheduler"])
         progress.start_epoch = cfg.epochs if ckpt["finished"] else ckpt["epoch"] + 1  # a finished run trains no more
         progress.step, progress.best, progress.history = ckpt["step"], ckpt["best"], ckpt["history"]
@@ -371,6 +416,7 @@ def train_one_epoch(epoch: int, cfg: TrainConfig, rt: Runtime, data: Data, model
     per_rank_batch = data.per_rank_batch
     batches = [order[i * per_rank_batch:(i + 1) * per_rank_batch] for i in range(sched.steps_per_epoch)]
     generator = torch.Generator(rt.device).manual_seed(cfg.seed * 100_003 + epoch * rt.world + rt.rank)  # resumable
+    rng = np.random.default_rng(cfg.seed * 100_003 + epoch * rt.world + rt.rank)  # degradations, foreign picks
     ddp_model.train()
     t0, seen, loss_sum = time.time(), 0, 0.0
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (rt.master and cfg.progress),
@@ -382,12 +428,22 @@ def train_one_epoch(epoch: int, cfg: TrainConfig, rt: Runtime, data: Data, model
         elif progress.step == sched.head_steps:
             set_backbone_trainable(model, cfg.model, True, cfg.freeze_stages)  # stage 2: all but the frozen stem
         idx = np.sort(idx.numpy())  # sorted: sequential memmap reads (the order within a batch is moot)
-        pixels = torch.from_numpy(data.train_pixels[idx])
+        x = images(data.train_pixels[idx], data, rng, generator, rt.device, size)
+        n = x.shape[0]
+        if data.oe_pixels is not None:  # foreign images ride along in the same forward pass (and BatchNorm)
+            pick = np.sort(rng.choice(len(data.oe_pixels), min(cfg.oe_batch, len(data.oe_pixels)), replace=False))
+            x = torch.cat([x, images(data.oe_pixels[pick], data, rng, generator, rt.device, size)])
         y = data.train_labels[idx].to(rt.device, non_blocking=True)
-        x = data.augment(pixels.to(rt.device, non_blocking=True), generator, size=size)
         x = x.contiguous(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
         with rt.autocast:
-            loss = sched.criterion(ddp_model(x), y)
+            logits = ddp_model(x).float()
+            loss = sched.criterion(logits[:n], y)
+            if data.teacher_probs is not None:  # the teacher's answer on the clean frame, for the degraded one
+                soft = data.teacher_probs[idx].to(rt.device)
+                distill = -(soft * F.log_softmax(logits[:n], 1)).sum(1).mean()
+                loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * distill
+            if n < logits.shape[0]:  # outlier exposure: foreign images towards the uniform distribution
+                loss = loss + cfg.oe_weight * -F.log_softmax(logits[n:], 1).mean(1).mean()
         sched.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         sched.optimizer.step()
@@ -395,13 +451,22 @@ def train_one_epoch(epoch: int, cfg: TrainConfig, rt: Runtime, data: Data, model
         progress.step += 1
         if ema is not None:
             ema.update(model, step=progress.step)
-        seen += x.shape[0]
-        loss_sum += loss.item() * x.shape[0]  # .item() syncs; cheap next to a CPU step
+        seen += n
+        loss_sum += loss.item() * n  # .item() syncs; cheap next to a CPU step
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{sched.scheduler.get_last_lr()[0]:.2e}",
                         ips=f"{seen * rt.world / (time.time() - t0):.0f}", refresh=False)  # bar prints at mininterval
         if progress.step >= sched.total_steps:
             break
     return seen, loss_sum, time.time() - t0, size
+
+
+def images(pixels: np.ndarray, data: Data, rng: np.random.Generator, generator: torch.Generator,
+           device: torch.device, size: int) -> torch.Tensor:
+    """Cached uint8 pixels -> the network's augmented input: users' degradations, then the geometric ones."""
+    if data.degrade is not None:
+        pixels = data.degrade(pixels, rng)
+    return data.augment(torch.from_numpy(np.ascontiguousarray(pixels)).to(device, non_blocking=True), generator,
+                        size=size)
 
 
 def evaluate(nets: dict, weights: list[str], cfg: TrainConfig, rt: Runtime, data: Data) -> dict:
@@ -428,7 +493,16 @@ def save_checkpoints(epoch: int, cfg: TrainConfig, rt: Runtime, data: Data, mode
                  "optimizer": sched.optimizer.state_dict(), "scheduler": sched.scheduler.state_dict(),
                  "best": progress.best, "history": progress.history, "finished": finished,
                  "train_seen": progress.train_seen, "train_pixels_seen": progress.train_pixels_seen,
-                 "rng": torch.get_rng_state()}, out / "ckpt_last.pt")
+                 "rng": torch.get_rng_state(), "teacher_probs": data.teacher_probs}, out / "ckpt_last.pt")
+    # What another machine needs to go on (commit it): the weights in half precision, no optimizer moments.
+    half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    half_ema = {k: v.half() if v.is_floating_point() else v for k, v in ema.module.state_dict().items()} if ema else None
+    atomic_save({**common, "model": half, "ema": half_ema, "scheduler": sched.scheduler.state_dict(),
+                 "best": progress.best, "history": progress.history, "finished": finished,
+                 "train_seen": progress.train_seen, "train_pixels_seen": progress.train_pixels_seen,
+                 "rng": torch.get_rng_state(), "portable": True,
+                 "teacher_probs": None if data.teacher_probs is None else data.teacher_probs.half()},
+                out / "ckpt_portable.pt")
     for w in improved:  # weights only: what evaluate/export and --pretrained read
         snap = {**common, "model": nets[w].state_dict(), "weights": w, "val": scores[w],
                 "best_val_nll": scores[w]["nll"], "best_val_f1": scores[w]["macro_f1"]}
