@@ -31,7 +31,7 @@ from batchcls.card import CARD_FILE, ModelCard, load_card
 from batchcls.errors import BatchclsError, first_line
 from batchcls.pipeline import Classifier, DecodedBatch, RunSummary, load_images
 from batchcls.presets import EvalPreset
-from batchcls.runner import Classify, RunJob, Stage, run_job
+from batchcls.runner import Loaded, RunJob, Stage, run_job
 from batchcls.scan import InputFile
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # s3://, gs://, hdfs://, file:// ... (whatever pyarrow.fs reads)
@@ -240,7 +240,7 @@ def ray_stage(job: RunJob, *, address: str | None = None, actors: int | None = N
     """The Ray Data stages as a job-loop stage: Ray is imported before the output is touched and joined
     (or started) when the first file is due; a Ray failure is one line and the rows so far are kept."""
 
-    def build(card: ModelCard) -> Classify:
+    def build(card: ModelCard) -> Loaded:
         ray = _import_ray()
 
         def classify(files: Iterable[InputFile]) -> Iterator[list[dict]]:
@@ -265,7 +265,7 @@ def ray_stage(job: RunJob, *, address: str | None = None, actors: int | None = N
                 if started:
                     ray.shutdown()
 
-        return classify
+        return Loaded(classify)  # each actor picks its model file on its own machine: not recorded
 
     return build
 

@@ -1,8 +1,9 @@
 """``batchcls run`` as a library call: a typed job config in, a summary out.
 
-``run_job`` is the one job loop of both runners: the output (lock, resume, provenance), the scan of
-what is left to do, the progress bar, Ctrl-C/SIGTERM at a batch boundary and the summary. What turns
-files into rows is a *stage*: the local pipeline here, or the Ray Data stages of ``ray_runner``.
+``run_job`` is the one job loop of both runners: the output (lock, resume, provenance, the ``--embeddings``
+sidecar: one ``RowWriter`` transaction), the scan of what is left to do, the progress bar, Ctrl-C/SIGTERM at a
+batch boundary and the summary. What turns files into rows is a *stage*: the local pipeline here, or the Ray
+Data stages of ``ray_runner``.
 """
 from __future__ import annotations
 
@@ -10,21 +11,33 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from batchcls.card import ModelCard, load_card
-from batchcls.errors import OutputError
 from batchcls.output import Provenance, RowWriter
 from batchcls.pipeline import RunOptions, RunSummary
 from batchcls.progress import progress
-from batchcls.scan import InputFile, count, scan
+from batchcls.scan import InputFile, Written, count, scan
 from batchcls.stopping import StopRequested
 
 Classify = Callable[[Iterable[InputFile]], Iterator[list[dict]]]
 """Rows for the files, batch by batch, in input order."""
 
-Stage = Callable[[ModelCard], Classify]
-"""Makes the ``Classify`` for a model; called before the output is touched, so a model that cannot
-load (or an engine that cannot start) fails without creating or locking anything."""
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A stage with its model loaded: what classifies, and the model file it runs (part of the output's
+    provenance, since an INT8 model or a TensorRT plan gives other rows than the FP32 ONNX); None where the
+    file is chosen elsewhere (each Ray actor picks its own)."""
+
+    classify: Classify
+    served: Path | None = None
+
+
+Stage = Callable[[ModelCard], Loaded]
+"""Loads the model for a card; called before the output is touched, so a model that cannot load (or an
+engine that cannot start) fails without creating or locking anything."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +54,7 @@ class RunJob:
     overwrite: bool = False
     quiet: bool = False
     options: RunOptions = RunOptions()
-    embeddings: str | None = None  # --embeddings FILE.npy (see batchcls.embeddings)
+    embeddings: str | None = None  # --embeddings FILE.npy (see batchcls.output.embeddings)
 
 
 class Interrupted(Exception):
@@ -54,30 +67,50 @@ class Interrupted(Exception):
 def local_stage(job: RunJob) -> Stage:
     """The pipeline on this machine: decode workers, then the backend ``job`` names."""
 
-    def build(card: ModelCard) -> Classify:
+    def build(card: ModelCard) -> Loaded:
         from batchcls.backends import load_backend
         from batchcls.pipeline import Classifier, classify
 
         classifier = Classifier(card, load_backend(card, job.backend, device=job.device), tta=job.options.tta,
                                 open_set=job.options.open_set)
-        return lambda files: classify(files, classifier, job.options)
+        return Loaded(lambda files: classify(files, classifier, job.options), served_file(classifier.backend, card))
 
     return build
 
 
-def _pending(files: Iterator[InputFile], done: set[str], *, written_ns: int | None = None,
+def served_file(backend: object, card: ModelCard) -> Path | None:
+    """The file of the bundle ``backend`` runs: ONNX Runtime names its own (the FP32, optimised or INT8 model),
+    the torch backends run the bundle's program, TensorRT its plan."""
+    path = getattr(backend, "model_path", None)
+    if path is not None:
+        return Path(path)
+    name = getattr(backend, "name", "")
+    if name in ("cuda", "torch"):
+        from batchcls.backends.pytorch import program_path
+
+        return program_path(card)
+    if name == "tensorrt":
+        from batchcls.backends.tensorrt import plan_path
+
+        return plan_path(card)
+    return None
+
+
+def _pending(files: Iterator[InputFile], done: Written | set[str], *, written_ns: int | None = None,
              changed: list[str] | None = None) -> Iterator[InputFile]:
     """Skip files already written (resume) and repeats (a list naming a file twice): one row per file.
 
-    A skipped file modified or replaced after the output was last written (its mtime or ctime is later)
-    is listed in ``changed``: its row is kept (one row per file) and the run says so.
+    ``done`` matches a file by its key or, as ``Written``, by its identity: a file reached by another route
+    than when its row was written is still done. A skipped file modified or replaced after the output was last
+    written (its mtime or ctime is later) is listed in ``changed``: its row is kept (one row per file) and the
+    run says so.
     """
     seen: set[str] = set()
     for f in files:
         if f.rel in seen:
             continue
         seen.add(f.rel)
-        if f.rel in done:
+        if (f in done) if isinstance(done, Written) else (f.rel in done):
             if written_ns is not None and changed is not None and _changed_since(f.path, written_ns):
                 changed.append(f.rel)
             continue
@@ -92,62 +125,42 @@ def _changed_since(path: str, ns: int) -> bool:
     return max(st.st_mtime_ns, st.st_ctime_ns) > ns
 
 
-def _abandon(writer: RowWriter) -> None:
-    """A failed run keeps its rows for --resume; one that wrote nothing leaves no stray OUT.partial behind."""
-    writer.close(complete=False)
-    if not writer.to_stdout and writer.rows_written == 0 and not writer.done:
-        writer.partial.unlink(missing_ok=True)
-
-
 def run_job(job: RunJob, stage: Stage | None = None) -> RunSummary:
     """Classify ``job.source`` into ``job.out`` with ``stage`` (default: the local pipeline)."""
     card = load_card(job.model)
     columns = job.options.columns(card)
-    classify_files = (stage or local_stage(job))(card)
-    vectors = None
-    if job.embeddings:
-        from batchcls.embeddings import EmbeddingWriter
-
-        if job.resume:
-            raise OutputError("--embeddings and --resume can't be combined: the vectors of the rows already "
-                              "written are not kept; rerun with --overwrite")
-        vectors = EmbeddingWriter(job.embeddings, overwrite=job.overwrite)
-    provenance = Provenance.of(card, job.options, source=job.source, files_from=job.files_from)
+    loaded = (stage or local_stage(job))(card)
+    provenance = Provenance.of(card, job.options, source=job.source, files_from=job.files_from, served=loaded.served)
     writer = RowWriter(job.out, fmt=job.fmt, columns=columns, resume=job.resume, overwrite=job.overwrite,
-                       provenance=provenance)
-    exclude = [] if writer.to_stdout else [str(writer.out), str(writer.partial)]
+                       provenance=provenance, embeddings=job.embeddings, embedding_dim=card.embedding_dim)
+    exclude = writer.own_files()  # a run never labels its own output, nor its sidecar's files
     summary = RunSummary()
     try:
+        done = Written(writer.done, provenance.input) if writer.done else writer.done
         files = _pending(scan(job.source, recursive=job.recursive, files_from=job.files_from, exclude=exclude),
-                         writer.done, written_ns=writer.last_written_ns, changed=summary.changed)
+                         done, written_ns=writer.last_written_ns, changed=summary.changed)
     except BaseException:
-        _abandon(writer)
+        writer.abandon()
         raise
     # the total, for a percentage and an ETA: counted by a second walk while the first batches run
     bar = progress("classifying", quiet=job.quiet, count=lambda stop: count(
-        job.source, recursive=job.recursive, files_from=job.files_from, exclude=exclude, skip=writer.done, stop=stop))
+        job.source, recursive=job.recursive, files_from=job.files_from, exclude=exclude, skip=done, stop=stop))
     stop = StopRequested()
     previous = stop.install()
     start = time.perf_counter()
-    batches = classify_files(files)
+    batches = loaded.classify(files)
     try:
         for rows in batches:
-            writer.write(rows)
-            if vectors is not None:
-                vectors.add(rows)
+            writer.write(rows)  # the vectors first, then the rows: one transaction
             summary.add(rows)
             if bar is not None:
                 bar.update(len(rows))
             stop.check()  # after the batch is on disk: what was classified is kept
     except KeyboardInterrupt:
-        if vectors is not None:  # a cut run leaves no half-written vectors
-            vectors.close(complete=False)
         writer.close(complete=False)
         raise Interrupted(writer.rows_written, "stdout" if writer.to_stdout else str(writer.partial)) from None
     except BaseException:  # stopped by an error (a Ray failure, GpuFailure): rows so far are kept for --resume
-        if vectors is not None:
-            vectors.close(complete=False)
-        _abandon(writer)
+        writer.abandon()
         raise
     finally:
         close = getattr(batches, "close", None)
@@ -157,8 +170,6 @@ def run_job(job: RunJob, stage: Stage | None = None) -> RunSummary:
         if bar is not None:
             bar.close()
     writer.close(complete=True)
-    if vectors is not None:
-        vectors.close(complete=True)
     summary.seconds = time.perf_counter() - start
     summary.skipped = len(writer.done)
     return summary

@@ -26,6 +26,7 @@ class InputFile:
     path: str  # what to open (may pass PATH_MAX: open it with fsutil.open_long, as decode_image does)
     rel: str  # the output key: relative to the input root, '/' separators
     error: str = ""  # set when the scan itself failed here (an unreadable folder): the row's reason
+    ident: tuple = ()  # which file this is, whatever the route to it (see _identity); () when unknown
 
 
 PSEUDO_ROOTS = ("/proc", "/sys", "/dev")  # kernel file systems: endless, or they block when read
@@ -123,12 +124,12 @@ def _walk(root: str, root_ident: tuple[int, int], recursive: bool, seen: set[tup
         if kind == "file":
             if os.path.abspath(path) in exclude:
                 continue
+            ident = (*folder.ident, name)
             if files_seen is not None:
-                ident = (*folder.ident, name)
                 if ident in files_seen:
                     continue
                 files_seen.add(ident)
-            yield InputFile(path, rel)
+            yield InputFile(path, rel, ident=ident)
             continue
         if kind != "dir":
             yield InputFile(path, rel, error=kind)
@@ -195,7 +196,30 @@ def _once(files: Iterable[InputFile]) -> Iterator[InputFile]:
         ident = _identity(f.path, folders)
         if ident not in seen:
             seen.add(ident)
-            yield f
+            yield InputFile(f.path, f.rel, f.error, ident)
+
+
+class Written:
+    """The files an output already has rows for: by key, and by identity, so that a file reached by another
+    route than when its row was written (SOURCEs in another order, a folder link added since, a list that spells
+    it otherwise) is still known and never gets a second row.
+
+    ``root`` is the folder the keys are relative to (the output's recorded input). Each key's identity is its
+    folder's (st_dev, st_ino) and its name, as the walk gives it; a key whose folder is gone matches by key only.
+    """
+
+    def __init__(self, keys: set[str], root: str) -> None:
+        self.keys = keys
+        folders: dict[str, tuple[int, int] | None] = {}
+        self.idents = {_identity(os.path.join(root, k), folders) for k in keys}
+
+    def __contains__(self, f: object) -> bool:
+        if isinstance(f, str):
+            return f in self.keys
+        return isinstance(f, InputFile) and (f.rel in self.keys or bool(f.ident) and f.ident in self.idents)
+
+    def __len__(self) -> int:
+        return len(self.keys)
 
 
 def scan_list(stream: TextIO, base: str = ".") -> Iterator[InputFile]:
@@ -238,7 +262,7 @@ def scan(sources: Source | Sequence[Source] | None, *, recursive: bool = True, f
         path, is_dir, _ = roots[0]
         if is_dir:
             return scan_dir(path, recursive=recursive, exclude=exclude)
-        return iter([InputFile(path, os.path.basename(path))])
+        return iter([InputFile(path, os.path.basename(path), ident=_identity(path, {}))])
     return _several(roots, recursive, exclude)
 
 
@@ -279,7 +303,7 @@ def _several(roots: list[tuple[str, bool, str]], recursive: bool, exclude: froze
             ident = _identity(path, folders)
             if ident not in files_seen and os.path.abspath(path) not in exclude:
                 files_seen.add(ident)
-                yield InputFile(path, rel)
+                yield InputFile(path, rel, ident=ident)
             continue
         ident = _stat_ident(path)
         yield from _walk(path, ident, recursive, {ident}, exclude, False,
@@ -300,16 +324,16 @@ def labelled_files(root: str | os.PathLike) -> list[tuple[InputFile, str]]:
 
 
 def count(sources: Source | Sequence[Source] | None, *, recursive: bool = True, files_from: str | None = None,
-          exclude: Iterable[str] = (), skip: Container[str] = frozenset(),
+          exclude: Iterable[str] = (), skip: Container[str] | Written = frozenset(),
           stop: threading.Event | None = None) -> int | None:
-    """How many files ``scan`` lists with these arguments, less those whose key is in ``skip`` (a resume's
-    rows): a progress bar's total, counted by a second walk beside the run. None for stdin (it can be read
-    once only) or when ``stop`` is set first."""
+    """How many files ``scan`` lists with these arguments, less those in ``skip`` (a resume's rows: keys, or
+    ``Written``): a progress bar's total, counted by a second walk beside the run. None for stdin (it can be
+    read once only) or when ``stop`` is set first."""
     if files_from == "-":
         return None
     n = 0
     for f in scan(sources, recursive=recursive, files_from=files_from, exclude=exclude):
         if stop is not None and stop.is_set():
             return None
-        n += f.rel not in skip
+        n += (f not in skip) if isinstance(skip, Written) else (f.rel not in skip)
     return n

@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,22 @@ def _csv_line(cells: list[str]) -> str:
     return buf.getvalue()
 
 
+@dataclass
+class Found:
+    """What a resume finds in an output file: its paths, where its last complete row ends, and the paths of its
+    ok rows in file order (what an ``--embeddings`` sidecar holds vectors for)."""
+
+    done: set[str]
+    end: int
+    ok: list[str]
+    data: bytes | None = None  # the bytes read (a text file), for the cut of a crash's last row
+
+    def add(self, path: str, ok: bool) -> None:
+        self.done.add(path)
+        if ok:
+            self.ok.append(path)
+
+
 def not_ours(path: Path, why: str) -> OutputError:
     return OutputError(f"{path} is not a batchcls output ({why}): it was left as it is; "
                        "choose another --out, or --overwrite to replace it")
@@ -64,24 +81,24 @@ class CsvFormat:
 
 
     @staticmethod
-    def check(data: bytes, path: Path, columns: list[str]) -> tuple[set[str], int]:
+    def check(data: bytes, path: Path, columns: list[str]) -> Found:
         """The paths ``data`` holds and where its last complete row ends, if it is provably a batchcls CSV
         with ``columns``: the header exactly, every complete row as wide with a status. Reads only."""
         header = _csv_line(columns).encode()
         if header.startswith(data):
-            return set(), 0  # nothing, or a crash inside the header
+            return Found(set(), 0, [])  # nothing, or a crash inside the header
         records = csv_records(data, path)
         first = next(records, None)
         if first is None:
             raise not_ours(path, "no header line")
         _check_header(first[0], columns, path)
-        done, end, status = set(), first[1], columns.index("status")
+        found, status = Found(set(), first[1], []), columns.index("status")
         for n, (record, record_end) in enumerate(records, 2):
             if len(record) != len(columns) or record[status] not in ("ok", "error"):
                 raise not_ours(path, f"record {n} does not fit its header")
-            done.add(decode_name(unescape_cell(record[0])))
-            end = record_end
-        return done, end
+            found.add(decode_name(unescape_cell(record[0])), record[status] == "ok")
+            found.end = record_end
+        return found
 
 
 _JSONL_START = b'{"path": '  # every row JsonlFormat writes starts so: path is always the first column
@@ -102,14 +119,14 @@ class JsonlFormat:
 
 
     @staticmethod
-    def check(data: bytes, path: Path, columns: list[str]) -> tuple[set[str], int]:
+    def check(data: bytes, path: Path, columns: list[str]) -> Found:
         """As ``CsvFormat.check``: every complete line a JSON object with exactly ``columns``, and what
         follows the last newline the start of such a line. Reads only."""
         end = jsonl_cut(data, path)
         tail = data[end:]
         if not (tail.startswith(_JSONL_START) or _JSONL_START.startswith(tail)):
             raise not_ours(path, "its last line is not a row")
-        done: set[str] = set()
+        found = Found(set(), end, [])
         for n, line in enumerate(data[:end].split(b"\n"), 1):
             if not line.strip():
                 continue
@@ -120,8 +137,8 @@ class JsonlFormat:
             if not isinstance(row, dict) or not isinstance(row.get("path"), str):
                 raise not_ours(path, f"line {n} is not a row with a path")
             _check_header(list(row), columns, path)
-            done.add(decode_name(row["path"]))
-        return done, end
+            found.add(decode_name(row["path"]), row.get("status") == "ok")
+        return found
 
 
 def _arrow_schema(columns: list[str]):
@@ -141,19 +158,21 @@ class ParquetFormat(JsonlFormat):
 
 
     @staticmethod
-    def check_finished(path: Path, columns: list[str]) -> set[str]:
+    def check_finished(path: Path, columns: list[str]) -> Found:
         """The paths of a finished Parquet OUT, if it is one with ``columns``."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         try:
             names = pq.read_schema(path).names
-            if "path" in names:
-                paths = pq.read_table(path, columns=["path"]).column("path").to_pylist()
+            _check_header(names, columns, path)
+            table = pq.read_table(path, columns=["path", "status"])
         except (pa.ArrowException, OSError) as e:
             raise not_ours(path, f"not a Parquet file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-        _check_header(names, columns, path)
-        return {decode_name(p) for p in paths}
+        found = Found(set(), 0, [])
+        for p, status in zip(table.column("path").to_pylist(), table.column("status").to_pylist()):
+            found.add(decode_name(p), status == "ok")
+        return found
 
     @staticmethod
     def finalize(partial: Path, out: Path, columns: list[str]) -> None:
