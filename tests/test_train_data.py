@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageDraw
 
 from batchcls.decode import decode_image
 from batchcls.presets import EvalPreset, normalize
@@ -30,14 +31,14 @@ def test_split_counts(n, expected):
 
 @pytest.fixture
 def tiny_tree(tmp_path):
-    """3 classes: 'big' 10 images + one byte-identical copy, 'three' 3 images, 'one' 1 image."""
-    src = IMAGES
-    for cls, files in {"big": src[:10], "three": src[10:13], "one": src[13:14]}.items():
-        (tmp_path / cls).mkdir()
+    """3 classes: 'big' 10 images + one byte-identical copy, 'three' 3 images, 'four' 4 images."""
+    src, root = IMAGES, tmp_path / "data"
+    for cls, files in {"big": src[:10], "three": src[10:13], "four": src[13:17]}.items():
+        (root / cls).mkdir(parents=True)
         for f in files:
-            shutil.copy(f, tmp_path / cls / f.name)
-    shutil.copy(src[0], tmp_path / "big" / "zz_copy.jpg")
-    return tmp_path
+            shutil.copy(f, root / cls / f.name)
+    shutil.copy(src[0], root / "big" / "zz_copy.jpg")
+    return root
 
 
 def test_split_dedupes_is_deterministic_and_keeps_tiny_classes(tiny_tree, tmp_path):
@@ -47,13 +48,111 @@ def test_split_dedupes_is_deterministic_and_keeps_tiny_classes(tiny_tree, tmp_pa
     assert m1 == m2
     assert m1["duplicates"] == [[f"big/{IMAGES[0].name}", "big/zz_copy.jpg"]]
     every = [rel for part in ("train", "val", "test") for rel, _ in m1[part]]
-    assert len(every) == len(set(every)) == 14 and "big/zz_copy.jpg" not in every
+    assert len(every) == len(set(every)) == 17 and "big/zz_copy.jpg" not in every
     by_part = {p: {m1["classes"][y] for _, y in m1[p]} for p in ("train", "val", "test")}
-    assert by_part["train"] == {"big", "three", "one"} and "three" in by_part["val"] and "three" in by_part["test"]
-    assert any("tiny classes" in line and "one=1 (1/0/0)" in line for line in logs)
+    assert by_part["train"] == by_part["val"] == by_part["test"] == {"big", "three", "four"}
+    assert any("tiny classes" in line and "three=3 (1/1/1)" in line for line in logs)
     sha = D.write_manifest(m1, tmp_path / "out" / "split.json")
     assert D.load_manifest(tmp_path / "out" / "split.json") == (m1, sha)
     assert D.make_split(tiny_tree, seed=4, log=lambda s: None)["train"] != m1["train"]
+
+
+def _png_rgba(path, colour):
+    img = Image.new("RGBA", (120, 90), (0, 0, 0, 0))
+    ImageDraw.Draw(img).ellipse([20, 10, 100, 80], fill=colour)
+    img.save(path)
+
+
+@pytest.fixture
+def users_folder(tmp_path):
+    """A folder as people have them: every format oddity, nested subfolders, junk, names in any script."""
+    root = tmp_path / "drawings"
+    (root / "red ball" / "2023" / "march").mkdir(parents=True)
+    (root / "grün").mkdir()
+    (root / "猫").mkdir()
+    (root / ".git").mkdir()
+    (root / "__MACOSX" / "red ball").mkdir(parents=True)
+    for i in range(3):
+        _png_rgba(root / "red ball" / f"a{i}.png", (220 + 10 * i, 20, 20, 255))  # alpha: composited over white
+    _png_rgba(root / "red ball" / "2023" / "march" / "deep.png", (200, 30, 30, 255))  # nested: still 'red ball'
+    Image.new("L", (64, 48), 90).save(root / "grün" / "grey.jpg")  # greyscale
+    Image.new("CMYK", (50, 70), (0, 200, 200, 0)).save(root / "grün" / "cmyk.jpg")  # CMYK
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: upright only once the orientation is applied
+    Image.new("RGB", (80, 40), (10, 150, 10)).save(root / "grün" / "rotated.jpg", exif=exif)
+    Image.new("RGB", (640, 480), (20, 160, 20)).save(root / "grün" / "big.webp")  # mixed sizes
+    Image.new("RGB", (31, 17), (0, 0, 200)).save(root / "猫" / "small.bmp")
+    Image.new("RGB", (31, 17), (0, 0, 180)).save(root / "猫" / "b.png")
+    Image.new("RGB", (300, 17), (0, 0, 160)).save(root / "猫" / "c.tiff")
+    (root / "猫" / "notes.txt").write_text("not an image")  # non-image files: counted, skipped
+    (root / "猫" / "Thumbs.db").write_bytes(b"\0" * 64)
+    (root / "猫" / ".DS_Store").write_bytes(b"\0" * 64)  # hidden: not data at all
+    (root / "猫" / "broken.jpg").write_bytes(IMAGES[0].read_bytes()[:400])  # truncated JPEG: unreadable
+    (root / "猫" / "empty.png").write_bytes(b"")
+    (root / "猫" / "c.gif").write_bytes(b"GIF89a garbage")
+    (root / ".git" / "x.png").write_bytes(IMAGES[0].read_bytes())
+    (root / "__MACOSX" / "red ball" / "._a0.png").write_bytes(b"resource fork")
+    (root / "README.md").write_text("my drawings")
+    return root
+
+
+def test_a_users_folder_splits_with_one_line_for_what_was_skipped(users_folder):
+    logs = []
+    m = D.make_split(users_folder, seed=0, log=logs.append)
+    assert m["classes"] == ["grün", "red ball", "猫"]  # sorted; spaces and any script are fine
+    every = {rel: y for part in ("train", "val", "test") for rel, y in m[part]}
+    assert every["red ball/2023/march/deep.png"] == m["classes"].index("red ball")  # nested belongs to its class
+    assert set(every) == {"red ball/a0.png", "red ball/a1.png", "red ball/a2.png", "red ball/2023/march/deep.png",
+                          "grün/grey.jpg", "grün/cmyk.jpg", "grün/rotated.jpg", "grün/big.webp",
+                          "猫/small.bmp", "猫/b.png", "猫/c.tiff"}
+    skipped = [line for line in logs if line.startswith("scan:")]
+    assert len(skipped) == 1, logs
+    assert "3 non-image file(s)" in skipped[0] and "3 unreadable image(s)" in skipped[0]
+    assert m["skipped"]["non_image"] == 3 and set(m["skipped"]["unreadable"]) == {
+        "猫/broken.jpg", "猫/empty.png", "猫/c.gif"}
+    # every listed file decodes as the runtime decodes it: alpha over white, EXIF applied, grey/CMYK to RGB
+    red = decode_image(users_folder / "red ball" / "a0.png")
+    assert red.mode == "RGB" and red.getpixel((2, 2)) == (255, 255, 255)
+    assert decode_image(users_folder / "grün" / "rotated.jpg").size == (40, 80)
+    assert decode_image(users_folder / "grün" / "cmyk.jpg").mode == "RGB"
+
+
+def test_a_class_too_small_to_split_says_how_many_are_needed(users_folder):
+    (users_folder / "one dog").mkdir()
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(users_folder / "one dog" / "x.png")
+    shutil.copy(users_folder / "one dog" / "x.png", users_folder / "one dog" / "same bytes.png")
+    with pytest.raises(ValueError, match=r"'one dog' has 1; every class needs at least 3 distinct, readable images"):
+        D.make_split(users_folder, log=lambda s: None)
+
+
+def test_review_folders_join_train_only_and_never_a_val_or_test_file(tiny_tree, tmp_path):
+    """`batchcls review` output (label folders, _manifest.csv, unknown/, _errors/) as EXTRA: train only."""
+    plain = D.make_split(tiny_tree, seed=1, log=lambda s: None)
+    review = tmp_path / "review"
+    for folder in ("three", "four", "unknown", "_errors", "not a class"):
+        (review / folder).mkdir(parents=True)
+    val_file, test_file = plain["val"][0][0], plain["test"][0][0]
+    shutil.copy(tiny_tree / val_file, review / "four" / "moved_from_val.jpg")  # a val image, relabelled: dropped
+    shutil.copy(tiny_tree / test_file, review / "three" / "was_test.jpg")  # a test image: dropped
+    new = IMAGES[20:23]
+    shutil.copy(new[0], review / "three" / "new0.jpg")
+    shutil.copy(new[1], review / "four" / "new1.jpg")
+    shutil.copy(new[1], review / "four" / "new1~2.jpg")  # the same bytes twice: once
+    shutil.copy(new[2], review / "unknown" / "u.jpg")  # declined rows are no class
+    shutil.copy(new[2], review / "not a class" / "v.jpg")
+    (review / "_errors" / "bad.jpg").write_bytes(b"junk")
+    (review / "_manifest.csv").write_text("file,path,label,confidence,error\n")
+    logs = []
+    m = D.make_split(tiny_tree, seed=1, extra=review, log=logs.append)
+    assert m["val"] == plain["val"] and m["test"] == plain["test"]  # the measuring splits never move
+    added = m["train"][len(plain["train"]):]
+    assert m["train"][:len(plain["train"])] == plain["train"]
+    assert sorted((Path(p).name, m["classes"][y]) for p, y in added) == [("new0.jpg", "three"), ("new1.jpg", "four")]
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p, _ in added)
+    assert m["extra"]["added"] == 2 and m["extra"]["already_in_data"] == 2
+    assert any("unknown/" in line and "not a class/" in line for line in logs)
+    # the manifest's paths resolve wherever it is read: root / absolute is the absolute path
+    assert all((Path(m["root"]) / p).is_file() for p, _ in m["train"])
 
 
 def test_missing_data_folder_is_one_clear_error(tmp_path):
