@@ -5,16 +5,19 @@ card's temperature after it happen here, once, so all backends give the same pro
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
 from batchcls.backends import Backend
+from batchcls.backends.record import read_record
 from batchcls.card import UNKNOWN_LABEL, ModelCard, check_against_model
 from batchcls.decode_stage import DecodedBatch
 from batchcls.errors import GpuFailure, ModelError, first_line
-from batchcls.openset import OpenSet
+from batchcls.openset import Decisions, OpenSet
 from batchcls.presets import EvalPreset, normalize
 
 TTA_MODES = ("none", "flip")  # flip: the mean of the image's and its mirror's probabilities; None: the card's choice
@@ -43,6 +46,34 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
+def served_model(card: ModelCard, backend: Backend) -> Path:
+    """The model file whose numbers ``backend`` computes: the decision's statistics are fitted per file.
+
+    A backend that runs the bundle's weights another way (PyTorch's model.pt2) names the file it matches in
+    ``decision_model``; ONNX Runtime runs ``model_path`` itself."""
+    name = getattr(backend, "decision_model", None)
+    if name:
+        return Path(card.bundle_dir) / name
+    path = getattr(backend, "model_path", None)
+    return Path(path) if path else card.onnx_path
+
+
+def load_decision(card: ModelCard, backend: Backend, tta: str) -> OpenSet | None:
+    """The open-set decision fitted for what serves (model file x TTA), or None for a bundle without one.
+
+    Decisions ``make engine`` fitted for this machine's own builds live in its record beside the card."""
+    extra = read_record(card).get("openset", []) if card.bundle_dir else []
+    decisions = Decisions.from_card(card, extra=extra if isinstance(extra, list) else [])
+    if decisions is None:
+        return None
+    oset = decisions.load(served_model(card, backend), tta)
+    if not oset.passed:
+        print(f"warning: the open-set decision for {oset.config.get('model')} with --tta {tta} did not pass its gate "
+              f"({oset.config.get('gate', {}).get('reason', 'no gate recorded')}): its unknown labels are less "
+              "reliable", file=sys.stderr)
+    return oset
+
+
 class Classifier:
     """A card and a backend: uint8 images in, calibrated probabilities and result rows out."""
 
@@ -55,7 +86,7 @@ class Classifier:
         self.backend = backend
         self.preset = EvalPreset.from_card(card)
         self.tta = tta
-        self.open_set = OpenSet.from_card(card) if open_set else None  # None: no decision (off, or none in the bundle)
+        self.open_set = load_decision(card, backend, tta) if open_set else None  # None: off, or none in the bundle
         if self.open_set is not None and self.open_set.needs_features and not getattr(backend, "has_features", hasattr(backend, "embed")):
             raise ModelError(f"the open-set decision of {card.bundle_dir} reads the model's 'features' output, which "
                              f"backend {getattr(backend, 'name', backend)} does not give: re-export the bundle, or "
@@ -83,7 +114,7 @@ class Classifier:
         return self.outputs(images).probs
 
     def wants_features(self, open_set: bool, embeddings: bool = False) -> bool:
-        return embeddings or (open_set and self.open_set is not None)
+        return embeddings or (open_set and self.open_set is not None and self.open_set.needs_features)
 
     def rows(self, batch: DecodedBatch, *, top_k: int = 1, threshold: float | None = None, probs: bool = False,
              open_set: bool = True, open_set_cut: float | None = None,
@@ -99,14 +130,14 @@ class Classifier:
         error row; it is no output column (writers pick their columns), ``--embeddings`` and the API read it.
         """
         decide = open_set and self.open_set is not None
-        want = decide or embeddings
+        want = self.wants_features(open_set, embeddings)
         if embeddings and not getattr(self.backend, "has_features", hasattr(self.backend, "embed")):
             raise ModelError("this model has no 'features' output, which embeddings need: re-export the bundle "
                              "with train/ (python -m train.export)")
         try:
             out = probabilities() if probabilities is not None else self.outputs(batch.images, features=want)
             out = out if isinstance(out, Outputs) else Outputs(out)
-            known = self.open_set.known_score(out.logits, out.features) if decide else None  # type: ignore[union-attr]
+            known = self.open_set.known_score(out.probs, out.logits, out.features) if decide else None  # type: ignore[union-attr]
             infer_error = None
         except GpuFailure:  # out of memory or a CUDA error state: every later batch would fail too
             raise
@@ -127,8 +158,11 @@ class Classifier:
                     order = np.argsort(-p, kind="stable")[:max(top_k, 1)]
                     top = float(p[order[0]])
                     label = self.card.classes[order[0]]
-                    unknown = (threshold is not None and top < threshold) or (known is not None and known[i] < cut)
-                    row.update(label=UNKNOWN_LABEL if unknown else label, confidence=top, status="ok")
+                    declined = known is not None and known[i] < cut
+                    unknown = declined or (threshold is not None and top < threshold)
+                    # a declined row's confidence is that of its label: P(none of the classes) = 1 - known_score
+                    confidence = float(1.0 - known[i]) if declined else top  # type: ignore[index]
+                    row.update(label=UNKNOWN_LABEL if unknown else label, confidence=confidence, status="ok")
                     if threshold is not None or known is not None:
                         row["model_label"] = label
                     if known is not None:

@@ -53,7 +53,7 @@ def int8_bundle(model: str, tmp: Path) -> tuple[str | None, str]:
     copy.mkdir()
     card = load_card(model)
     shutil.copy(card.onnx_path, copy / card.onnx)
-    # without the open-set decision: its statistics describe the FP32 model, which keeps INT8 out (docs/openset.md)
+    # without the open-set decision: a decision is fitted per model file, and this copy has no split to fit on
     data = json.loads((Path(model) / "card.json").read_text())
     data["openset"] = {}
     (copy / "card.json").write_text(json.dumps(data))
@@ -75,8 +75,12 @@ def fp32_bundle(model: str, tmp: Path) -> str:
     card = load_card(model)
     shutil.copy(Path(model) / "card.json", copy / "card.json")
     shutil.copy(card.onnx_path, copy / card.onnx)
-    if card.openset:
-        shutil.copy(Path(model) / card.openset["file"], copy / card.openset["file"])
+    data = json.loads((Path(model) / "card.json").read_text())
+    configs = [c for c in (card.openset or {}).get("configs", []) if c.get("model") == card.onnx]
+    for c in configs:  # the decision fitted on this very file, for each TTA mode
+        shutil.copy(Path(model) / c["file"], copy / c["file"])
+    data["openset"] = {"configs": configs} if configs else {}
+    (copy / "card.json").write_text(json.dumps(data))
     return str(copy)
 
 

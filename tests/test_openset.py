@@ -10,8 +10,9 @@ import pytest
 from faults import run_cli
 
 import batchcls
+from batchcls.backends.record import file_sha256
 from batchcls.card import load_card
-from batchcls.openset import OPENSET_FILE, OpenSet
+from batchcls.openset import Decisions
 from batchcls.output import read_rows
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,12 +38,30 @@ def model():
     return batchcls.load(device="cpu")
 
 
-def test_the_shipped_bundle_carries_a_decision_chosen_on_validation():
+def shipped_cut(tta: str | None = None) -> float:
     card = load_card(SHIPPED)
-    spec = card.openset
-    assert spec["method"] and spec["file"] == OPENSET_FILE and 0 < spec["cut"] < 0.05
-    oset = OpenSet.from_card(card)
-    assert oset is not None and oset.cut == spec["cut"]
+    return Decisions.from_card(card).load(card.onnx_path, tta or card.tta).cut
+
+
+def test_the_shipped_bundle_carries_a_gated_decision_for_every_tta_mode():
+    card = load_card(SHIPPED)
+    decisions = Decisions.from_card(card)
+    for tta in ("none", "flip"):
+        oset = decisions.load(card.onnx_path, tta)  # keyed by the model file's sha256 and the mode
+        assert 0 < oset.cut < 1 and oset.passed, oset.config["gate"]
+        gate = oset.config["gate"]
+        assert max(gate["flagged"].values()) <= 0.01 and gate["foreign_flagged"] >= 0.95
+        assert len(gate["flagged"]) >= 4  # full size and half size made several ways
+
+
+def test_a_model_file_without_its_own_decision_is_refused_in_one_line(tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(SHIPPED, bundle, ignore=shutil.ignore_patterns("model.pt2", "results", "*.opt.onnx", "engines.json"))
+    card = load_card(bundle)
+    other = bundle / "other.onnx"
+    other.write_bytes((bundle / "model.onnx").read_bytes() + b"\0")  # another file: another sha256
+    with pytest.raises(batchcls.ModelError, match="not fitted for other.onnx.*train.decision"):
+        Decisions.from_card(card).load(other, "none")
 
 
 def test_foreign_images_are_unknown_and_real_frames_keep_their_label(mixed, tmp_path):
@@ -51,7 +70,7 @@ def test_foreign_images_are_unknown_and_real_frames_keep_their_label(mixed, tmp_
     assert r.returncode == 0, r.stderr.decode()
     rows = {row["path"]: row for row in read_rows(out)}
     assert len(rows) == 40 + len(FOREIGN_FILES)
-    cut = load_card(SHIPPED).openset["cut"]
+    cut = shipped_cut()
     foreign = {name: rows[f"foreign/{name}"] for name in FOREIGN_FILES}
     for name, row in foreign.items():  # the decision and its score agree, and the model's guess is kept
         assert (row["label"] == "unknown") == (float(row["known_score"]) < cut), (name, row)
@@ -80,7 +99,7 @@ def test_the_cut_moves_the_operating_point(mixed, tmp_path):
         assert run_cli("run", mixed, "--out", out, "--format", "jsonl", "--quiet", "--open-set-cut", cut).returncode == 0
         return sum(r["label"] == "unknown" for r in read_rows(out))
     assert unknowns("0") == 0
-    assert unknowns("1") >= 40 + len(FOREIGN_FILES) - 2  # only the very top of validation scores above 1.0's cut
+    assert unknowns("0.99") > unknowns("0")  # a higher cut declines more
     r = run_cli("run", mixed, "--out", tmp_path / "bad.csv", "--open-set-cut", "1.5")
     assert r.returncode == 2 and b"1.5" in r.stderr
 
@@ -104,7 +123,8 @@ def test_an_in_memory_foreign_image_is_unknown_through_the_api(model):
 
     wheel = Image.open(FOREIGN / "colour_wheel.png")
     row = model.predict(wheel)
-    assert row["label"] == "unknown" and row["known_score"] < model.card.openset["cut"]
+    assert row["label"] == "unknown" and row["known_score"] < shipped_cut()
+    assert row["confidence"] == pytest.approx(1 - row["known_score"])  # the confidence of the row's own label
     assert model.predict(wheel, open_set=False)["label"] != "unknown"
 
 
@@ -119,10 +139,12 @@ def test_eval_reports_coverage_and_accuracy_on_the_rows_it_keeps(tmp_path):
 def test_a_changed_statistics_file_is_refused_in_one_line(tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(SHIPPED, bundle, ignore=shutil.ignore_patterns("model.pt2", "results", "*.opt.onnx", "engines.json"))
-    with np.load(bundle / OPENSET_FILE) as z:
+    card = load_card(bundle)
+    stats = bundle / Decisions.from_card(card).find(file_sha256(bundle / "model.onnx"), card.tta)["file"]
+    with np.load(stats) as z:
         arrays = {k: z[k] for k in z.files}
-    arrays["q_levels"] = arrays["q_levels"][::-1].copy()
-    np.savez(bundle / OPENSET_FILE, **arrays)
+    arrays["coef"] = -arrays["coef"]
+    np.savez(stats, **arrays)
     r = run_cli("run", SAMPLES, "--out", tmp_path / "x.csv", "--model", bundle)
     assert r.returncode == 1
     err = r.stderr.decode().strip()
@@ -138,7 +160,7 @@ def test_the_model_describes_its_two_outputs_for_other_runtimes():
     meta = sess.get_modelmeta().custom_metadata_map
     assert "features" in meta["output"]
     card = json.loads((SHIPPED / "card.json").read_text())
-    assert card["openset"]["sha256"]
+    assert all(c["sha256"] and c["model_sha256"] for c in card["openset"]["configs"])
 
 
 def test_watch_moves_a_foreign_image_to_unknown_and_a_frame_to_its_class(tmp_path):

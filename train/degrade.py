@@ -1,77 +1,19 @@
-"""What users' tools do to a frame: shrink it with some resampling filter, re-encode it as JPEG, blur it.
-
-One module for both sides of the same question, so they cannot drift apart:
+"""What users' tools do to a frame, as random training augmentation.
 
 - ``Degrade``: training augmentation. Each image of a uint8 batch is, at random, shrunk to 0.3-1.0 of its side
   with one of five resampling filters and scaled back up, re-encoded as JPEG at quality 30-95, blurred, given
   sensor noise and a colour shift. A model trained on it has seen whatever a user's tool does to a frame.
-- ``CONDITIONS`` / ``degraded_bytes``: the fixed copies of validation and test frames that every choice is
-  checked on (half size with several filters and JPEG qualities), made as a user would make them: from the
-  file on disk, shrunk, saved as a JPEG, then read by the runtime like any other file.
+- ``batchcls.builders.conditions``: the fixed copies of validation and test frames that every choice is checked
+  on (half size with the same filters and several JPEG qualities), made as a user would make them.
 """
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
-FILTERS = {"nearest": Image.Resampling.NEAREST, "box": Image.Resampling.BOX, "bilinear": Image.Resampling.BILINEAR,
-           "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
-
-
-@dataclass(frozen=True)
-class Condition:
-    """One way a frame reaches the model: its side scaled by ``scale`` with ``filter``, saved at JPEG ``quality``
-    (``scale`` 1 and ``quality`` 0: the file as it is)."""
-
-    name: str
-    scale: float = 1.0
-    filter: str = "bilinear"
-    quality: int = 0
-
-
-# Every decision is fitted and gated on all of these; the tables in docs/ report each.
-CONDITIONS = (
-    Condition("full"),
-    Condition("half-bilinear-q90", 0.5, "bilinear", 90),
-    Condition("half-box-q70", 0.5, "box", 70),
-    Condition("half-lanczos-q85", 0.5, "lanczos", 85),
-    Condition("half-bicubic-q60", 0.5, "bicubic", 60),
-    Condition("half-nearest-q80", 0.5, "nearest", 80),
-)
-CONDITION_NAMES = tuple(c.name for c in CONDITIONS)
-
-
-def by_name(name: str) -> Condition:
-    for c in CONDITIONS:
-        if c.name == name:
-            return c
-    raise ValueError(f"unknown condition {name!r}: choose one of {', '.join(CONDITION_NAMES)}")
-
-
-def shrink(image: Image.Image, scale: float, resample: int) -> Image.Image:
-    w, h = image.size
-    return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample)
-
-
-def jpeg(image: Image.Image, quality: int) -> bytes:
-    buf = io.BytesIO()
-    image.convert("RGB").save(buf, "JPEG", quality=int(quality))
-    return buf.getvalue()
-
-
-def degraded_bytes(path: str, condition: Condition) -> bytes:
-    """The encoded file a user would send under ``condition``: read, shrunk, saved as JPEG (or as it is)."""
-    if condition.scale == 1.0 and not condition.quality:
-        with open(path, "rb") as f:
-            return f.read()
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if condition.scale != 1.0:
-            im = shrink(im, condition.scale, FILTERS[condition.filter])
-        return jpeg(im, condition.quality or 95)
+from batchcls.builders.conditions import FILTERS, jpeg, shrink
 
 
 class Degrade:

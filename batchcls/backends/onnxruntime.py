@@ -10,9 +10,11 @@ import numpy as np
 
 from batchcls.backends.record import (
     cpu_family,
+    file_sha256,
     int8_path,
     local_cpu_engine,
     opt_path,
+    read_record,
     shipped_int8,
     shipped_int8_path,
     shipped_probe_path,
@@ -95,12 +97,19 @@ def cpu_model_path(card: ModelCard) -> Path:
 
 
 def _open_set_fits(card: ModelCard, model: Path) -> bool:
-    """Were the bundle's open-set statistics fitted on this model file (or is there no decision to keep)?
+    """Does ``model`` have an open-set decision of its own that passed its gate (or is there none to keep)?
 
-    INT8 moves the intermediate activations the texture statistics read: statistics fitted on FP32 flag
-    several times more real frames when an INT8 model computes them, so INT8 runs only where it was fitted."""
+    INT8 moves the signals the decision reads, so each model file has its own fitted statistics
+    (``batchcls.openset.Decisions``); a file whose decision is missing or failed its gate does not serve
+    by default when its FP32 sibling's passed."""
     spec = card.openset
-    return not spec or spec.get("model", card.onnx) == model.name
+    if not spec:
+        return True
+    extra = read_record(card).get("openset", [])
+    entries = [*spec.get("configs", []), *(extra if isinstance(extra, list) else [])]
+    sha = file_sha256(model)
+    return any(isinstance(e, dict) and e.get("model_sha256") == sha and e.get("tta") == card.tta
+               and e.get("gate", {}).get("passed") for e in entries)
 
 
 def checks_cache() -> Path:

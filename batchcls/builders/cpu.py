@@ -428,6 +428,9 @@ def build_cpu_engines(card: ModelCard, *, val_dir: str | None = None, calib_dir:
             entry.update(int8_kept=kept, validation={"source": str(val_dir or "split manifest: val"), **judged},
                          tolerance_points=tolerance_points, accuracy_tolerance_points=acc_tolerance_points,
                          int8_reason=gate_reason(judged, tolerance_points, acc_tolerance_points))
+    if entry["int8_kept"] and card.openset:
+        entry["int8_openset"] = fit_int8_decision(card, shipped_int8_path(card) if ship else int8_path(card),
+                                                  local=not ship, log=log)
     entry["build_seconds"] = round(time.perf_counter() - start, 1)
     if ship:
         _ship(card, entry, calib)
@@ -436,6 +439,19 @@ def build_cpu_engines(card: ModelCard, *, val_dir: str | None = None, calib_dir:
     verdict = "kept" if entry["int8_kept"] else "not used"
     log(f"INT8 {verdict}: {entry['int8_reason']}")
     return entry
+
+
+def fit_int8_decision(card: ModelCard, model: Path, *, local: bool, log: Callable[[str], None]) -> str:
+    """The open-set decision fitted on the INT8 model itself (its signals are not FP32's), where the validation
+    split and the foreign images are at hand; else INT8 serves only with the decision off, and this says so."""
+    from batchcls.builders.decision import fit_decision
+
+    try:
+        result = fit_decision(card.bundle_dir, models=[model], local=local, log=log)
+    except InputError as e:
+        log(f"INT8: no open-set decision of its own ({e}); runs with the decision on use {card.onnx}")
+        return "not fitted"
+    return "fitted, gate passed" if result["passed"] else "fitted, gate failed"
 
 
 def _ship(card: ModelCard, entry: dict, calib: list[InputFile]) -> None:
