@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -97,22 +98,56 @@ def test_metrics_and_temperature():
     assert ece(softmax(over, t), labels) < ece(softmax(over), labels)
 
 
-def test_budget_cuts_epochs_only_when_the_measured_speed_needs_it():
-    from train.pipeline import RECIPES, fit_budget
+def _plan(n_train, n_val=0, n_test=0, *, budget_min, train_ips=40.0, eval_ips=120.0):
+    from train.pipeline import Plan
+
+    return Plan(budget_min * 60, train_ips, eval_ips, n_train, n_val or n_train // 5, n_test or n_train // 5,
+                decision=True, foreign_cached=True)
+
+
+def test_the_budget_plans_epochs_from_the_measured_speed():
+    from train.pipeline import MAX_EPOCHS, MIN_EPOCHS, RECIPES, planned_epochs
     from train.train import TrainConfig
 
-    def config(name):
-        return TrainConfig(model=name, **RECIPES[name])
-    names = ["efficientnet_lite0", "efficientnet_lite2"]
+    big = TrainConfig(model="efficientnet_lite0", **RECIPES["efficientnet_lite0"])
+    plan = _plan(14461, 3102, 3102, budget_min=66, train_ips=48.0)
+    # a large split: the recipe's epochs when they fit, fewer when the share is short, none below MIN_EPOCHS
+    assert planned_epochs(big, plan, "efficientnet_lite0", 60 * 60) == big.epochs
+    assert MIN_EPOCHS <= planned_epochs(big, plan, "efficientnet_lite0", 30 * 60) < big.epochs
+    assert planned_epochs(big, plan, "efficientnet_lite0", 8 * 60) == 0
+    # a slower model (Lite2 ~2.5x a Lite0 image) gets fewer epochs of the same share
+    lite2 = TrainConfig(model="efficientnet_lite2", **RECIPES["efficientnet_lite2"], epochs_this_run=0)
+    assert planned_epochs(replace(lite2, epochs=9), plan, "efficientnet_lite0", 30 * 60) < \
+        planned_epochs(big, plan, "efficientnet_lite0", 30 * 60)
+    # a small split: more epochs than the recipe's (enough steps), capped
+    small = replace(big, batch_size=32)
+    few = _plan(300, 65, 65, budget_min=6)
+    assert big.epochs < planned_epochs(small, few, "efficientnet_lite0", 60 * 60) <= MAX_EPOCHS
+    assert MIN_EPOCHS <= planned_epochs(small, few, "efficientnet_lite0", 3 * 60) < MAX_EPOCHS
+
+
+def test_the_reserve_after_training_grows_with_the_work():
+    plan = _plan(300, 65, 65, budget_min=6)
+    assert plan.after_training_s(1) < plan.after_training_s(2)
+    assert plan.after_training_s(1) < replace(plan, foreign_cached=False).after_training_s(1)
+    assert replace(plan, decision=False).after_training_s(1) < plan.after_training_s(1)
+
+
+def test_the_search_runs_only_where_it_can_say_something():
+    import argparse
+
+    from train.pipeline import SMOKE_GRID, search_grid
+    from train.search import GRID
+
+    args = argparse.Namespace(smoke=False)
     logs = []
-    # the CI machine's ~48 img/s (128 px, stem frozen), 60 of the 66 min left after the cache and the search:
-    # lite0's 9 epochs fit with their EMA val passes; lite2 is re-planned later
-    assert fit_budget(names, config, 48.0, 14461, 3102, 60 * 60, logs.append) == {}
-    # the EMA's val pass is counted: 52 min fitted 9 epochs without it, they do not with it
-    assert fit_budget(names, config, 48.0, 14461, 3102, 52 * 60, logs.append) == {"efficientnet_lite0": 8}
-    slow = fit_budget(names, config, 10.0, 14461, 3102, 53 * 60, logs.append)
-    assert slow == {"efficientnet_lite0": 1}  # only the first model is cut here
-    assert "epochs cut" in logs[-1]
+    assert search_grid(args, None, 3600, logs.append) == GRID  # no budget: as asked
+    assert search_grid(argparse.Namespace(smoke=True), None, 60, logs.append) == SMOKE_GRID
+    assert search_grid(args, _plan(300, budget_min=6), 300, logs.append) is None and "fewer than" in logs[-1]
+    big = _plan(14461, 3102, 3102, budget_min=66, train_ips=48.0)
+    assert search_grid(args, big, 60 * 60, logs.append) == GRID
+    assert search_grid(args, big, 12 * 60, logs.append) == {"lr": GRID["lr"]} and "shrunk" in logs[-1]
+    assert search_grid(args, big, 5 * 60, logs.append) is None and "skipped" in logs[-1]
 
 
 def test_progressive_resizing_grows_then_trains_the_served_size():
@@ -126,22 +161,6 @@ def test_progressive_resizing_grows_then_trains_the_served_size():
     search_trial = TrainConfig(epochs=1, input_size=128, start_size=96)
     assert epoch_input_size(0, search_trial) == 128 and schedule_cost(search_trial) == 1.0
     assert [epoch_input_size(e, TrainConfig(epochs=9, input_size=128, start_size=0)) for e in range(9)] == [128] * 9
-
-
-def test_remaining_budget_replans_the_next_model():
-    from train.pipeline import RECIPES, fit_remaining
-    from train.train import TrainConfig
-
-    def config(name):
-        return TrainConfig(model=name, **RECIPES[name])
-    logs = []
-    args = (["efficientnet_lite2"], config)
-    assert fit_remaining(*args, 90.0, 14461, 3102, 40 * 60, logs.append) == {}
-    assert fit_remaining(*args, 40.0, 14461, 3102, 22 * 60, logs.append) == {"epochs": 1, "start_size": 0}
-    short = fit_remaining(*args, 16.0, 14461, 3102, 30 * 60, logs.append)
-    assert short["epochs"] == 1 and 40 <= short["max_steps"] < 226 and "one-cycle" in logs[-1]
-    assert short["start_size"] == 0  # a cut schedule trains at the served size throughout
-    assert fit_remaining(*args, 16.0, 14461, 3102, 10 * 60, logs.append) is None and "SKIPPING" in logs[-1]
 
 
 def test_cached_search_is_reused_only_for_the_same_trials():

@@ -18,8 +18,8 @@ TINY = ["--data", str(SAMPLES), "--input_size", "64", "--epochs", "1", "--batch_
         "--progress", "false"]
 
 
-def _run(args, **kw):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+def _run(args, env_extra=None, **kw):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, **kw)
 
 
@@ -62,20 +62,44 @@ def test_unknown_model_is_one_line(tmp_path):
         "error: unknown model 'resnet9000': choose one of efficientnet_lite0, efficientnet_lite2, efficientnetv2_b0, vgg16"]
 
 
+@pytest.fixture(scope="session")
+def foreign_cache(request, tmp_path_factory) -> Path:
+    """The foreign image sets a run builds once per user, built once per machine for the tests (pytest's
+    cache), so the smoke's time is the pipeline's."""
+    import importlib.util
+
+    cache_plugin = getattr(request.config, "cache", None)
+    cache = Path(cache_plugin.mkdir("batchcls_cache")) if cache_plugin else tmp_path_factory.mktemp("cache")
+    if importlib.util.find_spec("train.foreign") is not None:
+        from train import pipeline
+
+        os.environ["BATCHCLS_CACHE"] = str(cache)
+        try:
+            pipeline.foreign_sets(print)
+        finally:
+            del os.environ["BATCHCLS_CACHE"]
+    return cache
+
+
 @pytest.mark.slow
-def test_smoke_pipeline_end_to_end(tmp_path):
-    """split -> search -> train -> eval -> calibrate -> export -> ORT parity, on the sample images."""
+def test_smoke_pipeline_end_to_end(tmp_path, foreign_cache):
+    """split -> probe -> search -> train -> eval -> calibrate -> serving -> export -> decision -> results page."""
+    import importlib.util
+
     t = time.time()
     r = _run([sys.executable, "-m", "train", "--smoke", "--data", str(SAMPLES), "--out", str(tmp_path / "run"),
-              "--export", str(tmp_path / "engine")])
+              "--export", str(tmp_path / "engine")], env_extra={"BATCHCLS_CACHE": str(foreign_cache)})
     assert r.returncode == 0, r.stderr[-3000:]
     assert time.time() - t < 180
     run, engine = tmp_path / "run", tmp_path / "engine"
-    for f in ("split.json", "search/search.csv", "results.md", "results.csv",
+    for f in ("split.json", "search/search.csv", "results.md", "results.csv", "serving.json", "served.json",
+              "efficientnet_lite0/probe/ckpt_best.pt", "efficientnet_lite0/probe/metrics.json",
               "efficientnet_lite0/raw/per_class.csv", "efficientnet_lite0/ema/confusion.png",
-              "efficientnet_lite0/raw/reliability.png", "efficientnet_lite2/ema/metrics.json"):
+              "efficientnet_lite0/raw/reliability.png"):
         assert (run / f).is_file(), f
-    assert "ONNX Runtime vs PyTorch" in r.stdout
+    assert "ONNX Runtime vs PyTorch" in r.stdout and "probe: efficientnet_lite0 linear head" in r.stdout
+    assert r.stdout.strip().splitlines()[-1] == f"use it: batchcls run IMAGES --model {engine} --out labels.csv"
+    assert not list(tmp_path.glob(".engine*"))  # the bundle was moved into place whole
 
     import onnxruntime as ort
 
@@ -83,14 +107,27 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     from batchcls.decode import decode_image
     from batchcls.presets import EvalPreset, normalize
     card = load_card(engine)
+    assert card.name == "simpsons"  # named after the data folder (samples/simpsons)
     assert card.classes == sorted(p.name for p in SAMPLES.iterdir() if p.is_dir())
-    assert card.input_size == 64 and card.resize_mode == "squash" and card.mean == [0.5] * 3
-    assert card.temperature > 0 and set(card.metrics) >= {"val_nll", "val_macro_f1", "test_macro_f1", "test_ece_calibrated"}
-    assert set(card.training) >= {"git_commit", "command", "dataset", "split_manifest_sha256", "date", "weights"}
+    assert card.input_size in (64, 72, 80, 88, 96) and card.tta in ("none", "flip")  # chosen on validation
+    assert card.resize_mode == "squash" and card.mean == [0.5] * 3
+    assert card.temperature > 0 and set(card.metrics) >= {"val_nll", "val_macro_f1", "test_macro_f1", "test_ece_calibrated",
+                                                           "served"}
+    assert set(card.training) >= {"git_commit", "command", "dataset", "split_manifest_sha256", "date", "weights",
+                                  "linear_probe"}
     table = (run / "results.csv").read_text().splitlines()
-    assert table[0].startswith("model,weights,") and "val_nll" in table[0] and len(table) == 1 + 4  # 2 models x raw/EMA
-    assert card.training["weights"] in ("raw", "ema")
+    assert table[0].startswith("model,weights,") and "val_nll" in table[0] and len(table) == 1 + 3  # probe, raw, EMA
+    assert card.training["weights"] in ("probe", "raw", "ema")
     assert len(card.onnx_sha256) == 64 and (engine / "results" / "results.md").is_file()
+    # the results page: per-class F1, the confusion matrix and the reliability diagram, as served
+    page = (engine / "results" / "README.md").read_text()
+    assert page.startswith("# simpsons\n") and "| class | test images | precision | recall | F1 |" in page
+    assert all(f"| {c} |" in page for c in card.classes) and "linear probe" in page
+    for png in ("confusion.png", "reliability.png"):
+        assert (engine / "results" / png).stat().st_size > 1000 and f"]({png})" in page
+    # the open-set decision, where train/decision.py is installed
+    if importlib.util.find_spec("train.decision") is not None:
+        assert card.openset and "## None of these" in page and "held-out foreign images" in page
     # the runtime's own preprocessing feeds the exported graph: raw logits, dynamic batch
     preset = EvalPreset.from_card(card)
     imgs = sorted(SAMPLES.glob("*/*.jpg"))[:3]
@@ -105,6 +142,7 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     np.testing.assert_allclose(load_backend(card, "torch").infer(x), sess.run(None, {"input": x})[0], atol=1e-4)
     meta = onnx_metadata(card.onnx_path)
     assert json.loads(meta["classes"]) == card.classes and float(meta["temperature"]) == card.temperature
+    assert meta["name"] == "simpsons"
 
     # A second stage from that checkpoint (make train-more): keeps the head, and exports only if validation
     # improves on where it started (val NLL). Here the checkpoint claims a perfect score, so nothing is exported.
@@ -115,7 +153,8 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     (tmp_path / "more").mkdir()
     (tmp_path / "more" / "split.json").write_bytes((run / "split.json").read_bytes())
     r = _run([sys.executable, "-m", "train", "--smoke", "--no-search", "--data", str(SAMPLES), "--models", "efficientnet_lite0",
-              "--pretrained", str(tmp_path / "perfect.pt"), "--out", str(tmp_path / "more"), "--export", str(tmp_path / "engine2")])
+              "--pretrained", str(tmp_path / "perfect.pt"), "--out", str(tmp_path / "more"), "--export", str(tmp_path / "engine2")],
+             env_extra={"BATCHCLS_CACHE": str(foreign_cache)})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "NOT exported" in r.stdout and not (tmp_path / "engine2").exists()
     assert (tmp_path / "more" / "efficientnet_lite0" / "raw" / "metrics.json").is_file()

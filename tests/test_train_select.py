@@ -49,8 +49,21 @@ def test_val_nll_prefers_the_more_accurate_model_macro_f1_does_not():
     assert b["nll"] <= b["nll_raw"] + 1e-9 and b["temperature"] != 1.0
 
     from train.pipeline import select
-    rows = [{"val": a, "images_per_s": 200.0}, {"val": b, "images_per_s": 100.0}]
+    rows = [{"val": a, "images_per_s": 200.0, "weights": "raw"}, {"val": b, "images_per_s": 100.0, "weights": "ema"}]
     assert select(rows)["val"] is b
+
+
+def test_a_model_less_accurate_on_val_than_the_linear_probe_never_ships():
+    """Fine-tuned weights with a lower NLL but fewer right answers than the probe lose to the probe."""
+    from train.pipeline import select
+
+    def row(weights, acc, nll):
+        return {"weights": weights, "val": {"acc": acc, "nll": nll}, "images_per_s": 100.0}
+    probe, sharp, better = row("probe", 0.80, 0.70), row("raw", 0.78, 0.50), row("ema", 0.82, 0.60)
+    assert select([probe, sharp]) is probe
+    assert select([probe, sharp, better]) is better
+    assert select([probe, row("raw", 0.80, 0.65)])["weights"] == "raw"  # as accurate, lower NLL: fine-tuned
+    assert select([row("raw", 0.5, 1.0), row("ema", 0.6, 0.9)])["weights"] == "ema"  # no probe: NLL alone
 
 
 def test_training_keeps_the_lowest_val_nll_of_raw_and_ema(tmp_path):
@@ -108,16 +121,12 @@ def test_resume_continues_exactly_and_a_finished_run_trains_no_more(tmp_path):
 
 
 def test_what_ships_is_set_once():
-    """TrainConfig's defaults are the Lite0 recipe; the search grid contains them; fit_budget only returns a plan."""
-    from train.pipeline import RECIPES, fit_budget, get_args_parser
+    """TrainConfig's defaults are the Lite0 recipe; the search grid contains them; Lite0 alone by default."""
+    from train.pipeline import RECIPES, get_args_parser
     from train.search import GRID
 
     assert RECIPES["efficientnet_lite0"] == {}
     cfg = TrainConfig()
     assert all(getattr(cfg, k) in values for k, values in GRID.items())
-    assert get_args_parser().parse_args(["--data", "x"]).budget_min == 66.0
-
-    def config(name):
-        return TrainConfig(model=name, **RECIPES[name])
-    plan = fit_budget(["efficientnet_lite0"], config, 5.0, 14461, 3102, 30 * 60, quiet)
-    assert 1 <= plan["efficientnet_lite0"] < TrainConfig.epochs
+    args = get_args_parser().parse_args(["--data", "x"])
+    assert args.budget_min == 66.0 and args.models == "efficientnet_lite0" and args.export is None

@@ -1,7 +1,11 @@
 """Evaluate one final model: calibrate on val, then touch the test split exactly once.
 
-Writes into the model's folder: metrics.json, per_class.csv, confusion.png, reliability.png.
-Test is scored twice: as is, and as a 2x-downscaled copy (each decoded image shrunk by 0.5, LANCZOS).
+``evaluate``: a trained checkpoint, in PyTorch, at its training size. Writes into the model's folder:
+metrics.json, per_class.csv, confusion.png, reliability.png. Test is scored twice: as is, and as a
+2x-downscaled copy (each decoded image shrunk by 0.5, LANCZOS).
+
+``evaluate_bundle``: the exported bundle as users get it, through the runtime (its serving size, TTA,
+temperature and open-set decision): the figures of the results page.
 """
 from __future__ import annotations
 
@@ -82,6 +86,85 @@ def evaluate(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, *, num_wo
         f"T {temperature:.3f}, ECE {m['test']['ece']:.4f} -> {m['test']['ece_calibrated']:.4f} | "
         f"{m['images_per_s']:.0f} img/s")
     return m
+
+
+def evaluate_bundle(bundle: str | os.PathLike, manifest: dict, out_dir: str | os.PathLike, *,
+                    foreign: str | os.PathLike | None = None, log=print) -> dict:
+    """The test split (and foreign images, where given) through ``batchcls.load(bundle)``: what a user's
+    ``batchcls run`` would write. Scores the model's own label (``model_label``: accuracy, macro-F1, per-class
+    F1, calibration) and the decision beside it (share of test images declined, accuracy with it on, share of
+    foreign images declined, per kind of picture where its provenance.csv says). Writes confusion.png,
+    reliability.png and per_class.csv into ``out_dir``."""
+    import batchcls
+    from batchcls.label_folders import declined
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = batchcls.load(bundle, backend="onnxruntime", device="cpu")
+    card = model.card
+    root, n = Path(manifest["root"]), card.num_classes
+    rows = model.predict([str(root / rel) for rel, _ in manifest["test"]], probs=True)
+    if any(r["status"] != "ok" for r in rows):
+        bad = next(r for r in rows if r["status"] != "ok")
+        raise RuntimeError(f"the bundle could not classify a test image ({bad['path']}: {bad['error']})")
+    y = np.array([label for _, label in manifest["test"]])
+    probs = np.array([[r[f"prob_{c}"] for c in card.classes] for r in rows])
+    pred = probs.argmax(1)
+    flagged = np.array([declined(r) for r in rows])
+    m = {"input_size": card.input_size, "tta": card.tta, "temperature": card.temperature, "n_test": len(y),
+         "acc": float((pred == y).mean()), "macro_f1": macro_f1(y, pred, n), "ece": ece(probs, y),
+         "open_set": bool(card.openset)}
+    if card.openset:
+        m |= {"test_flagged": float(flagged.mean()), "acc_open_set": float(((pred == y) & ~flagged).mean())}
+    if foreign is not None:
+        f_rows = [r for r in model.predict_folder(foreign) if r["status"] == "ok"]
+        kinds = _kinds(Path(foreign))
+        sources: dict[str, list[bool]] = {}
+        for r in f_rows:
+            sources.setdefault(kinds.get(r["path"], r["path"].split("/", 1)[0] if "/" in r["path"] else ""),
+                               []).append(declined(r))
+        m["foreign_n"] = len(f_rows)
+        m["foreign_flagged"] = float(np.mean([declined(r) for r in f_rows])) if f_rows else 0.0
+        if len(sources) > 1:
+            m["foreign_flagged_by_source"] = {s: float(np.mean(v)) for s, v in sorted(sources.items())}
+    cm = confusion(y, pred, n)
+    m["per_class"] = {c: {k: float(v[i]) for k, v in per_class(cm).items()} for i, c in enumerate(card.classes)}
+    _plot_confusion(out / "confusion.png", cm, card.classes, f"{card.name} test (macro-F1 {m['macro_f1']:.4f})")
+    _plot_reliability_probs(out / "reliability.png", f"{card.name} test, as served", probs, y)
+    log(f"served: {bundle} at {card.input_size}px tta={card.tta}: test acc {m['acc']:.4f} macro-F1 "
+        f"{m['macro_f1']:.4f} ECE {m['ece']:.4f}"
+        + (f" | declined: test {m['test_flagged']:.3f}" if card.openset else " | no open-set decision")
+        + (f", foreign {m['foreign_flagged']:.3f} of {m['foreign_n']}" if "foreign_flagged" in m else ""))
+    return m
+
+
+def _kinds(folder: Path) -> dict[str, str]:
+    """{file: kind} from a foreign folder's provenance.csv (photo, clipart, cartoon, ...); {} without one."""
+    try:
+        with open(folder / "provenance.csv", newline="", encoding="utf-8") as fh:
+            return {r["file"]: r.get("kind") or r.get("source", "") for r in csv.DictReader(fh)}
+    except (OSError, KeyError):
+        return {}
+
+
+def _plot_reliability_probs(path: Path, title: str, probs: np.ndarray, y: np.ndarray) -> None:
+    """Accuracy per confidence bin of probabilities as served (already at the card's temperature)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    _, acc, conf, count = reliability(probs, y)
+    keep = count > 0
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    ax.plot(conf[keep], acc[keep], "s-", ms=4, label=f"ECE {ece(probs, y):.4f}")
+    for c, a, k in zip(conf[keep], acc[keep], count[keep]):
+        ax.annotate(str(int(k)), (c, a), fontsize=6, xytext=(2, -8), textcoords="offset points")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(loc="upper left")
+    _savefig(fig, path)
+    plt.close(fig)
 
 
 def _write_per_class(path: Path, classes, y, pred, y_down, pred_down) -> None:

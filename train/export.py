@@ -176,10 +176,16 @@ def _program_and_parity(model: torch.nn.Module, card: ModelCard, bundle: Path, p
 
 
 def export(ckpt_path: str | os.PathLike, bundle_dir: str | os.PathLike, *, temperature: float, metrics: dict,
-           training: dict, parity_images: list[Path], results: dict[str, Path] | None = None, log=print) -> Path:
+           training: dict, parity_images: list[Path], results: dict[str, Path] | None = None,
+           name: str | None = None, input_size: int | None = None, tta: str | None = None, log=print) -> Path:
+    """The bundle of a checkpoint: ``name`` names the card (what ``batchcls info`` and every report show),
+    ``input_size``/``tta``/``temperature`` are what serves (train/serving.py chooses them on validation;
+    default: the training size, no TTA)."""
     bundle = Path(bundle_dir)
     bundle.mkdir(parents=True, exist_ok=True)
     model, ckpt, card = load_trained(ckpt_path)
+    card = dataclasses.replace(card, name=name or card.name, input_size=input_size or card.input_size,
+                               tta=tta or card.tta)
     onnx_path = bundle / card.onnx
     export_onnx(model, card.input_size, onnx_path)
     card = dataclasses.replace(card, temperature=float(temperature), metrics=metrics, training=training,
@@ -193,6 +199,57 @@ def export(ckpt_path: str | os.PathLike, bundle_dir: str | os.PathLike, *, tempe
             shutil.copyfile(f, bundle / "results" / name)
     log(f"export: {card.architecture} -> {bundle} (card.json, {card.onnx}, model.pt2, T={card.temperature:.3f})")
     return bundle
+
+
+def write_results_page(bundle: str | os.PathLike, page: dict) -> Path:
+    """``results/README.md`` of a bundle: what it is, how it scores as served (per-class F1, the confusion
+    matrix and reliability diagram beside it), the "none of these" decision, the models it was chosen from.
+
+    ``page``: name, data, classes, counts, minutes, served (evaluate_bundle's figures), probe (the linear
+    probe's test scores), decision (fit_decision's summary or None), candidates (results.md's table),
+    command (what reproduces it)."""
+    served, probe = page["served"], page.get("probe")
+    lines = [f"# {page['name']}", "",
+             f"{len(page['classes'])} classes from `{page['data']}`: train {page['counts']['train']} / val "
+             f"{page['counts']['val']} / test {page['counts']['test']} images"
+             + (f" (+{page['counts']['extra']} from review folders, train only)" if page['counts'].get('extra') else "")
+             + f". Made in {page['minutes']:.1f} min by `{page['command']}`.", "",
+             "## As served", "",
+             f"`batchcls run IMAGES --model {page['bundle']} --out labels.csv` serves {page['model']} at "
+             f"{served['input_size']} px{' with flip TTA' if served['tta'] == 'flip' else ''}, temperature "
+             f"{served['temperature']:.3f} (size, TTA and temperature chosen on validation).", "",
+             "| on the test split | accuracy | macro-F1 | ECE |", "| --- | ---: | ---: | ---: |",
+             f"| this bundle | {served['acc']:.4f} | {served['macro_f1']:.4f} | {served['ece']:.4f} |"]
+    if probe:
+        lines.append(f"| linear probe (frozen backbone, the bar to beat) | {probe['acc']:.4f} | "
+                     f"{probe['macro_f1']:.4f} | {probe['ece_calibrated']:.4f} |")
+    lines += ["", "| class | test images | precision | recall | F1 |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {c} | {int(v['support'])} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} |"
+              for c, v in served["per_class"].items()]
+    lines += ["", "![confusion matrix of the test split, rows normalised](confusion.png)", "",
+              "![reliability diagram of the test split: accuracy per confidence bin](reliability.png)", "",
+              "## None of these", ""]
+    decision = page.get("decision")
+    if not served.get("open_set"):
+        lines.append("This bundle has no open-set decision: every image gets one of the classes.")
+    else:
+        lines.append(f"Images that show none of the classes are labelled `unknown`. On the test split "
+                     f"{served['test_flagged']:.1%} of the images are declined (accuracy with the decision on "
+                     f"{served['acc_open_set']:.4f})"
+                     + (f"; of {served['foreign_n']} held-out foreign images, {served['foreign_flagged']:.1%}"
+                        if "foreign_flagged" in served else "") + ".")
+        if served.get("foreign_flagged_by_source"):
+            lines += ["", "| foreign source | declined |", "| --- | ---: |"]
+            lines += [f"| {k} | {v:.1%} |" for k, v in served["foreign_flagged_by_source"].items()]
+        if decision is not None:
+            lines += ["", f"The decision {'passed' if decision.get('passed') else 'did NOT pass'} its gate on "
+                          "validation" + (f": {decision['reason']}" if decision.get("reason") else ".")]
+    lines += ["", "## How it was chosen", "", page["candidates"].strip(), ""]
+    path = Path(bundle) / "results" / "README.md"
+    path.parent.mkdir(exist_ok=True)
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return path
 
 
 def renew(bundle_dir: str | os.PathLike, parity_images: list[Path], *, input_size: int | None = None,

@@ -3,11 +3,13 @@
 The network is fully convolutional and trains on random-resized crops, so objects look larger in training
 than in a whole-frame eval resize (Touvron et al., "FixRes", 2019): the best serving size is usually above
 the training size, and only validation can say by how much. Each candidate runs through the runtime's own
-pipeline (Pillow decode, the card's resize, ONNX Runtime), with a temperature fitted at that size.
+pipeline (Pillow decode, the card's resize, ONNX Runtime, its softmax and its TTA average), with a
+temperature fitted at that size on what serves.
 
-Rule: the most accurate candidate on validation wins; a candidate within ``TIE`` of the best accuracy wins
-instead when it is cheaper (a smaller size, no TTA), because a tie on validation is noise and pixels cost
-every user time. Every candidate's val accuracy, NLL and images/s are kept for the results table.
+Rule: the most accurate candidate on validation wins; a candidate within ``TIE`` of the best accuracy (or
+within one validation image, on a small validation split) wins instead when it is cheaper (a smaller size,
+no TTA), because a tie on validation is noise and pixels cost every user time. Every candidate's val
+accuracy, NLL and images/s are kept for the results table.
 
     python -m train.serving CKPT --sizes 144 160 176 192 --out runs/x/serving.json
 """
@@ -21,24 +23,69 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from batchcls.backends.onnxruntime import OnnxRuntimeBackend
 from batchcls.fsutil import atomic_write
+from batchcls.infer import mean_of_views, softmax
+from batchcls.pipeline import decoded_batches
+from batchcls.presets import EvalPreset, normalize
+from batchcls.scan import InputFile
 from train import data as D
-from train.metrics import fit_temperature, nll
-from train.openset import extract, split_files
+from train.metrics import fit_temperature
 
 SIZES = (128, 144, 160, 176, 192)
+SIZE_STEPS = (1.0, 1.125, 1.25, 1.375, 1.5)  # serving sizes tried, relative to the training size
 TIE = 0.001  # accuracy difference treated as a tie (3 of ~3,100 validation frames)
 
 
-def _tta_logits(logits: np.ndarray, flipped: np.ndarray, temperature: float) -> np.ndarray:
-    """Logits whose softmax at T is the mean of both views' probabilities (how the runtime's --tta flip scores)."""
-    def p(z):
-        z = z.astype(np.float64) / temperature
-        z -= z.max(1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(1, keepdims=True)
-    return np.log(0.5 * (p(logits) + p(flipped))) * temperature
+def sizes_for(input_size: int) -> tuple[int, ...]:
+    """The serving sizes to try for a network trained at ``input_size``: it and up to 1.5x, in 8 px steps
+    (SIZES for the 128 px recipe)."""
+    return tuple(dict.fromkeys(max(8, int(round(input_size * f / 8)) * 8) for f in SIZE_STEPS))
+
+
+def view_logits(onnx_path: Path, card, files: list[InputFile], *, workers: int = 2) -> np.ndarray:
+    """Logits of every file and of its mirror, [2, N, C], decoded and preprocessed as the runtime does (one
+    decode per file serves both TTA modes)."""
+    backend = OnnxRuntimeBackend(onnx_path)
+    out = []
+    for b in decoded_batches(files, EvalPreset.from_card(card), batch_size=64, workers=workers):
+        bad = [f.rel for f, e in zip(b.files, b.errors) if e is not None]
+        if bad:
+            raise ValueError(f"unreadable validation image {bad[0]}")
+        x = normalize(np.concatenate([b.images, b.images[:, :, ::-1]]), card.mean, card.std)
+        z = backend.infer(x)
+        out.append(z.reshape(2, len(b.images), -1))
+    return np.concatenate(out, axis=1)
+
+
+def served_probs(views: np.ndarray, tta: str, temperature: float) -> np.ndarray:
+    """What the runtime serves for these logits: softmax at T of the first view, or (flip) the mean of both
+    views' softmax, with the runtime's own softmax and view average."""
+    if tta == "none":
+        return softmax(views[0], temperature)
+    return mean_of_views(softmax(views.reshape(-1, views.shape[-1]), temperature), 2)
+
+
+def fit_served_temperature(views: np.ndarray, y: np.ndarray, tta: str, steps: int = 100) -> float:
+    """T minimising the validation NLL of what serves (for flip: of the mean of both views' probabilities)."""
+    if tta == "none":
+        return fit_temperature(views[0], y)
+    z = torch.as_tensor(views, dtype=torch.float64)
+    yt = torch.as_tensor(y, dtype=torch.long)
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        p = torch.softmax(z / log_t.exp(), dim=-1).mean(0)
+        loss = -torch.log(p[torch.arange(len(yt)), yt].clamp_min(1e-12)).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.detach().exp().clamp(0.05, 20.0))
 
 
 def candidates(ckpt_path: str | Path, *, sizes=SIZES, workers: int = 2, log=print) -> list[dict]:
@@ -48,40 +95,36 @@ def candidates(ckpt_path: str | Path, *, sizes=SIZES, workers: int = 2, log=prin
 
     model, ckpt, card = load_trained(ckpt_path)
     manifest, _ = D.load_manifest(ckpt["config"]["split"])
-    files, y = split_files(Path(manifest["root"]), manifest, "val")
+    root = Path(manifest["root"])
+    files = [InputFile(str(root / rel), rel) for rel, _ in manifest["val"]]
+    y = np.array([label for _, label in manifest["val"]])
     out = []
     with tempfile.TemporaryDirectory(prefix="batchcls-serving-") as tmp:
         for size in sizes:
             onnx_path = Path(tmp, f"model-{size}.onnx")
             export_onnx(model, size, onnx_path)
-            sized = dataclasses.replace(card, input_size=size)
             t = time.perf_counter()
-            logits, _, ok = extract(onnx_path, sized, files, workers=workers)
-            secs = time.perf_counter() - t
-            assert all(ok), "unreadable validation images"
-            flipped = _flipped_logits(onnx_path, sized, files, workers)
-            for tta in (None, "flip"):
-                z = logits if tta is None else _tta_logits(logits, flipped, 1.0)
-                temp = fit_temperature(z, y)
-                row = {"input_size": size, "tta": tta or "none", "val_acc": float((z.argmax(1) == y).mean()),
-                       "val_nll": nll(z, y, temp), "temperature": temp,
-                       "images_per_s": len(y) / secs / (2 if tta else 1)}
+            views = view_logits(onnx_path, dataclasses.replace(card, input_size=size), files, workers=workers)
+            secs = time.perf_counter() - t  # both views: the flip cost; one view costs about half
+            for tta in ("none", "flip"):
+                temp = fit_served_temperature(views, y, tta)
+                p = served_probs(views, tta, temp)
+                row = {"input_size": size, "tta": tta, "val_acc": float((p.argmax(1) == y).mean()),
+                       "val_nll": float(-np.log(np.maximum(p[np.arange(len(y)), y], 1e-12)).mean()),
+                       "temperature": temp, "images_per_s": len(y) / secs * (1 if tta == "flip" else 2),
+                       "n_val": len(y)}
                 out.append(row)
                 log(f"serving: {size}px tta={row['tta']}: val acc {row['val_acc']:.4f} NLL {row['val_nll']:.4f} "
                     f"~{row['images_per_s']:.0f} img/s")
     return out
 
 
-def _flipped_logits(onnx_path: Path, card, files, workers: int) -> np.ndarray:
-    """Logits of the mirrored images (the second view of --tta flip)."""
-    both, _, _ = extract(onnx_path, card, files, tta=True, workers=workers, raw_views=True)
-    return both[len(both) // 2:]
-
-
 def choose(rows: list[dict]) -> dict:
-    """The cheapest candidate within TIE of the best validation accuracy (cost: pixels, then TTA's 2x)."""
+    """The cheapest candidate within TIE (or one validation image) of the best validation accuracy (cost:
+    pixels, then TTA's 2x)."""
     best = max(r["val_acc"] for r in rows)
-    near = [r for r in rows if r["val_acc"] >= best - TIE]
+    tie = max(TIE, max(1.0 / r.get("n_val", 1 / TIE) for r in rows) + 1e-9)
+    near = [r for r in rows if r["val_acc"] >= best - tie]
     return min(near, key=lambda r: (r["input_size"] ** 2 * (2 if r["tta"] == "flip" else 1), -r["val_acc"]))
 
 

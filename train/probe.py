@@ -1,0 +1,148 @@
+"""Linear probe: the frozen ImageNet backbone's features and a logistic-regression head fitted on them.
+
+On a few hundred images, a fine-tune's first epochs go to a head that starts from nothing; a head fitted in
+closed form-ish (L-BFGS on cached features, seconds on a CPU) is where fine-tuning should start, and the bar
+it has to clear. The probe is written as a checkpoint of the whole network (backbone + fitted head) in
+train.train's format, so the same file is the fine-tune's ``pretrained`` weights, a model evaluate() scores,
+and a model export() ships when nothing beats it.
+
+Features are the input of the network's last Linear layer (read with a forward hook, so any model of
+train.models works), computed through the eval preset the runtime uses, and cached on disk: the probe of a
+rerun (another budget, review folders added to train) costs only the images it has not seen.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from batchcls.metrics import macro_f1
+from train import data as D
+from train import models
+from train.metrics import fit_temperature, nll
+from train.presets import EvalTransform, preprocessing_card
+from train.train import TrainConfig, atomic_save
+
+WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)  # L2 on the head's weights; chosen on validation NLL
+TRAIN_SUBSET = 4000  # train images the head is fitted on: a linear head on ~1,300 features needs no more
+
+
+def last_linear(model: torch.nn.Module) -> torch.nn.Linear:
+    """The layer that maps features to class scores (timm: the classifier; VGG: its MLP's last layer)."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+
+
+@torch.inference_mode()
+def features(model: torch.nn.Module, card, root: str, items: list, *, batch_size: int = 64,
+             num_workers: int = 2) -> tuple[np.ndarray, float]:
+    """(the last Linear layer's input for every item, images per second) through the runtime's eval preset."""
+    grabbed = []
+    hook = last_linear(model).register_forward_hook(lambda m, inp, out: grabbed.append(inp[0].float().cpu()))
+    loader = DataLoader(D.ImageDataset(root, items, EvalTransform(card)), batch_size=batch_size,
+                        num_workers=num_workers)
+    model.eval()
+    t0 = time.time()
+    try:
+        for x, _ in loader:
+            model(x.contiguous(memory_format=torch.channels_last))
+    finally:
+        hook.remove()
+    return torch.cat(grabbed).numpy(), len(items) / max(time.time() - t0, 1e-9)
+
+
+def cached_features(model, card, root: str, items: list, cache: Path, key: dict, *, num_workers: int = 2,
+                    log=print) -> tuple[np.ndarray, float]:
+    """``features`` once per (weights, preprocessing, items): a rerun reads them back (speed 0 = not measured)."""
+    digest = hashlib.sha256(json.dumps({**key, "root": str(Path(root).resolve()), "items": items,
+                                        "card": card.to_dict()}, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache / f"features-{digest}.npy"
+    if path.is_file():
+        return np.load(path), 0.0
+    feats, ips = features(model, card, root, items, num_workers=num_workers)
+    cache.mkdir(parents=True, exist_ok=True)
+    np.save(path, feats)
+    log(f"probe: features of {len(items)} images at {ips:.0f} img/s -> {path}")
+    return feats, ips
+
+
+def fit_head(x: np.ndarray, y: np.ndarray, num_classes: int, weight_decay: float, *,
+             steps: int = 300) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial logistic regression (L-BFGS), classes balanced by 1/sqrt(count) like the fine-tune's
+    sampler; returns the Linear layer's (weight [C, D], bias [C])."""
+    xt = torch.as_tensor(x, dtype=torch.float64)
+    yt = torch.as_tensor(y, dtype=torch.long)
+    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+    per_class = torch.as_tensor(1 / np.sqrt(np.maximum(counts, 1)))
+    sample_w = per_class[yt] / per_class[yt].mean()
+    w = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        ce = torch.nn.functional.cross_entropy(xt @ w.T + b, yt, reduction="none")
+        loss = (ce * sample_w).mean() + 0.5 * weight_decay * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach().float().numpy(), b.detach().float().numpy()
+
+
+def scores(logits: np.ndarray, y: np.ndarray, num_classes: int) -> dict:
+    """What train.train logs for validation: NLL at the fitted temperature, accuracy, macro-F1."""
+    t = fit_temperature(logits, y)
+    pred = logits.argmax(1)
+    return {"nll": nll(logits, y, t), "temperature": t, "acc": float((pred == y).mean()),
+            "macro_f1": macro_f1(y, pred, num_classes)}
+
+
+def fit_probe(cfg: TrainConfig, out_dir: str | Path, *, cache: Path | None = None, log=print) -> dict:
+    """Fit the probe for ``cfg`` (model, weights, split, input size) and save it as ``out_dir/ckpt_best.pt``.
+
+    Returns {"ckpt", "val" (scores at the chosen weight decay), "weight_decay", "eval_images_per_s"}.
+    """
+    t0 = time.time()
+    out = Path(out_dir)
+    manifest, split_sha = D.load_manifest(cfg.split)
+    classes, root = manifest["classes"], manifest["root"]
+    card = preprocessing_card(architecture=cfg.model, classes=classes, input_size=cfg.input_size,
+                              **models.data_config(cfg.model))
+    model = models.create_model(cfg.model, len(classes), pretrained=cfg.pretrained, classes=classes)
+    model = model.to(memory_format=torch.channels_last)
+    train_items = D.seeded_subset(manifest["train"], TRAIN_SUBSET, cfg.seed)
+    key = {"model": cfg.model, "pretrained": cfg.pretrained}
+    cache = cache or out.parent / "features"
+    x_tr, ips_tr = cached_features(model, card, root, train_items, cache, key, num_workers=cfg.num_workers, log=log)
+    x_va, ips_va = cached_features(model, card, root, manifest["val"], cache, key, num_workers=cfg.num_workers, log=log)
+    y_tr = np.array([y for _, y in train_items])
+    y_va = np.array([y for _, y in manifest["val"]])
+    trials = []
+    for wd in WEIGHT_DECAYS:
+        w, b = fit_head(x_tr, y_tr, len(classes), wd)
+        trials.append((scores(x_va @ w.T + b, y_va, len(classes)), wd, w, b))
+    val, wd, w, b = min(trials, key=lambda t: (round(t[0]["nll"], 4), -t[1]))  # ties: the stronger decay
+    log("probe: weight decay " + ", ".join(f"{t[1]:g} val NLL {t[0]['nll']:.4f} acc {t[0]['acc']:.3f}" for t in trials)
+        + f" -> {wd:g}")
+    head = last_linear(model)
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(w))
+        head.bias.copy_(torch.from_numpy(b))
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "ckpt_best.pt"
+    secs = time.time() - t0
+    # train.train's checkpoint keys: train.models reads "model" + "classes" (the head is kept), evaluate and
+    # export read the rest; "weights" names what kind of model this is in every table.
+    atomic_save({"model": model.state_dict(), "model_args": {"name": cfg.model, "num_classes": len(classes)},
+                 "classes": classes, "card": card.to_dict(), "config": asdict(cfg), "split_sha256": split_sha,
+                 "epoch": -1, "step": 0, "train_time_s": secs, "weights": "probe", "val": val,
+                 "weight_decay": wd, "best_val_nll": val["nll"], "best_val_f1": val["macro_f1"]}, ckpt)
+    log(f"probe: {cfg.model} linear head on frozen features: val acc {val['acc']:.4f} macro-F1 "
+        f"{val['macro_f1']:.4f} NLL {val['nll']:.4f} (weight decay {wd:g}, {secs:.0f} s)")
+    return {"ckpt": str(ckpt), "val": val, "weight_decay": wd, "eval_images_per_s": max(ips_tr, ips_va)}
