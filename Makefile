@@ -7,7 +7,7 @@ IMAGES ?= samples/simpsons
 OUT ?= labels.csv
 MODEL ?= engines/simpsons
 
-.PHONY: install install-dev run test lint bench train train-more train-long train-smoke audit engine soak train-shipped
+.PHONY: install install-dev run test lint bench train train-more train-long train-smoke bench-train audit engine soak train-shipped
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,29 +49,32 @@ engine: install-dev  ## fastest engine this machine allows, beside $(MODEL)'s ca
 	@if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q -e '.[tensorrt]' || echo "tensorrt is not installable here: the build falls back to CPU engines"; fi
 	$(BIN)/batchcls engine build --model $(MODEL) $(ENGINE_ARGS)
 
-# --- training (train/): `make train` builds the shipped bundle; MODELS/PRETRAINED/OUT/EXPORT/BUDGET override ---
+# --- training (train/): `make train DATA=folder` builds a new bundle engines/<name> for any image folder ---
 # The recipe itself lives in train/ (TrainConfig's defaults + RECIPES) or a jobs/*.json file, never here.
-# OUT here is the run folder (the `run` target's OUT is its CSV), hence target-specific defaults.
-train: OUT = runs/train
-train: MODELS ?= efficientnet_lite0 efficientnet_lite2
+# NAME: the bundle's name (default: the data folder's); EXPORT: its folder (default engines/<name>), never
+# replaced without OVERWRITE=1; EXTRA: corrected `batchcls review` folders, added to train only; BUDGET: minutes.
+train: MODELS ?= efficientnet_lite0
 train: PRETRAINED ?= offline
-train: EXPORT ?= engines/simpsons
-train: BUDGET ?=
-train:  ## split -> search -> train -> evaluate + calibrate -> export to $(EXPORT); reference pair: MODELS="vgg16 efficientnetv2_b0" PRETRAINED=hub
-	BATCHCLS_TRAIN_COMMAND='make train DATA=$(DATA) MODELS="$(MODELS)" PRETRAINED=$(PRETRAINED) OUT=$(OUT) EXPORT=$(EXPORT) BUDGET=$(BUDGET)' \
-	$(BIN)/python -m train --data $(DATA) --models "$(MODELS)" --pretrained $(PRETRAINED) --out $(OUT) --export $(EXPORT) $(if $(BUDGET),--budget-min $(BUDGET))
+train: BUDGET ?= 20
+train:  ## a bundle for DATA (a folder of <class>/<image>): split -> probe -> fine-tune -> serving -> export -> open-set decision -> results page
+	@test "$(origin DATA)" != file || { echo "make train needs DATA=<a folder of class folders>: make train DATA=~/pictures/birds makes engines/birds" >&2; exit 2; }
+	BATCHCLS_TRAIN_COMMAND='make train DATA=$(DATA)$(if $(NAME), NAME=$(NAME))$(if $(EXTRA), EXTRA=$(EXTRA)) MODELS="$(MODELS)" PRETRAINED=$(PRETRAINED) BUDGET=$(BUDGET)' \
+	$(BIN)/python -m train --data $(DATA) --models "$(MODELS)" --pretrained $(PRETRAINED) --budget-min $(BUDGET) \
+	  $(if $(NAME),--name $(NAME)) $(if $(EXPORT),--export $(EXPORT)) $(if $(EXTRA),--extra $(EXTRA)) \
+	  $(if $(RUN),--out $(RUN)) $(if $(filter 1 yes true,$(OVERWRITE)),--overwrite-bundle)
 
-# A second stage for CPUs that fit only ~6 epochs in the budget: the same split, the Lite0 checkpoint of
-# `make train` (backbone and head) trained on with a fresh one-cycle (jobs/train-more.json), evaluated once on
-# test, calibrated and exported. No search: lr 1e-3 is fixed, a third of the first stage's peak.
+# A second stage for CPUs that fit only ~6 epochs in the budget: the same split, the Lite0 checkpoint of a
+# Simpsons run (FROM, backbone and head) trained on with a fresh one-cycle (jobs/train-more.json), evaluated once
+# on test, calibrated and exported to $(OUT)/export (copy it over engines/simpsons if it beats it). No search:
+# lr 1e-3 is fixed, a third of the first stage's peak.
 train-more: OUT = runs/train-more
-train-more: FROM ?= runs/train
-train-more: EXPORT ?= engines/simpsons
-train-more:  ## continue make train's Lite0 for jobs/train-more.json's epochs, then evaluate + calibrate + export
+train-more: FROM ?= runs/train/simpsons
+train-more: EXPORT ?= $(OUT)/export
+train-more:  ## continue a Simpsons run's Lite0 for jobs/train-more.json's epochs, then evaluate + calibrate + export
 	mkdir -p $(OUT) && cp -n $(FROM)/split.json $(OUT)/split.json
 	BATCHCLS_TRAIN_COMMAND='make train-more DATA=$(DATA) FROM=$(FROM) OUT=$(OUT) EXPORT=$(EXPORT)' \
-	$(BIN)/python -m train --data $(DATA) --models efficientnet_lite0 --pretrained $(FROM)/efficientnet_lite0/ckpt_best.pt \
-	  --no-search --config jobs/train-more.json --out $(OUT) --export $(EXPORT) --budget-min 0
+	$(BIN)/python -m train --data $(DATA) --name simpsons --models efficientnet_lite0 --pretrained $(FROM)/efficientnet_lite0/ckpt_best.pt \
+	  --no-search --config jobs/train-more.json --out $(OUT) --export $(EXPORT) --budget-min 0 $(if $(filter 1 yes true,$(OVERWRITE)),--overwrite-bundle)
 
 # Unattended, ~2.5 h on 2 cores (jobs/train-long.json: 20 epochs at 128 px, a fresh one-cycle to lr 1e-3, EMA,
 # selection on val NLL; no early stop: a restarted one-cycle gets worse before it gets better): Lite0 trained on
@@ -86,12 +89,13 @@ train-long: RECIPE ?= jobs/train-long.json
 train-long: EPOCHS ?=
 train-long:  ## long Lite0 run from $(FROM) with EMA, resumable; exports to $(OUT)/export
 	BATCHCLS_TRAIN_COMMAND='make train-long DATA=$(DATA) FROM=$(FROM) OUT=$(OUT) EXPORT=$(EXPORT) RECIPE=$(RECIPE) EPOCHS=$(EPOCHS)' \
-	$(BIN)/python -m train --data $(DATA) --models efficientnet_lite0 --pretrained $(FROM) --no-search \
-	  --config $(RECIPE) $(if $(EPOCHS),--epochs $(EPOCHS)) --out $(OUT) --export $(EXPORT) --budget-min 0
+	$(BIN)/python -m train --data $(DATA) --name simpsons --models efficientnet_lite0 --pretrained $(FROM) --no-search \
+	  --config $(RECIPE) $(if $(EPOCHS),--epochs $(EPOCHS)) --out $(OUT) --export $(EXPORT) --budget-min 0 \
+	  $(if $(filter 1 yes true,$(OVERWRITE)),--overwrite-bundle)
 
 # A person's check of the labels: the val images the model disputes, most confident first, with contact sheets;
 # with a reviewed CSV (VERDICTS=docs/label-audit-val.csv for the shipped split) it prints what the labels allow.
-audit: RUN ?= runs/train
+audit: RUN ?= runs/train/simpsons
 audit: VERDICTS ?=
 audit: install-dev  ## val disagreements of $(MODEL) on $(RUN)'s split -> $(RUN)/audit/; VERDICTS=reviewed.csv for the ceilings
 	$(BIN)/python -m train.audit --run $(RUN) --model $(MODEL) $(if $(VERDICTS),--verdicts $(VERDICTS))
@@ -100,6 +104,11 @@ train-smoke: SMOKE_OUT ?= runs/train-smoke
 train-smoke:  ## the whole training pipeline on samples/simpsons at tiny size (< 3 min); exports to runs/train-smoke (ignored)
 	rm -rf $(SMOKE_OUT)
 	$(BIN)/python -m train --smoke --data samples/simpsons --out $(SMOKE_OUT)/run --export $(SMOKE_OUT)/engine
+
+# The benchmark of `make train` on two small folders built from offline package data, against a linear probe
+# and a plain fine-tune of the same wall-clock (docs/benchmarks.md#training-on-your-own-folder).
+bench-train: install-dev  ## make train vs linear probe vs plain fine-tune on two small folders; BENCH_BUDGET=6
+	$(BIN)/python scripts/bench_train.py --budget $(or $(BENCH_BUDGET),6) --out runs/bench-train
 
 # --- the shipped model (docs/results.md): train-shipped rebuilds engines/simpsons' weights and decision ----------
 # Lite0 trained on from $(FROM) with users' degradations, outlier exposure on the foreign training images and
