@@ -29,7 +29,7 @@ tops = {n.split("/")[0] for n in names}
 extra = {t for t in tops if t != "batchcls" and not t.endswith(".dist-info")}
 assert not extra, f"the wheel installs more than batchcls: {sorted(extra)}"
 bundle = sorted(n for n in names if n.startswith("batchcls/bundles/"))
-want = {"card.json", "model.onnx", "openset.npz"}  # the shipped INT8 files go in only when the bundle has them
+want = {"card.json", "model.onnx", "openset-model-none.npz", "openset-model-flip.npz"}  # + INT8's when shipped
 assert want <= {n.rsplit("/", 1)[1] for n in bundle} and all(n.startswith("batchcls/bundles/simpsons/") for n in bundle), bundle
 EOF
 

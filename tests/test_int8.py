@@ -29,12 +29,13 @@ SHIPPED = REPO / "engines" / "simpsons"
 
 def copy_bundle(dst: Path, *, open_set: bool = False) -> Path:
     """The shipped model's card and ONNX (logits + features), not its built or shipped engines; without its
-    open-set decision unless ``open_set`` (statistics fitted on FP32 keep INT8 out, see the last test)."""
+    open-set decision unless ``open_set`` (the FP32 model's decisions, which describe no INT8 file)."""
     dst.mkdir(parents=True)
     shutil.copy(SHIPPED / "model.onnx", dst)
     card = json.loads((SHIPPED / "card.json").read_text())
     if open_set:
-        shutil.copy(SHIPPED / "openset.npz", dst)
+        for c in card["openset"]["configs"]:
+            shutil.copy(SHIPPED / c["file"], dst)
     else:
         card["openset"] = {}
     (dst / "card.json").write_text(json.dumps(card))
@@ -211,15 +212,17 @@ def test_two_output_model_keeps_features_in_fp32(tmp_path):
 
 
 @pytest.mark.slow
-def test_int8_is_not_used_where_the_open_set_statistics_describe_the_fp32_model(shipped_build, fresh_cache, tmp_path):
-    """INT8 moves the intermediate activations the texture statistics read: a bundle whose decision was fitted
-    on model.onnx runs model.onnx, even with a kept and checked shipped INT8 beside it."""
+def test_int8_is_not_used_where_its_decision_was_not_fitted(shipped_build, fresh_cache, tmp_path):
+    """INT8 moves every signal the decision reads: a bundle with decisions fitted on model.onnx only runs
+    model.onnx, even with a kept and checked shipped INT8 beside it."""
     bundle = tmp_path / "bundle"
     shutil.copytree(shipped_build, bundle)
     assert cpu_model_path(load_card(bundle)).name == "shipped-int8.onnx"  # without a decision: INT8
     card = json.loads((SHIPPED / "card.json").read_text())
-    shutil.copy(SHIPPED / "openset.npz", bundle)
+    configs = [c for c in card["openset"]["configs"] if c["model"] == "model.onnx"]
+    for c in configs:
+        shutil.copy(SHIPPED / c["file"], bundle)
     data = json.loads((bundle / "card.json").read_text())
-    data["openset"] = card["openset"]
+    data["openset"] = {"configs": configs}
     (bundle / "card.json").write_text(json.dumps(data))
     assert cpu_model_path(load_card(bundle)) == load_card(bundle).onnx_path
