@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import Union, overload
 
 import numpy as np
@@ -69,7 +69,7 @@ class Model:
         return f"<batchcls.Model {self.card.name!r}: {self.card.num_classes} classes, backend {self.backend}>"
 
     @overload
-    def predict(self, items: Sequence[Item], *, top_k: int = ..., threshold: float | None = ...,
+    def predict(self, items: Iterable[Item], *, top_k: int = ..., threshold: float | None = ...,
                 probs: bool = ..., open_set: bool = ..., open_set_cut: float | None = ...,
                 embeddings: bool = ..., max_pixels: int = ...) -> list[Row]: ...
 
@@ -78,10 +78,11 @@ class Model:
                 probs: bool = ..., open_set: bool = ..., open_set_cut: float | None = ...,
                 embeddings: bool = ..., max_pixels: int = ...) -> Row: ...
 
-    def predict(self, items: Item | Sequence[Item], *, top_k: int = 1, threshold: float | None = None,
+    def predict(self, items: Item | Iterable[Item], *, top_k: int = 1, threshold: float | None = None,
                 probs: bool = False, open_set: bool = True, open_set_cut: float | None = None,
                 embeddings: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> Row | list[Row]:
-        """Classify one item (-> one dict) or a list/tuple of items (-> one dict per item, in order).
+        """Classify one item (-> one dict) or any iterable of items: a list, tuple, generator, ``map``, set or an
+        array of path strings (-> one dict per item, in the order iterated). A uint8 array is one image.
 
         Each dict has the keys of the CSV ``batchcls run`` writes with the same options: ``label_2``,
         ``confidence_2``, ... with ``top_k``; ``model_label`` with ``threshold`` (rows under it are
@@ -95,11 +96,11 @@ class Model:
         options = _options(top_k, threshold, probs, max_pixels, open_set=open_set, open_set_cut=open_set_cut,
                            embeddings=embeddings)
         columns = options.columns(self.card) + (["embedding"] if embeddings else [])  # refuses a top_k past the class count before any work
-        single = not isinstance(items, (list, tuple))
+        single = _one_item(items)
         batch = [items] if single else list(items)
         rows: list[Row | None] = [None] * len(batch)
         on_disk = [i for i, it in enumerate(batch) if isinstance(it, (str, os.PathLike))]
-        files = [InputFile(os.fspath(batch[i]), os.fspath(batch[i])) for i in on_disk]
+        files = [InputFile(str(os.fsdecode(batch[i])), str(os.fsdecode(batch[i]))) for i in on_disk]  # np.str_ too
         for i, row in zip(on_disk, itertools.chain.from_iterable(classify(files, self._classifier, options))):
             rows[i] = row
         in_memory = [i for i, it in enumerate(batch) if not isinstance(it, (str, os.PathLike))]
@@ -145,6 +146,15 @@ class Model:
         return DecodedBatch([InputFile("", "")] * len(items), stack, errors)
 
 
+def _one_item(items: object) -> bool:
+    """Whether ``items`` is one image rather than several: a path, bytes, a PIL image, or an array of pixels (an
+    array of strings or objects is several paths or items); anything else iterable holds items."""
+    if isinstance(items, np.ndarray):
+        return items.dtype.kind not in "USO"
+    return isinstance(items, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)) or not isinstance(
+        items, Iterable)
+
+
 def _options(top_k: int, threshold: float | None, probs: bool, max_pixels: int, workers: int | None = None,
              *, open_set: bool = True, open_set_cut: float | None = None, embeddings: bool = False) -> RunOptions:
     if not isinstance(top_k, int) or top_k < 1:
@@ -153,6 +163,8 @@ def _options(top_k: int, threshold: float | None, probs: bool, max_pixels: int, 
         raise ValueError(f"threshold must be between 0 and 1, not {threshold!r}")
     if open_set_cut is not None and not 0 <= open_set_cut <= 1:
         raise ValueError(f"open_set_cut must be between 0 and 1, not {open_set_cut!r}")
+    if open_set_cut is not None and not open_set:
+        raise ValueError("open_set_cut moves the open-set decision, which open_set=False turns off: pass one")
     return RunOptions(top_k=top_k, threshold=threshold, probs=probs, max_pixels=max_pixels, workers=workers,
                       open_set=open_set, open_set_cut=open_set_cut, embeddings=embeddings)
 

@@ -271,3 +271,21 @@ def test_predict_in_a_forked_child_returns_rows(tmp_path):
     assert out.returncode == 0, out.stderr
     n = len(files)
     assert out.stdout.split("\n") == [f"child {n}", f"parent {n} {n}", ""], out.stdout + out.stderr
+
+
+def test_any_iterable_of_items_gives_one_row_each_and_an_image_array_stays_one(colour_bundle, colour_images):
+    """A generator, a map, a set or a NumPy array of path strings used to come back as one error dict."""
+    model = batchcls.load(colour_bundle)
+    files = [str(colour_images / "a_red.jpg"), str(colour_images / "b_green.png")]
+    want = model.predict(files)
+    assert [r["label"] for r in want] == ["red", "green"]
+    assert model.predict(f for f in files) == want
+    assert model.predict(map(str, files)) == want
+    assert model.predict(np.array(files)) == want and all(type(r["path"]) is str for r in want)
+    assert sorted(model.predict(set(files)), key=lambda r: r["path"]) == want
+    assert model.predict(iter([])) == []
+    image = np.full((8, 8, 3), (10, 200, 10), np.uint8)  # one picture, not 8 rows of pixels
+    assert model.predict(image)["label"] == "green"
+    assert [r["label"] for r in model.predict(iter([image, Image.open(files[0])]))] == ["green", "red"]
+    with pytest.raises(ValueError, match="open_set"):
+        model.predict(files, open_set=False, open_set_cut=0.2)
