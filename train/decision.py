@@ -39,6 +39,35 @@ def fit_decision(bundle: Path, *, manifest: Path | None = None, foreign_train: P
     return B.fit_decision(Path(bundle), manifest=manifest, foreign=root, log=log)
 
 
+def markdown(report: dict) -> str:
+    """The report's tables for docs/: per configuration, the fit on validation and, with --test, the test split."""
+    lines = []
+    for e in report.get("fit", {}).get("configs", []):
+        g = e["gate"]
+        lines += [f"**{e['model']}, --tta {e['tta']}**: method `{e['method']}`, cut {e['cut']:.3f}; gate "
+                  f"{'passed' if g['passed'] else 'FAILED'} ({g['reason']})", "",
+                  "| validation condition | accuracy | macro-F1 | flagged | correct frames flagged |", "|---|---:|---:|---:|---:|"]
+        for c in g["flagged"]:
+            lines.append(f"| {c} | {g.get('acc', {}).get(c, float('nan')):.4f} | "
+                         f"{g.get('macro_f1', {}).get(c, float('nan')):.4f} | {g['flagged'][c]:.2%} | "
+                         f"{g['correct_flagged'][c]:.2%} |")
+        near = g.get("near_ood") or {}
+        lines += ["", f"Foreign validation half flagged: {g['foreign_flagged']:.1%}. Near-OOD (left-out characters "
+                  f"{', '.join(near.get('left_out', [])) or '-'}): {near.get('flagged', float('nan')):.1%} flagged.", "",
+                  "| candidate method | cut | foreign val flagged | most val flagged |", "|---|---:|---:|---:|"]
+        lines += [f"| `{m}` | {r['cut']:.3f} | {r['foreign_flagged']:.1%} | {r['max_val_flagged']:.2%} |"
+                  for m, r in e["candidates"].items()]
+        lines.append("")
+    for name, t in report.get("test", {}).items():
+        lines += [f"**Test split, {name}** (`{t['method']}`, cut {t['cut']:.3f}); foreign test half flagged "
+                  f"{t['foreign_test_flagged']:.1%} of {t['foreign_test_n']}", "",
+                  "| test condition | accuracy | with the decision | macro-F1 | flagged |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {c} | {r['acc']:.4f} | {r['acc_decision']:.4f} | {r.get('macro_f1', float('nan')):.4f} | "
+                  f"{r['flagged']:.2%} |" for c, r in t["conditions"].items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, required=True, help="the bundle to fit (card.json + model.onnx)")
@@ -50,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-fit", action="store_true", help="keep the fitted decisions; with --test, only report")
     ap.add_argument("--test", action="store_true", help="also score the test split and the foreign test half once")
     ap.add_argument("--report", type=Path, help="write the fit (and test tables) as JSON here")
+    ap.add_argument("--markdown", type=Path, help="write them as markdown tables here (for docs/)")
     args = ap.parse_args(argv)
     foreign = foreign_folder(args.foreign)
     report: dict = {}
@@ -64,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)
         args.report.write_text(json.dumps(report, indent=1) + "\n")
+    if args.markdown:
+        args.markdown.write_text(markdown(report))
 
 
 if __name__ == "__main__":
