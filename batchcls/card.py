@@ -89,6 +89,9 @@ def _problems(data: dict[str, Any]) -> list[str]:
             out.append("classes must be a non-empty list of names (strings)")
         elif len(set(classes)) != len(classes):
             out.append("classes must be unique names")
+        elif UNKNOWN_LABEL in classes:  # its rows could not be told from the rows the model declines
+            out.append(f"a class is named {UNKNOWN_LABEL!r}, the label of images that show none of the classes, "
+                       "so its rows could not be told apart (rename the class)")
     size = data.get("input_size")
     if "input_size" in data and not (isinstance(size, int) and not isinstance(size, bool)
                                      and MIN_INPUT_SIZE <= size <= MAX_INPUT_SIZE):
@@ -164,12 +167,24 @@ def default_bundle() -> Path:
     return (Path(__file__).parent / "bundles" / DEFAULT_BUNDLE_NAME).resolve()
 
 
+def _no_bundle(bundle: Path, *, given: bool) -> str:
+    """Why there is no card, told to whoever chose the folder: --model, BATCHCLS_MODEL, or the install."""
+    if given:
+        return (f"no model bundle at {bundle} (no {CARD_FILE} there): --model takes the folder that holds a "
+                f"model's {CARD_FILE} and its ONNX file; leave it out for the shipped model")
+    if os.environ.get("BATCHCLS_MODEL"):
+        return (f"no model bundle at {bundle} (no {CARD_FILE} there), the folder BATCHCLS_MODEL names: point it "
+                "at a bundle folder, or unset it for the shipped model")
+    return (f"the shipped model is missing from {bundle}: reinstall batchcls (in a checkout: "
+            "`git checkout engines/simpsons`), or pass --model DIR")
+
+
 def load_card(path: str | os.PathLike | None = None) -> ModelCard:
     """Load a bundle folder (or its card.json); None means the shipped default."""
     bundle = Path(path) if path is not None else default_bundle()
     card_path = bundle / CARD_FILE if bundle.is_dir() else bundle
     if not card_path.is_file():
-        raise ModelError(f"no model bundle at {bundle} (expected {CARD_FILE}): pass --model DIR or run `make train`")
+        raise ModelError(_no_bundle(bundle, given=path is not None))
     try:
         data = json.loads(card_path.read_text())
     except (OSError, ValueError) as e:

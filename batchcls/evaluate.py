@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import csv
 import os
+import posixpath
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,12 +37,14 @@ class EvalReport:
     top_k: int = 1
     top_k_accuracy: float | None = None  # the true class among the K most probable (top_k > 1 only)
     open_set: dict | None = None  # unknown_rate, coverage, selective_accuracy, cut (None: decision off)
+    predicted_only: dict[str, int] = field(default_factory=dict)  # labels predicted with no image in the set: how often
 
 
 def labels_from_csv(root: str | os.PathLike, labels: str | os.PathLike) -> list[tuple[InputFile, str]]:
     """(file, class) pairs from a CSV with ``path`` and ``label`` columns, paths relative to ``root``.
 
-    A path that leaves ``root`` is not read (an error row says why); a path listed twice counts once.
+    A path that leaves ``root`` is not read (an error row says why); a path listed twice counts once, however
+    it is spelled (``a.jpg``, ``./a.jpg``, ``sub/../a.jpg``): a second spelling would score the image twice.
     """
     try:
         with open(labels, newline="", encoding="utf-8-sig") as fh:
@@ -52,6 +56,7 @@ def labels_from_csv(root: str | os.PathLike, labels: str | os.PathLike) -> list[
             pairs: dict[str, tuple[InputFile, str]] = {}
             for row in reader:
                 rel, label = (row.get(fields["path"]) or "").strip(), (row.get(fields["label"]) or "").strip()
+                rel = posixpath.normpath(rel.replace(os.sep, "/")) if rel else rel
                 if not rel or rel in pairs:
                     continue
                 if not label:
@@ -100,6 +105,7 @@ def evaluate_folder(root: str | os.PathLike, *, model: str | None = None, backen
         if bar is not None:
             bar.close()
     macro, micro, per_class = f1_table(y_true, y_pred)
+    never_true = Counter(p for p in y_pred if p != "<error>" and p not in truth.values())
     t, p, c = np.asarray(y_true, object), np.asarray(y_pred, object), np.asarray(conf, float)
     open_set = None
     if classifier.open_set is not None:
@@ -115,7 +121,8 @@ def evaluate_folder(root: str | os.PathLike, *, model: str | None = None, backen
         coverage.append({"threshold": th, "coverage": float(kept.mean()),
                          "accuracy": float((t[kept] == p[kept]).mean()) if kept.any() else float("nan")})
     return EvalReport(n=len(y_true), errors=errors, accuracy=micro, macro_f1=macro, micro_f1=micro,
-                      per_class=per_class, coverage=coverage, open_set=open_set,
+                      per_class=[row for row in per_class if row["support"] > 0], coverage=coverage,
+                      open_set=open_set, predicted_only=dict(sorted(never_true.items())),
                       unknown_classes=sorted(set(y_true) - set(card.classes) - {UNKNOWN_LABEL}), top_k=options.top_k,
                       top_k_accuracy=float(np.mean(in_top_k)) if options.top_k > 1 and in_top_k else None)
 
@@ -133,6 +140,9 @@ def format_report(r: EvalReport) -> str:
     lines += ["", f"{'label':32} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>8}"]
     lines += [f"{row['label']:32} {row['precision']:9.3f} {row['recall']:7.3f} {row['f1']:7.3f} {row['support']:8d}"
               for row in r.per_class]
+    if r.predicted_only:  # no images of theirs here: no recall or F1 to show, only that the model said them
+        lines.append("predicted, with no images here (always wrong): "
+                     + ", ".join(f"{label} ({n}x)" for label, n in r.predicted_only.items()))
     lines += ["", "threshold  coverage  accuracy-above"]
     lines += [f"{c['threshold']:9.2f}  {c['coverage']:8.3f}  {c['accuracy']:14.4f}" for c in r.coverage]
     return "\n".join(lines)
