@@ -24,10 +24,14 @@ from pathlib import Path
 from batchcls.card import UNKNOWN_LABEL
 from batchcls.errors import InputError, OutputError
 from batchcls.fsutil import atomic_open, confined, inside
-from batchcls.label_folders import ERRORS_DIR, MANIFEST, label_folder
-from batchcls.output import encode_name, escape_cell, read_rows
+from batchcls.label_folders import ERRORS_DIR, MANIFEST, label_folder, moved_to_path
+from batchcls.output import encode_name, escape_cell
+from batchcls.report.labels import read_labels
 
 LINK_MODES = ("symlink", "hardlink")
+# model_label (the model's own guess on a row labelled 'unknown') and known_score come last: scripts that read
+# the first five columns by position keep working.
+MANIFEST_COLUMNS = ["file", "path", "label", "confidence", "error", "model_label", "known_score"]
 
 
 @dataclass
@@ -78,20 +82,22 @@ def _place(src: Path, folder: Path, link: str | None) -> tuple[Path, bool]:
         return dest, True
 
 
-def review(labels: str | os.PathLike, to: str | os.PathLike, *, below: float,
+def review(labels: str | os.PathLike, to: str | os.PathLike, *, below: float | None = None,
            images: str | os.PathLike | None = None, link: str | None = None,
            errors: bool = False, unknown: bool = False) -> ReviewSummary:
     """Place every image whose confidence is under ``below`` into ``to/<label>/``; with ``unknown`` also every
-    row labelled 'unknown' (the open-set decision or --threshold declined it) into ``to/unknown/``.
+    row labelled 'unknown' (the open-set decision or --threshold declined it) into ``to/unknown/``, whatever
+    its confidence, so ``unknown`` alone needs no ``below``.
 
-    ``images`` is the folder the row paths are relative to (default: the current folder);
+    ``images`` is the folder the row paths are relative to (default: the current folder); a watch ledger's
+    row whose file was moved is looked for where it went (``moved_to``, as ``report`` does).
     ``link`` is None (copy), 'symlink' or 'hardlink'; ``errors`` also places error rows in ``to/_errors``.
     """
     if link not in (None, *LINK_MODES):
         raise OutputError(f"unknown link mode {link!r}: choose one of {', '.join(LINK_MODES)}")
-    rows = read_rows(labels)
-    if rows and "path" not in rows[0]:
-        raise InputError(f"{labels} has no 'path' column: it is not a batchcls output")
+    if below is None and not (unknown or errors):
+        raise InputError("nothing to review: give a confidence to review under (--below), --unknown or --errors")
+    rows = read_labels(labels)
     root, to = Path(images) if images is not None else Path("."), Path(to)
     summary = ReviewSummary(to=to)
     chosen: list[tuple[float, dict, str]] = []
@@ -100,7 +106,8 @@ def review(labels: str | os.PathLike, to: str | os.PathLike, *, below: float,
             conf = float(r.get("confidence", ""))
         except (TypeError, ValueError):
             conf = 0.0  # no readable confidence (error rows, damaged cells): doubtful by definition
-        if r.get("status") == "ok" and (conf < below or (unknown and r.get("label") == UNKNOWN_LABEL)):
+        doubtful = below is not None and conf < below
+        if r.get("status") == "ok" and (doubtful or (unknown and r.get("label") == UNKNOWN_LABEL)):
             chosen.append((conf, r, label_folder(r)))
         elif r.get("status") != "ok" and errors:
             chosen.append((conf, r, ERRORS_DIR))
@@ -108,8 +115,10 @@ def review(labels: str | os.PathLike, to: str | os.PathLike, *, below: float,
     chosen.sort(key=lambda c: c[0])
     summary.selected = len(chosen)
     manifest = []
+    beside = Path(os.path.realpath(labels)).parent
     for _, r, folder in chosen:
-        where = confined(root, str(r["path"]))
+        moved = moved_to_path(r, labels)
+        where = confined(root, str(r["path"])) if moved is None else confined(beside, moved) or confined(root, moved)
         if where is None:
             summary.outside.append(str(r["path"]))
             continue
@@ -125,8 +134,9 @@ def review(labels: str | os.PathLike, to: str | os.PathLike, *, below: float,
         summary.already += not new
         summary.labels[folder] = summary.labels.get(folder, 0) + 1
         manifest.append([escape_cell(encode_name(dest.relative_to(to).as_posix())), escape_cell(encode_name(str(r["path"]))),
-                         escape_cell(str(r.get("label", ""))), r.get("confidence", ""),
-                         escape_cell(str(r.get("error", "")))])
+                         escape_cell(str(r.get("label", ""))), _cell(r.get("confidence")),
+                         escape_cell(str(r.get("error", ""))), escape_cell(str(r.get("model_label") or "")),
+                         _cell(r.get("known_score"))])
     if summary.missing and not manifest:
         raise InputError(f"none of the {len(summary.missing)} images to review was found under "
                          f"{images or 'the current folder'} (e.g. {summary.missing[0]}): "
@@ -134,9 +144,14 @@ def review(labels: str | os.PathLike, to: str | os.PathLike, *, below: float,
     if manifest:
         with atomic_open(to / MANIFEST, "w", newline="", encoding="utf-8", errors="backslashreplace") as fh:
             w = csv.writer(fh)
-            w.writerow(["file", "path", "label", "confidence", "error"])
+            w.writerow(MANIFEST_COLUMNS)
             w.writerows(manifest)
     return summary
+
+
+def _cell(value: object) -> str:
+    """A number as the manifest holds it: empty when the row has none (error rows, no open-set decision)."""
+    return "" if value is None else str(value)
 
 
 def describe(s: ReviewSummary, images: str | None) -> str:

@@ -201,11 +201,49 @@ def test_report_refuses_bad_outputs(labels, tree, out, message):
     assert r.exit_code == 1 and message in r.output
 
 
-def test_report_refuses_a_file_that_is_not_a_batchcls_output(tmp_path):
-    bad = tmp_path / "x.csv"
-    bad.write_text("name,value\na,1\n")
-    r = invoke("report", bad, "--out", tmp_path / "r.html")
-    assert r.exit_code == 1 and "no 'path' column" in r.output
+NOT_OURS = {
+    "someone else's CSV": ("x.csv", "path,size,owner\nholiday.jpg,1200,ann\nwork.jpg,800,bob\n"),
+    "only the word path": ("x.csv", "path\n"),
+    "no header at all": ("x.csv", ""),
+    "no path column": ("x.csv", "name,value\na,1\n"),
+    "batchcls columns, other rows": ("x.csv", "path,label,confidence,status,error\na.jpg,red,0.9,maybe,\n"),
+    "a row too wide": ("x.csv", "path,label,confidence,status,error\na.jpg,red,0.9,ok,,extra\n"),
+    "columns reordered": ("x.csv", "label,path,confidence,status,error\nred,a.jpg,0.9,ok,\n"),
+    "JSON lines of something else": ("x.jsonl", '{"path": "a.jpg", "kind": "photo"}\n'),
+    "an empty .jsonl": ("x.jsonl", ""),
+    "not JSON": ("x.jsonl", "path\n"),
+}
+
+
+@pytest.mark.parametrize("command", ["report", "review"])
+@pytest.mark.parametrize("case", list(NOT_OURS))
+def test_a_file_that_is_not_a_batchcls_output_is_refused_in_one_line(tree, tmp_path, command, case):
+    """Such a file used to become a page of error rows, or an empty page, and exit 0."""
+    name, text = NOT_OURS[case]
+    bad = tmp_path / name
+    bad.write_text(text)
+    extra = ["--out", tmp_path / "r.html"] if command == "report" else ["--below", 1, "--to", tmp_path / "rv"]
+    r = invoke(command, bad, "--images", tree, *extra)
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert r.output.startswith(f"Error: {bad} is not an output of batchcls run or watch ("), r.output
+    assert not (tmp_path / "r.html").exists() and not (tmp_path / "rv").exists()
+
+
+@pytest.mark.parametrize("name, header", [
+    ("l.csv", columns_for(3, model_label=True, known_score=True, prob_classes=["a/b", "label_2"])),
+    ("l.csv", columns_for(1) + ["moved_to"]),  # a watch ledger with moves
+    ("l.jsonl", columns_for(2, model_label=True)),
+])
+def test_every_header_batchcls_writes_is_accepted_with_no_rows(tmp_path, name, header):
+    w = RowWriter(str(tmp_path / name), fmt=name.split(".")[1], columns=header)
+    w.write([{"path": "gone.jpg", "label": "", "confidence": None, "status": "error", "error": "gone"}])
+    w.close()
+    r = invoke("report", tmp_path / name, "--out", tmp_path / "r.html")
+    assert r.exit_code == 0, r.output
+    empty = tmp_path / "empty.csv"
+    w = RowWriter(str(empty), columns=header)  # a run over nothing: header only
+    w.close()
+    assert invoke("report", empty, "--out", tmp_path / "e.html").exit_code == 0
 
 
 # --- 20,000 rows --------------------------------------------------------------------------------

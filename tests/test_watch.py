@@ -7,6 +7,7 @@ import contextlib
 import io
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -317,9 +318,9 @@ def test_ledger_and_move_targets_inside_the_folder_are_not_inputs(inbox, tmp_pat
 
 
 def test_move_to_keeps_classes_that_share_a_safe_name_apart(inbox, tmp_path):
-    """Classes 'a/b' and 'a_b', and a class called 'unknown' beside the rows the model declines (--threshold):
-    four folders, each file in its own row's."""
-    bundle = make_colour_bundle(tmp_path / "clash", classes=["a/b", "a_b", "unknown"])
+    """Classes 'a/b' and 'a_b', and a class called '_errors' beside the rows the model declines (--threshold):
+    four folders, each file in its own row's. (A class called 'unknown' is refused at load.)"""
+    bundle = make_colour_bundle(tmp_path / "clash", classes=["a/b", "a_b", "_errors"])
     out, sorted_ = tmp_path / "labels.csv", tmp_path / "sorted"
     cfg = WatchConfig(folder=str(inbox), out=str(out), model=str(bundle), move_to=str(sorted_), stable_s=0.3,
                       max_wait_s=0.05, options=RunOptions(workers=0, threshold=0.5))
@@ -330,10 +331,12 @@ def test_move_to_keeps_classes_that_share_a_safe_name_apart(inbox, tmp_path):
         wait_for(has_rows(out, "r.jpg", "g.jpg", "b.jpg", "grey.png"), "four rows")
         wait_for(lambda: not w.waiting() and not any(inbox.iterdir()), "every file moved")
     got = {r["path"]: (r["label"], r["model_label"]) for r in rows(out)}
-    assert got == {"r.jpg": ("a/b", "a/b"), "g.jpg": ("a_b", "a_b"), "b.jpg": ("unknown", "unknown"),
+    assert got == {"r.jpg": ("a/b", "a/b"), "g.jpg": ("a_b", "a_b"), "b.jpg": ("_errors", "_errors"),
                    "grey.png": ("unknown", "a/b")}
     placed = {p.relative_to(sorted_).as_posix() for p in sorted_.rglob("*") if p.is_file()}
-    assert placed == {"a%2Fb/r.jpg", "a_b/g.jpg", "%75nknown/b.jpg", "unknown/grey.png"}
+    assert placed == {"a%2Fb/r.jpg", "a_b/g.jpg", "%5Ferrors/b.jpg", "unknown/grey.png"}
+    assert {r["path"]: r["moved_to"] for r in rows(out)} == {name: f"sorted/{where}" for where in placed
+                                                               for name in [where.split("/")[1]]}
 
 def test_restart_finishes_cut_moves_and_relabels_a_cut_row(inbox, tmp_path, daemon):
     """The two states a kill -9 can leave behind, built exactly: a row whose move never happened,
@@ -353,6 +356,70 @@ def test_restart_finishes_cut_moves_and_relabels_a_cut_row(inbox, tmp_path, daem
     assert sorted(paths(out)) == ["cut_row.jpg", "moved_not.jpg"]
     assert (sorted_ / "red" / "moved_not.jpg").is_file() and (sorted_ / "green" / "cut_row.jpg").is_file()
     assert list(inbox.iterdir()) == []
+    assert "moved_to" not in rows(out)[0]  # a ledger started without the column goes on without it
+
+
+def test_the_ledger_says_where_each_file_went_and_report_follows_it(inbox, tmp_path, daemon):
+    """After moves (a name clash gives name-1.jpg) `report` used to find none of a watch ledger's images."""
+    out, sorted_, failed = tmp_path / "labels.csv", tmp_path / "sorted", tmp_path / "failed"
+    (sorted_ / "red").mkdir(parents=True)
+    (sorted_ / "red" / "a.jpg").write_bytes(b"an older file with the same name")
+    with daemon(inbox, move_to=str(sorted_), errors_to=str(failed)) as w:
+        (inbox / "a.jpg").write_bytes(jpeg("red"))
+        (inbox / "sub").mkdir()
+        (inbox / "sub" / "b.jpg").write_bytes(jpeg("blue"))
+        (inbox / "=bad.jpg").write_bytes(b"not an image")
+        wait_for(has_rows(out, "a.jpg", "sub/b.jpg", "=bad.jpg"), "three rows")
+        wait_for(lambda: not w.waiting() and not list(inbox.glob("*.jpg")), "every file moved")
+    got = {r["path"]: r["moved_to"] for r in rows(out)}
+    assert got == {"a.jpg": "sorted/red/a-1.jpg", "sub/b.jpg": "sorted/blue/b.jpg", "=bad.jpg": "failed/=bad.jpg"}
+    for path, moved in got.items():
+        assert (tmp_path / moved).is_file() and not (inbox / path).exists()
+    assert (tmp_path / got["a.jpg"]).read_bytes() == jpeg("red")
+    r = CliRunner().invoke(cli, ["report", str(out), "--images", str(inbox), "--out", str(tmp_path / "r.html")])
+    assert r.exit_code == 0 and "thumbnails: 2 made" in r.output and "not found" not in r.output, r.output
+    page = (tmp_path / "r.html").read_text()
+    assert 'href="sorted/red/a-1.jpg"' in page and 'href="failed/%3Dbad.jpg"' in page
+    r = CliRunner().invoke(cli, ["review", str(out), "--images", str(inbox), "--below", "1", "--errors", "--to",
+                                 str(tmp_path / "rv")])
+    assert r.exit_code == 0 and "3 placed" in r.output, r.output
+    assert (tmp_path / "rv" / "red" / "a-1.jpg").read_bytes() == jpeg("red")
+
+
+def test_a_restart_finishes_a_cut_move_to_the_name_its_row_gives(inbox, tmp_path, daemon):
+    out, sorted_ = tmp_path / "labels.csv", tmp_path / "sorted"
+    (inbox / "x.jpg").write_bytes(jpeg("red"))
+    ledger = Ledger(str(out), fmt="csv", columns=columns_for(1), moves=True)  # the daemon's batch, up to a kill -9:
+    ledger.intend([InputFile(str(inbox / "x.jpg"), "x.jpg")])
+    ledger.write([{"path": "x.jpg", "label": "red", "confidence": 0.9, "status": "ok", "error": "",
+                   "moved_to": "sorted/red/x-3.jpg"}])  # the name planned then
+    ledger.close()  # ...killed before the rename; meanwhile other files took the names before it
+    (sorted_ / "red").mkdir(parents=True)
+    (sorted_ / "red" / "x.jpg").write_bytes(b"another x.jpg")
+    with daemon(inbox, move_to=str(sorted_)) as w:
+        wait_for(lambda: not (inbox / "x.jpg").exists() and not w.waiting(), "the move finished")
+    assert (sorted_ / "red" / "x-3.jpg").read_bytes() == jpeg("red") and paths(out) == ["x.jpg"]
+
+
+@pytest.mark.parametrize("ledger", ["other options", "other columns", "not a ledger"])
+def test_a_ledger_watch_cannot_continue_is_refused_with_advice_watch_can_follow(inbox, tmp_path, colour_bundle,
+                                                                                 ledger):
+    """The refusal used to advise --overwrite, --resume or --probs: options watch does not have."""
+    out = tmp_path / "labels.csv"
+    if ledger == "other options":
+        (inbox / "a.jpg").write_bytes(jpeg("red"))
+        r = CliRunner().invoke(cli, ["run", str(inbox), "--out", str(out), "--model", str(colour_bundle),
+                                     "--threshold", "0.5"])
+        assert r.exit_code == 0, r.output
+    else:
+        out.write_text("path,label,confidence,status,error,label_2,confidence_2\n" if ledger == "other columns"
+                       else "hello\n")
+    r = CliRunner().invoke(cli, ["watch", str(inbox), "--out", str(out), "--model", str(colour_bundle)])
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and r.output.startswith("Error: "), r.output
+    watch_options = {p for param in cli.commands["watch"].params for p in param.opts + param.secondary_opts}
+    advised = set(re.findall(r"--[a-z-]+", r.output.split(": ", 2)[-1]))
+    assert advised <= watch_options, advised - watch_options
+    assert "new --out" in r.output or "another --out" in r.output
 
 
 def _decode_workers() -> list[int]:

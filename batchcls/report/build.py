@@ -13,8 +13,9 @@ from urllib.parse import quote
 from batchcls.card import UNKNOWN_LABEL
 from batchcls.errors import InputError, OutputError
 from batchcls.fsutil import atomic_write, confined
-from batchcls.output import read_rows
+from batchcls.label_folders import moved_to_path
 from batchcls.report import thumbs
+from batchcls.report.labels import read_labels
 from batchcls.report.page import (
     Item,
     Links,
@@ -56,19 +57,26 @@ def _confidence(row: dict) -> float | None:
     return c if 0.0 <= c <= 1.0 else None  # also rejects NaN
 
 
-def _prepare(rows: list[dict], root: Path, folder: str, size: int,
+def _prepare(rows: list[dict], labels: Path, root: Path, folder: str, size: int,
              summary: ReportSummary) -> tuple[list[Item], dict[str, str]]:
-    """Find each row's file and its cache key; returns the items and the thumbnails still to make."""
+    """Find each row's file and its cache key; returns the items and the thumbnails still to make.
+
+    A watch ledger's row whose file was moved (``moved_to``) is looked for where it went, which may lie inside
+    the ledger's own folder or inside ``root``: the ledger usually sits beside its --move-to folders.
+    """
     items: list[Item] = []
     cached = set(os.listdir(folder))  # one listing instead of an exists() per row
     todo: dict[str, str] = {}  # key -> source; one thumbnail per distinct file, however many rows name it
+    beside = Path(os.path.realpath(labels)).parent
     for row in rows:
         path = str(row.get("path", ""))
-        source = confined(root, path)
-        item = Item(row, _confidence(row), path, source or "")
+        moved = moved_to_path(row, labels)
+        source = confined(root, path) if moved is None else confined(beside, moved) or confined(root, moved)
+        item = Item(row, _confidence(row), path, source or "", moved=moved is not None)
         items.append(item)
         if source is None:
-            item.note = "outside the images folder: not shown"
+            item.note = ("moved outside the ledger's folder and the images folder: not shown" if item.moved
+                         else "outside the images folder: not shown")
             summary.outside += 1
             continue
         if row.get("status") != "ok":
@@ -145,14 +153,12 @@ def build_report(labels: str | os.PathLike, out: str | os.PathLike, *, images: s
         raise OutputError(f"the report {out} would overwrite the labels file: choose another --out")
     if not out.parent.is_dir():
         raise OutputError(f"output folder {out.parent} does not exist: create it first")
-    rows = read_rows(labels)
-    if rows and "path" not in rows[0]:
-        raise InputError(f"{labels} has no 'path' column: it is not a batchcls output")
+    rows = read_labels(labels)
     summary = ReportSummary(out=out, rows=len(rows))
     root = Path(images) if images is not None else Path(".")
     folder = thumbs.thumbs_folder(files_dir(out))
 
-    items, todo = _prepare(rows, root, folder, thumb_size, summary)
+    items, todo = _prepare(rows, labels.absolute(), root, folder, thumb_size, summary)
     looked_for = sum(1 for it in items if it.row.get("status") == "ok" and it.source)
     if looked_for and summary.missing == looked_for:  # a page of placeholders only: the wrong --images
         raise InputError(f"none of the {looked_for} images of {labels} was found under "

@@ -60,6 +60,7 @@ class Item:
     source: str  # the file on disk
     thumb: str | None = None  # cache key; None when there is no thumbnail to show
     note: str = ""  # why there is no thumbnail
+    moved: bool = False  # a watch moved the file: ``source`` is where its ledger row says it went
 
 
 @dataclass(frozen=True)
@@ -74,21 +75,27 @@ class Links:
     """How the page points at things: thumbnails beside it, and each row's image."""
 
     thumbs_url: str  # the thumbnail folder, relative to the page, already percent-encoded
-    href: Callable[[str], str]  # row path -> URL of the image, '#' when it must not be linked
+    href: Callable[[Item], str]  # item -> URL of its image, '#' when it must not be linked
 
 
-def linker(root: Path, base: Path) -> Callable[[str], str]:
-    """Row path -> URL of the image relative to the page, percent-encoded so no name can become a
+def linker(root: Path, base: Path) -> Callable[[Item], str]:
+    """Item -> URL of its image relative to the page, percent-encoded so no name can become a
     scheme (``javascript:``) or break out of the attribute. The root's part is worked out once:
-    a relpath call per row would cost seconds on a big report."""
+    a relpath call per row would cost seconds on a big report (a moved file, already checked, pays one)."""
     def rel(target: str) -> str:
         return os.path.relpath(target, base).replace(os.sep, "/")
     prefix = rel(str(root))
 
-    def href(path: str) -> str:
-        if confined(root, path) is None:  # a row pointing outside the images folder gets no link
+    def href(item: Item) -> str:
+        path = item.path
+        if item.moved:
+            if not item.source:  # moved somewhere the report may not read: no link
+                return "#"
+            joined = rel(item.source)
+        elif confined(root, path) is None:  # a row pointing outside the images folder gets no link
             return "#"
-        joined = rel(path) if os.path.isabs(path) else path if prefix == "." else f"{prefix}/{path}"
+        else:
+            joined = rel(path) if os.path.isabs(path) else path if prefix == "." else f"{prefix}/{path}"
         return quote(joined, safe="/", errors="surrogateescape")  # a non-UTF-8 name: its real bytes
     return href
 
@@ -172,7 +179,7 @@ def figure(item: Item, links: Links) -> str:
     else:
         pic = f'<span class="none">{e(item.note or "no preview")}</span>'
     conf = "-" if c is None else f"{c:.3f}"
-    return (f'<figure{cls}><a href="{e(links.href(item.path))}">{pic}</a>'
+    return (f'<figure{cls}><a href="{e(links.href(item))}">{pic}</a>'
             f"<figcaption><b>{conf}</b>{_breakable(item.path)}</figcaption></figure>")
 
 
@@ -203,7 +210,7 @@ def unknown_section(items: list[Item], links: Links) -> Section:
                else f'<span class="none">{e(it.note or "no preview")}</span>')
         ks = it.row.get("known_score")
         ks = "-" if ks in (None, "") else f"{float(ks):.3f}"
-        parts.append(f'<figure><a href="{e(links.href(it.path))}">{pic}</a><figcaption>'
+        parts.append(f'<figure><a href="{e(links.href(it))}">{pic}</a><figcaption>'
                      f'<b>{e(str(it.row.get("model_label", "") or "?"))}</b>known {ks} · {_breakable(it.path)}'
                      "</figcaption></figure>")
     parts.append("</div></section>")
@@ -215,7 +222,7 @@ def errors_section(errors: list[Item], links: Links) -> Section:
     e = html.escape
     parts = [f'<section id="errors"><h2>Errors <small>({len(errors)} rows)</small></h2>'
              '<table class="err"><tr><th>path</th><th>reason</th></tr>']
-    parts.extend(f'<tr><td><a href="{e(links.href(it.path))}">{e(it.path)}</a></td>'
+    parts.extend(f'<tr><td><a href="{e(links.href(it))}">{e(it.path)}</a></td>'
                  f'<td>{e(str(it.row.get("error", "")))}</td></tr>' for it in errors)
     parts.append("</table></section>")
     return Section("errors", f"errors ({len(errors)})", "\n".join(parts))

@@ -24,6 +24,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 
 from batchcls.decode_stage import DecodedBatch, DecodeStage, Job, image_stage
 from batchcls.errors import InputError, OutputError
@@ -85,7 +86,8 @@ class Watcher:
                                          tta=cfg.options.tta, open_set=cfg.options.open_set)
         card = self.classifier.card
         provenance = Provenance.of(card, cfg.options, source=cfg.folder)
-        self.ledger = Ledger(cfg.out, fmt=cfg.fmt, columns=cfg.options.columns(card), provenance=provenance)
+        self.ledger = Ledger(cfg.out, fmt=cfg.fmt, columns=cfg.options.columns(card), provenance=provenance,
+                             moves=bool(self.mover.targets))
         self.scope = Scope(self.root, recursive=cfg.recursive, excluded_files=self.ledger.files,
                            excluded_dirs=[str(p) for p in self.mover.folders])
         workers = default_threads() if cfg.options.workers is None else cfg.options.workers
@@ -226,16 +228,18 @@ class Watcher:
             here.add(rel)
             if rel in rows and self.mover.target_for(rows[rel]) is not None:  # labelled, and should have moved
                 if self.ledger.cut_short(rel, path):
-                    unmoved.append(InputFile(path, rel))
+                    if not self.ledger.stays(rel):  # could not be placed when labelled: its row says it stayed
+                        unmoved.append(InputFile(path, rel))
                     continue
                 self.ledger.done.discard(rel)  # another file under a labelled name: it is labelled too
                 log.info("%s: a new file under a name labelled before: labelling it", rel)
             queued += self.arrivals.watch(rel, path, self.config.stable_s)
-        if unmoved:
-            for f in unmoved:
-                if self.mover.file_away(f, rows[f.rel]):
-                    log.info("finished moving %s (labelled before a restart)", f.rel)
-                    self.ledger.settle([f.rel])
+        taken: set[Path] = set()
+        for f in unmoved:  # to the name its row gives (a ledger without moved_to: a free one, as then)
+            dst = self.ledger.recorded_move(rows[f.rel]) or self.mover.plan(f, rows[f.rel], taken)
+            if dst is not None and self.mover.finish(f, dst) is not None:
+                log.info("finished moving %s (labelled before a restart)", f.rel)
+                self.ledger.settle([f.rel])
         if startup and self.ledger.moving:  # moved before the crash, or gone since: nothing left to finish
             self.ledger.settle([], [rel for rel in self.ledger.moving if rel not in here])
         if startup or queued:
@@ -277,10 +281,15 @@ class Watcher:
         to_move = [(f, row) for f, row in kept if self.mover.target_for(row) is not None]
         if to_move:  # before the rows: a restart can tell a cut-short move from a new file under the name
             self.ledger.intend([f for f, _ in to_move])
+        taken: set[Path] = set()
+        planned = {f.rel: self.mover.plan(f, row, taken) for f, row in to_move}  # where each row says it goes
+        for f, row in kept:
+            self.ledger.record_move(row, planned.get(f.rel))
         self.ledger.write([row for _, row in kept])  # flushed + fsynced before any file moves
-        moved_rels = [f.rel for f, row in to_move if self.mover.file_away(f, row)]
+        moved_rels = [f.rel for f, _ in to_move if planned[f.rel] is not None
+                      and self.mover.finish(f, planned[f.rel]) is not None]
         if to_move:
-            self.ledger.settle(moved_rels)
+            self.ledger.settle(moved_rels, staying=[f.rel for f, _ in to_move if planned[f.rel] is None])
         self.arrivals.finished(gone + [f.rel for f, _ in kept])
         errors = sum(row["status"] != "ok" for _, row in kept)
         moved = len(moved_rels)

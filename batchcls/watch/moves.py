@@ -1,7 +1,10 @@
 """Filing labelled files away: atomic renames into MOVE_TO/<label>/ (or ERRORS_TO/), never overwriting.
 
 A move happens only after the file's row is on disk, so after a kill -9 a file is either not in the
-ledger (labelled again on restart) or in it (and moved on restart if it wasn't yet).
+ledger (labelled again on restart) or in it (and moved on restart if it wasn't yet). Its destination is
+chosen before the row is written (``plan``: the label's folder, and ``name-1.jpg`` after a clash), so the
+row can say where the file went (``moved_to``), and a move a crash cut short is finished to that very name.
+Only a file put under that name by someone else in between sends it to the next free name (said in the log).
 """
 from __future__ import annotations
 
@@ -37,6 +40,25 @@ def rename_noreplace(src: str, dst: str) -> None:
     # which move_into() recognises and finishes.
     os.link(src, dst)
     os.unlink(src)
+
+
+def free_name(src: str, folder: Path, taken: set[Path]) -> Path:
+    """The first of name, name-1, name-2... in ``folder`` that no file holds and no move in flight has
+    (``taken``); a name that already holds ``src`` itself (a link+unlink move cut short) is its name."""
+    base = os.path.basename(src)
+    stem, ext = os.path.splitext(base)
+    for i in range(10_000):
+        dst = folder / (base if i == 0 else f"{stem}-{i}{ext}")
+        if dst in taken:
+            continue
+        if not os.path.lexists(dst):
+            return dst
+        try:
+            if os.path.samefile(src, dst):
+                return dst
+        except OSError:
+            pass
+    raise OSError(errno.EEXIST, f"no free name for {base} in {folder}")
 
 
 def move_into(src: str, folder: Path) -> Path:
@@ -86,20 +108,44 @@ class Mover:
         """Where a file with this row goes (None: it stays)."""
         return self.targets.get("ok" if row["status"] == "ok" else "error")
 
-    def file_away(self, f: InputFile, row: dict) -> bool:
-        """Move ``f`` where its row says; False when there is no target or it could not move (retried on restart)."""
+    def plan(self, f: InputFile, row: dict, taken: set[Path]) -> Path | None:
+        """Where ``f`` is to go, chosen before its row is written: a free name in the folder its row says
+        (not one of ``taken``, the names planned for the batch so far, which it joins). None: it stays,
+        because there is no target, or its folder leads outside the target or cannot be made (logged)."""
         target = self.target_for(row)
         if target is None or os.path.isdir(f.path):  # a folder the scan could not list is never moved
-            return False
+            return None
         folder = target / label_folder(row) if row["status"] == "ok" else target
         if folder.exists() and not inside(target, folder):  # e.g. a symlink planted in MOVE_TO
-            log.warning("not moving %s: %s leads outside %s", f.rel, folder, target)
-            return False
+            log.warning("not moving %s: %s leads outside %s; it stays", f.rel, folder, target)
+            return None
         try:
-            move_into(f.path, folder)
-            return True
+            folder.mkdir(parents=True, exist_ok=True)
+            dst = free_name(f.path, folder, taken)
+        except OSError as e:
+            log.warning("cannot move %s into %s: %s; it stays", f.rel, folder, e.strerror or e)
+            return None
+        taken.add(dst)
+        return dst
+
+    def finish(self, f: InputFile, dst: Path) -> Path | None:
+        """Move ``f`` to ``dst``, where its row says it went; where it went (the next free name if someone else
+        took ``dst`` meanwhile), or None when it could not move (the move is retried on the next start)."""
+        try:
+            rename_noreplace(f.path, str(dst))
+            return dst
         except FileNotFoundError:
-            return False
-        except OSError as e:  # the row is written; the move is retried on the next start
-            log.warning("could not move %s into %s: %s", f.rel, folder, e.strerror or e)
-            return False
+            return None
+        except FileExistsError:
+            pass
+        except OSError as e:
+            log.warning("could not move %s to %s: %s", f.rel, dst, e.strerror or e)
+            return None
+        try:
+            went = move_into(f.path, dst.parent)  # an interrupted link+unlink to dst itself is finished there
+        except OSError as e:
+            log.warning("could not move %s into %s: %s", f.rel, dst.parent, e.strerror or e)
+            return None
+        if went != dst:
+            log.warning("%s went to %s: another file took %s, the name its ledger row names", f.rel, went, dst)
+        return went
