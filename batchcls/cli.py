@@ -47,6 +47,10 @@ class Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:  # one line, as every other error: what is wrong, where the options are
+            where = e.ctx.command_path if e.ctx is not None else ctx.command_path
+            click.echo(f"Error: {e.format_message()} (`{where} --help` lists the options)", err=True)
+            sys.exit(EXIT_USAGE)
         except BrokenPipeError:
             _quiet_broken_pipe()
         except KeyboardInterrupt:  # eval, report, review, info: nothing half-written to keep
@@ -98,6 +102,44 @@ class Existing(click.Path):
         return path
 
 
+class Fraction(click.ParamType):
+    """A number from 0 to 1 (a confidence, a known_score). NaN is refused: every comparison with it is false, so
+    a NaN threshold would silently select nothing."""
+
+    name = "0..1"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float) and 0.0 <= value <= 1.0:
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number: give one from 0 to 1", param, ctx)
+        if not 0.0 <= number <= 1.0:  # NaN fails this too
+            self.fail(f"{value} is not a number from 0 to 1", param, ctx)
+        return number
+
+
+# The most images per inference batch. Decoded images, their tensors and the window of batches decoded ahead all
+# grow with it, and past a few hundred images a batch gains no speed on any backend (docs/engines.md).
+MAX_BATCH = 1024
+
+
+class BatchSize(click.ParamType):
+    """Images per batch, 1 to ``MAX_BATCH``; the refusal says which way to go."""
+
+    name = "integer"
+
+    def convert(self, value, param, ctx):
+        n = click.INT.convert(value, param, ctx)
+        if n < 1:
+            self.fail(f"{n}: a batch holds at least 1 image", param, ctx)
+        if n > MAX_BATCH:
+            self.fail(f"{n} is more than {MAX_BATCH} images: memory grows with the batch; lower --batch-size",
+                      param, ctx)
+        return n
+
+
 def options(*decorators: Callable[[F], F]) -> Callable[[F], F]:
     """Several options as one decorator, listed in the order --help shows them (sqlite-utils' ``output_options``)."""
     def apply(fn: F) -> F:
@@ -120,8 +162,8 @@ device_option = click.option("--device", default=None,
 model_options = options(model_option, backend_option, device_option)
 
 batch_options = options(
-    click.option("--batch-size", type=click.IntRange(1, 4096), default=None,
-                 help=f"Images per inference batch. Default: {CPU_BATCH}, {GPU_BATCH} on a GPU."),
+    click.option("--batch-size", type=BatchSize(), default=None,
+                 help=f"Images per inference batch, at most {MAX_BATCH}. Default: {CPU_BATCH}, {GPU_BATCH} on a GPU."),
     click.option("--workers", type=click.IntRange(0), default=None,
                  help="Decode processes (0 = decode in-process). Default: one per core."),
 )
@@ -132,19 +174,25 @@ tta_option = click.option("--tta", type=click.Choice(list(TTA_MODES)), default=N
                                "validation (docs/results.md has its gain and cost).")
 top_k_option = click.option("--top-k", type=click.IntRange(1, 100), default=1, show_default=True,
                             help="Also write the next K-1 labels and confidences.")
-threshold_option = click.option("--threshold", type=click.FloatRange(0, 1), default=None,
+threshold_option = click.option("--threshold", type=Fraction(), default=None,
                                 help="Label rows below this confidence as 'unknown'; the model's own top label stays "
                                      "in a model_label column.")
 open_set_options = options(
     click.option("--open-set/--no-open-set", default=True, show_default=True,
                  help="Label images that show none of the model's classes 'unknown' (known_score and model_label "
                       "columns); --no-open-set gives the plain top class."),
-    click.option("--open-set-cut", type=click.FloatRange(0, 1), default=None,
+    click.option("--open-set-cut", type=Fraction(), default=None,
                  help="Move the open-set operating point: 'unknown' below this known_score (0-1: the share of real "
                       "validation frames scoring lower). Default: the model card's cut."),
 )
 # What each row holds, for the commands that write rows (run, watch): the home of any further row setting.
 row_options = options(top_k_option, threshold_option, tta_option, open_set_options)
+
+
+def _open_set(open_set: bool, open_set_cut: float | None) -> None:
+    """--open-set-cut moves the decision that --no-open-set turns off: both at once is a contradiction."""
+    if not open_set and open_set_cut is not None:
+        raise click.UsageError("--open-set-cut moves the open-set decision, which --no-open-set turns off: pass one")
 
 
 def recursive_option(help: str) -> Callable[[F], F]:
@@ -155,6 +203,16 @@ def format_option(choices: Iterable[str], help: str, *, stdout: bool = False) ->
     suffixes = ", ".join(FORMATS[c].suffix for c in choices)
     return click.option("--format", "fmt", type=click.Choice(list(choices)), default=None,
                         help=f"{help} Default: from --out's extension ({suffixes}){'; csv for -' if stdout else ''}.")
+
+
+def _needs(extra: str, module: str) -> None:
+    """Refuse, before any work, an option whose extra is not installed: one line saying what to install."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        from batchcls.extras import install_hint
+
+        raise OutputError(f"--format {extra} needs {module}, which is not installed: {install_hint(extra, module)}")
 
 
 def _output_format(out: str, fmt: str | None, *, resume: bool) -> str:
@@ -198,9 +256,14 @@ def run(source, out, model, backend, device, files_from, recursive, fmt, batch_s
 
     Example: batchcls run ./images --out labels.csv --top-k 3
     """
-    from batchcls.runner import Interrupted, RunJob, describe, run_job, warnings
+    from batchcls.runner import Interrupted, RunJob, describe, run_job, served_cut, warnings
 
+    if not source and files_from is None:
+        raise click.UsageError("give SOURCE (folders or image files) or --files-from LIST: there is nothing to classify")
+    _open_set(open_set, open_set_cut)
     fmt = _output_format(out, fmt, resume=resume)
+    if fmt == "parquet":
+        _needs("parquet", "pyarrow")
     options = RunOptions(batch_size=batch_size, workers=workers, top_k=top_k, threshold=threshold, probs=probs,
                          max_pixels=max_pixels, gpu_decode=not cpu_decode, tta=tta, open_set=open_set,
                          open_set_cut=open_set_cut, embeddings=bool(embeddings))
@@ -225,10 +288,10 @@ def run(source, out, model, backend, device, files_from, recursive, fmt, batch_s
     except Interrupted as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    for line in warnings(summary):
+    for line in warnings(summary, job):
         click.echo(line, err=True)
     if not quiet:
-        click.echo(describe(summary, out), err=True)
+        click.echo(describe(summary, out, cut=served_cut(job), threshold=threshold), err=True)
     if strict and summary.errors:
         sys.exit(EXIT_ROW_ERRORS)
 
@@ -276,6 +339,7 @@ def evaluate(labelled_dir, labels, model, backend, device, batch_size, workers, 
     """
     from batchcls.evaluate import evaluate_folder, format_report
 
+    _open_set(open_set, open_set_cut)
     report = evaluate_folder(labelled_dir, model=model, backend=backend, device=device, labels=labels, quiet=quiet,
                              options=RunOptions(batch_size=batch_size, workers=workers, top_k=top_k, tta=tta,
                                                 open_set=open_set, open_set_cut=open_set_cut))
@@ -339,6 +403,7 @@ def watch(folder, out, model, backend, device, fmt, polling, stable_seconds, bat
     from batchcls.watch import log_to_stderr
     from batchcls.watch import watch as watch_folder
 
+    _open_set(open_set, open_set_cut)
     log_to_stderr(quiet)
     fmt = _output_format(out, fmt, resume=True)  # the ledger is always continued
     options = RunOptions(batch_size=batch_size, workers=workers, top_k=top_k, threshold=threshold, tta=tta,
@@ -375,7 +440,7 @@ def report(labels, images, out, thumb_size, workers) -> None:
 @cli.command()
 @click.argument("labels", type=Existing("labels file (the output of batchcls run)", dir_okay=False))
 @images_option
-@click.option("--below", type=click.FloatRange(0, 1), required=True, help="Select rows whose confidence is under this.")
+@click.option("--below", type=Fraction(), default=None, help="Select rows whose confidence is under this (not needed with --unknown or --errors alone).")
 @click.option("--to", "to", required=True, type=click.Path(file_okay=False), help="Folder to fill as <to>/<predicted label>/<image>.")
 @click.option("--link", type=click.Choice(["symlink", "hardlink"]), default=None, help="Link instead of copying the images.")
 @click.option("--errors", is_flag=True, help="Also place the images of error rows in <to>/_errors/.")
@@ -387,6 +452,8 @@ def review(labels, images, below, to, link, errors, unknown) -> None:
 
     Example: batchcls review labels.csv --images ./images --below 0.9 --to review/
     """
+    if below is None and not (unknown or errors):
+        raise click.UsageError("give --below T (rows under a confidence), --unknown or --errors: nothing is selected")
     from batchcls.review import describe
     from batchcls.review import review as review_rows
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from batchcls.card import ModelCard, load_card
+from batchcls.card import UNKNOWN_LABEL, ModelCard, load_card
 from batchcls.output import Provenance, RowWriter
 from batchcls.pipeline import RunOptions, RunSummary
 from batchcls.progress import progress
@@ -175,16 +175,54 @@ def run_job(job: RunJob, stage: Stage | None = None) -> RunSummary:
     return summary
 
 
-def warnings(summary: RunSummary) -> list[str]:
+def warnings(summary: RunSummary, job: RunJob | None = None) -> list[str]:
     """What the user should know although the run succeeded (shown even with --quiet)."""
-    if not summary.changed:
-        return []
-    n = len(summary.changed)
-    return [f"warning: {n} file{'s' if n > 1 else ''} changed since {'their rows were' if n > 1 else 'its row was'} "
-            f"written (e.g. {summary.changed[0]!r}); the old rows were kept: rerun with --overwrite to relabel"]
+    out = []
+    if summary.files == 0 and summary.skipped == 0:  # a mistyped or empty folder: exit 0 over a header-only file
+        out.append(f"warning: no files found {_where(job)}: nothing was classified; check the name"
+                   + (" (sub-folders are not read with --no-recursive)" if job and not job.recursive else ""))
+    if summary.changed:
+        n = len(summary.changed)
+        out.append(f"warning: {n} file{'s' if n > 1 else ''} changed since "
+                   f"{'their rows were' if n > 1 else 'its row was'} written (e.g. {summary.changed[0]!r}); "
+                   "the old rows were kept: rerun with --overwrite to relabel")
+    return out
 
 
-def describe(summary: RunSummary, out: str) -> str:
-    where = "" if out == "-" else f" -> {out}"
-    return (f"classified {summary.files} files ({summary.errors} errors) in {summary.seconds:.1f}s, "
-            f"{summary.images_per_s:.1f} images/s{where}")
+def _where(job: RunJob | None) -> str:
+    if job is None:
+        return "in the input"
+    if job.files_from is not None:
+        return f"in the list {'on stdin' if job.files_from == '-' else job.files_from}"
+    sources = [job.source] if isinstance(job.source, (str, os.PathLike)) else list(job.source or ())
+    return f"in {', '.join(map(os.fspath, sources[:3]))}{', ...' if len(sources) > 3 else ''}"
+
+
+def served_cut(job: RunJob) -> float | None:
+    """The cut the run's open-set decision labelled 'unknown' below, in known_score's units; None when off.
+
+    The classifier's own ``open_set.cut`` (the bundle's operating point), unless --open-set-cut moved it.
+    """
+    if not job.options.open_set:
+        return None
+    from batchcls.openset import OpenSet
+
+    decision = OpenSet.from_card(load_card(job.model))
+    if decision is None:  # a bundle without the decision
+        return None
+    return decision.cut if job.options.open_set_cut is None else job.options.open_set_cut
+
+
+def describe(summary: RunSummary, out: str, *, cut: float | None = None, threshold: float | None = None) -> str:
+    """The run's one-line result: error, labelled and unknown rows counted apart (with why a row is unknown: the
+    open-set ``cut`` in known_score's units, the ``threshold``), and on a resume how many rows were there before."""
+    unknown = summary.labels.get(UNKNOWN_LABEL, 0)
+    why = " or ".join(w for w in (f"known_score below {cut:.4g}" if cut is not None else "",
+                                  f"confidence below {threshold:g}" if threshold is not None else "") if w)
+    line = (f"classified {summary.files} files ({summary.errors} errors) in {summary.seconds:.1f}s, "
+            f"{summary.images_per_s:.1f} images/s: {summary.files - summary.errors - unknown} labelled")
+    if why:  # without a decision no row says 'unknown' (a card with a class of that name is refused)
+        line += f", {unknown} unknown ({why})"
+    if summary.skipped:
+        line += f"; {summary.skipped} row{' was' if summary.skipped == 1 else 's were'} already there"
+    return line + ("" if out == "-" else f" -> {out}")

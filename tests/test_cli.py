@@ -127,3 +127,37 @@ def test_report_and_review_that_find_no_image_say_so_and_fail(labels_csv, tmp_pa
     assert r.stderr.count("\n") == 1 and "none of the 4 images" in r.stderr and "pass --images" in r.stderr, r.stderr
     r = batchcls_proc(command, labels_csv, "--images", tmp_path / "images", *extra, cwd=elsewhere)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["run", "{images}", "--out", "{tmp}/o.csv", "--open-set-cut", "nan"], "--open-set-cut"),
+    (["run", "{images}", "--out", "{tmp}/o.csv", "--threshold", "nan"], "--threshold"),
+    (["run", "{images}", "--out", "{tmp}/o.csv", "--no-open-set", "--open-set-cut", "0.3"], "--no-open-set"),
+    (["eval", "{images}", "--no-open-set", "--open-set-cut", "0.3"], "--no-open-set"),
+    (["watch", "{images}", "--out", "{tmp}/o.csv", "--no-open-set", "--open-set-cut", "0.3"], "--no-open-set"),
+    (["run", "{images}", "--out", "{tmp}/o.csv", "--batch-size", "4096"], "lower --batch-size"),
+    (["eval", "{images}", "--batch-size", "1025"], "lower --batch-size"),
+    (["run", "--out", "{tmp}/o.csv"], "give SOURCE"),
+    (["review", "{labels}", "--to", "{tmp}/rv"], "--below"),
+    (["review", "{labels}", "--below", "nan", "--unknown", "--to", "{tmp}/rv"], "--below"),
+])
+def test_wrong_usage_is_one_line_and_exit_2(labels_csv, tmp_path, argv, says):
+    """A value that cannot mean anything (NaN, a cut for a decision turned off, a batch past the cap, no SOURCE)
+    is wrong usage: exit 2 and one line, before any file is read or written."""
+    values = {"tmp": tmp_path, "labels": labels_csv, "images": tmp_path / "images"}
+    r = batchcls_proc(*(a.format(**values) for a in argv), cwd=tmp_path)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("Error: ") and says in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not list(tmp_path.glob("o.csv*")) and not (tmp_path / "rv").exists()
+
+
+def test_the_batch_size_cap_is_documented_and_the_cap_itself_is_accepted(colour_images, colour_bundle, tmp_path):
+    from click.testing import CliRunner
+
+    from batchcls.cli import MAX_BATCH
+
+    assert f"at most {MAX_BATCH}" in " ".join(CliRunner().invoke(cli, ["run", "--help"]).output.split())
+    assert f"at most {MAX_BATCH}" in (Path(__file__).parent.parent / "docs" / "cli.md").read_text()
+    r = CliRunner().invoke(cli, ["run", str(colour_images), "--out", str(tmp_path / "o.csv"), "--model",
+                                 str(colour_bundle), "--batch-size", str(MAX_BATCH), "-q"])
+    assert r.exit_code == 0, r.output

@@ -370,7 +370,7 @@ def test_eval_of_a_flat_folder_with_a_labels_csv(tmp_path):
 def test_info_is_a_short_summary(tmp_path):
     r = batchcls_proc("info")
     assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
+    lines = [line for line in r.stdout.splitlines() if not line.startswith(" ")]  # the class list wraps
     assert len(lines) <= 12, r.stdout
     text = r.stdout
     assert "efficientnet_lite0" in text and "42: abraham_grampa_simpson" in text and "160x160" in text
@@ -385,3 +385,59 @@ def test_info_is_a_short_summary(tmp_path):
     r = batchcls_proc("info", "--model", bundle)
     assert r.returncode == 0 and "open set:    score max_softmax, cut 0.42, known_recall 0.95" in r.stdout, r.stdout
     assert json.loads(batchcls_proc("info", "--model", bundle, "--json").stdout)["classes"] == card["classes"]
+
+
+@pytest.mark.parametrize("how", ["empty folder", "only sub-folders, --no-recursive", "empty list"])
+def test_nothing_to_classify_is_said_not_passed_off_as_a_run(tmp_path, colour_bundle, how):
+    """An empty or mistyped folder used to end with "classified 0 files ... 0.0 images/s" and exit 0 as if all
+    went well; the header-only file stays (a valid output), and a warning says that nothing was found where."""
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    if how.startswith("only"):
+        Image.new("RGB", (8, 8), (250, 0, 0)).save(folder / "sub" / "a.png")
+    source = ["--files-from", tmp_path / "list.txt"] if how == "empty list" else [folder]
+    (tmp_path / "list.txt").write_text("")
+    extra = ["--no-recursive"] if "no-recursive" in how else []
+    r = invoke("run", *source, "--out", tmp_path / "o.csv", "--model", colour_bundle, *extra)
+    assert r.exit_code == 0, r.output
+    warning = next(line for line in r.output.splitlines() if line.startswith("warning:"))
+    where = f"in the list {tmp_path / 'list.txt'}" if how == "empty list" else f"in {folder}"
+    assert f"no files found {where}" in warning, r.output
+    assert ("--no-recursive" in warning) == bool(extra)
+    assert read_rows(tmp_path / "o.csv") == []
+    Image.new("RGB", (8, 8), (0, 250, 0)).save(folder / "b.png")
+    r = invoke("run", folder, "--out", tmp_path / "p.csv", "--model", colour_bundle, *extra)
+    assert r.exit_code == 0 and "warning" not in r.output, r.output  # a file to classify: no warning
+
+
+def test_the_summary_counts_labelled_unknown_and_error_rows_apart(colour_images, colour_bundle, tmp_path):
+    (colour_images / "z_bad.jpg").write_bytes(b"junk")
+    Image.new("RGB", (30, 30), (128, 128, 128)).save(colour_images / "grey.png")  # no colour wins: under 0.9
+    out = tmp_path / "o.csv"
+    r = invoke("run", colour_images, "--out", out, "--model", colour_bundle, "--threshold", "0.9")
+    assert r.exit_code == 0, r.output
+    assert "classified 5 files (1 errors)" in r.output and ": 3 labelled, 1 unknown (confidence below 0.9)" in r.output
+    labels = [x["label"] for x in read_rows(out)]
+    assert (labels.count("unknown"), labels.count("")) == (1, 1)
+    Image.new("RGB", (30, 30), (0, 0, 250)).save(colour_images / "zz_blue.png")
+    r = invoke("run", colour_images, "--out", out, "--model", colour_bundle, "--threshold", "0.9", "--resume")
+    assert r.exit_code == 0 and "classified 1 files (0 errors)" in r.output, r.output
+    assert "1 labelled, 0 unknown (confidence below 0.9); 5 rows were already there" in r.output
+    r = invoke("run", colour_images, "--out", tmp_path / "plain.csv", "--model", colour_bundle)
+    assert ": 5 labelled ->" in r.output and "unknown" not in r.output  # no decision: no unknown count
+
+
+def test_the_summary_gives_the_open_set_cut_in_known_score_units(tmp_path):
+    """With the shipped model's decision on, the summary names the cut rows were declined under: the
+    classifier's own ``open_set.cut`` (what known_score is compared with), or the --open-set-cut given."""
+    from batchcls.card import load_card
+    from batchcls.openset import OpenSet
+
+    cut = OpenSet.from_card(load_card()).cut
+    frames = sorted(SAMPLES.glob("*/*.jpg"))[:2]
+    r = invoke("run", *frames, "--out", tmp_path / "o.csv")
+    assert r.exit_code == 0, r.output
+    unknown = sum(x["label"] == "unknown" for x in read_rows(tmp_path / "o.csv"))
+    assert f"{2 - unknown} labelled, {unknown} unknown (known_score below {cut:.4g})" in r.output, r.output
+    r = invoke("run", *frames, "--out", tmp_path / "p.csv", "--open-set-cut", "0.3", "--threshold", "0.5")
+    assert "unknown (known_score below 0.3 or confidence below 0.5)" in r.output, r.output
