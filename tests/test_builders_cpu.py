@@ -94,7 +94,8 @@ def test_int8_judge_rejects_a_less_accurate_model(bundle, tmp_path):
 
 
 def test_split_manifest_paths(bundle, tmp_path):
-    from batchcls.builders.cpu import calibration_files, load_split
+    from batchcls.builders.cpu import calibration_files
+    from batchcls.builders.manifest import load_split
 
     data = colour_folder(tmp_path / "data")
     manifest = {"root": str(data), "classes": ["red", "green", "blue"],
@@ -118,7 +119,7 @@ def test_split_manifest_found_by_its_hash(bundle, tmp_path):
     """`make train` records only the manifest's sha256; the manifest is found where train writes it."""
     import hashlib
 
-    from batchcls.builders.cpu import find_manifest, load_split
+    from batchcls.builders.manifest import find_manifest, load_split
 
     data = colour_folder(tmp_path / "data")
     text = json.dumps({"root": str(data), "classes": ["red", "green", "blue"], "train": [], "val": [["red/2.png", 0]]})

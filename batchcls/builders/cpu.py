@@ -13,10 +13,8 @@ x86 CPU computes the logits the gate measured, recorded with its figures and a p
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
-import os
 import random
 import tempfile
 import time
@@ -36,6 +34,7 @@ from batchcls.backends.record import (
     shipped_probe_path,
     shipped_record_path,
 )
+from batchcls.builders.manifest import load_split
 from batchcls.builders.record import update_record
 from batchcls.card import ModelCard
 from batchcls.decode_stage import load_images
@@ -51,8 +50,6 @@ ACC_TOLERANCE_POINTS = 0.3  # and at most this many points of accuracy
 CALIB_IMAGES = 300
 CALIB_BATCH = 16
 PROBE_IMAGES = 8  # shipped with the portable INT8 model: its logits are checked on each new CPU
-MANIFEST_KEYS = ("split_manifest", "manifest", "split")  # where train/ may record the split file
-REPO = Path(__file__).resolve().parents[2]  # a checkout: runs/train/split.json is where `make train` writes
 POOLING_OPS = ("GlobalAveragePool", "Flatten", "Reshape", "Squeeze", "ReduceMean")
 
 
@@ -267,53 +264,6 @@ def float_side_outputs(model):  # onnx.ModelProto -> onnx.ModelProto
         dq.output[0] = copy
         producer[src].output[:] = [name if o == src else o for o in producer[src].output]
     return model
-
-
-# --- where the images come from: the card's split manifest, or folders -----------------------
-
-def _resolve(p: str, bases: list[Path]) -> Path:
-    path = Path(p)
-    if path.is_absolute():
-        return path
-    for base in bases:
-        if (base / path).exists():
-            return base / path
-    return path
-
-
-def find_manifest(card: ModelCard) -> Path | None:
-    """The split manifest train/ used: named in the card, or found where the training targets write it
-    (runs/<run>/split.json: make train, train-more, train-long) and matched by the sha256 the card records."""
-    assert card.bundle_dir is not None
-    ref = next((card.training[k] for k in MANIFEST_KEYS if isinstance(card.training.get(k), str)), None)
-    if ref is not None:
-        return _resolve(ref, [card.bundle_dir, Path.cwd(), REPO])
-    sha = card.training.get("split_manifest_sha256")
-    if not sha:
-        return None
-    runs = [p for base in dict.fromkeys((Path.cwd(), REPO)) for p in sorted((base / "runs").glob("*/split.json"))]
-    for path in [card.bundle_dir / "split.json", *runs]:
-        if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == sha:
-            return path
-    return None
-
-
-def load_split(card: ModelCard, split: str) -> list[tuple[InputFile, str]] | None:
-    """(file, true label) for a split of the manifest train/ used, or None when it can't be found."""
-    path = find_manifest(card)
-    if path is None:
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read the split manifest {path} named by the card: {e}") from e
-    root = _resolve(manifest.get("root", "."), [path.parent, Path.cwd(), REPO])
-    classes = manifest.get("classes", card.classes)
-    pairs = [(InputFile(str(root / rel), rel), classes[idx]) for rel, idx in manifest.get(split, [])]
-    if pairs and not os.path.exists(pairs[0][0].path):
-        raise InputError(f"the {split} images of {path} are not under {root}: pass folders explicitly "
-                         "(--val-dir / --calib-dir)")
-    return pairs
 
 
 def seeded_sample(items: list, n: int, seed: int = 0) -> list:

@@ -40,6 +40,7 @@ import numpy as np
 from batchcls.backends.onnxruntime import OnnxRuntimeBackend
 from batchcls.backends.record import file_sha256, read_record
 from batchcls.builders.conditions import CONDITIONS, Condition, degraded_bytes
+from batchcls.builders.manifest import find_manifest
 from batchcls.builders.record import update_record
 from batchcls.card import ModelCard, load_card
 from batchcls.decode import DecodeError, decode_image
@@ -412,8 +413,6 @@ def fit_config(card: ModelCard, model: Path, tta: str, scored: dict[str, dict[st
 
 
 def find_split(card: ModelCard, split: Path | None) -> dict:
-    from batchcls.builders.cpu import find_manifest
-
     path = split or find_manifest(card)
     if path is None:
         raise InputError(f"the split manifest of {card.bundle_dir} is not here (the card records its sha256): pass "
