@@ -549,6 +549,9 @@ def run(args: argparse.Namespace, log=None) -> dict:
             best_point = search_step(args, first, grid, out, split_sha, log)
     # 5. fine-tune, then evaluate + calibrate (the only test pass) each model and each probe
     results = train_and_evaluate(args, config, names, warm, best_point, out, plan, t_start, bar, log)
+    if not results:
+        raise ValueError(f"a budget of {args.budget_min:g} min affords no model on this machine: raise BUDGET "
+                         "(--budget-min), or train from ImageNet weights (its linear probe is always fitted)")
     write_table(results, out)
 
     # 6. select: at least the probe's val accuracy, then the lowest val NLL at the fitted temperature

@@ -7,8 +7,11 @@ train.train's format, so the same file is the fine-tune's ``pretrained`` weights
 and a model export() ships when nothing beats it.
 
 Features are the input of the network's last Linear layer (read with a forward hook, so any model of
-train.models works), computed through the eval preset the runtime uses, and cached on disk: the probe of a
-rerun (another budget, review folders added to train) costs only the images it has not seen.
+train.models works). Validation images go through the eval preset the runtime uses; train images come from the
+uint8 pixel cache train.train builds anyway (the eval preset at 1.25x, resized to the input side, which is the
+augmentation with everything off), so the train split is decoded once for probe and fine-tune together. Both
+are cached on disk: the probe of a rerun (another budget, review folders added to train) costs only the images
+it has not seen.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from batchcls.metrics import macro_f1
 from train import data as D
 from train import models
 from train.metrics import fit_temperature, nll
-from train.presets import EvalTransform, preprocessing_card
+from train.presets import BatchAugment, EvalTransform, cache_preset, cache_side, preprocessing_card
 from train.train import TrainConfig, atomic_save
 
 WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)  # L2 on the head's weights; chosen on validation NLL
@@ -39,35 +42,47 @@ def last_linear(model: torch.nn.Module) -> torch.nn.Linear:
 
 
 @torch.inference_mode()
-def features(model: torch.nn.Module, card, root: str, items: list, *, batch_size: int = 64,
-             num_workers: int = 2) -> tuple[np.ndarray, float]:
-    """(the last Linear layer's input for every item, images per second) through the runtime's eval preset."""
+def features(model: torch.nn.Module, batches) -> np.ndarray:
+    """The last Linear layer's input for every image of ``batches`` (normalized float NCHW tensors)."""
     grabbed = []
     hook = last_linear(model).register_forward_hook(lambda m, inp, out: grabbed.append(inp[0].float().cpu()))
-    loader = DataLoader(D.ImageDataset(root, items, EvalTransform(card)), batch_size=batch_size,
-                        num_workers=num_workers)
     model.eval()
-    t0 = time.time()
     try:
-        for x, _ in loader:
+        for x in batches:
             model(x.contiguous(memory_format=torch.channels_last))
     finally:
         hook.remove()
-    return torch.cat(grabbed).numpy(), len(items) / max(time.time() - t0, 1e-9)
+    return torch.cat(grabbed).numpy()
 
 
-def cached_features(model, card, root: str, items: list, cache: Path, key: dict, *, num_workers: int = 2,
-                    log=print) -> tuple[np.ndarray, float]:
-    """``features`` once per (weights, preprocessing, items): a rerun reads them back (speed 0 = not measured)."""
-    digest = hashlib.sha256(json.dumps({**key, "root": str(Path(root).resolve()), "items": items,
-                                        "card": card.to_dict()}, sort_keys=True).encode()).hexdigest()[:16]
+def eval_batches(card, root: str, items: list, *, batch_size: int = 64, num_workers: int = 2):
+    """Files through the runtime's eval preset (what validation and test are scored on)."""
+    loader = DataLoader(D.ImageDataset(root, items, EvalTransform(card)), batch_size=batch_size,
+                        num_workers=num_workers)
+    return (x for x, _ in loader)
+
+
+def cache_batches(card, pixels: np.ndarray, rows: list[int], *, batch_size: int = 64):
+    """Cached train pixels (``rows`` of them) as the fine-tune sees them with every augmentation off: the eval
+    preset."""
+    plain = BatchAugment(card, scale=(1, 1), ratio=(1, 1), rotation=0, flip=False, p_downscale=0)
+    return (plain(torch.from_numpy(np.ascontiguousarray(pixels[rows[i:i + batch_size]])))
+            for i in range(0, len(rows), batch_size))
+
+
+def cached_features(model, batches, n: int, cache: Path, key: dict, *, log=print) -> tuple[np.ndarray, float]:
+    """``features`` once per ``key`` (weights, preprocessing, items): a rerun reads them back; returns them and
+    the images per second (decode + forward; 0 when read back)."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = cache / f"features-{digest}.npy"
     if path.is_file():
         return np.load(path), 0.0
-    feats, ips = features(model, card, root, items, num_workers=num_workers)
+    t0 = time.time()
+    feats = features(model, batches)
+    ips = n / max(time.time() - t0, 1e-9)
     cache.mkdir(parents=True, exist_ok=True)
     np.save(path, feats)
-    log(f"probe: features of {len(items)} images at {ips:.0f} img/s -> {path}")
+    log(f"probe: features of {n} images at {ips:.0f} img/s -> {path}")
     return feats, ips
 
 
@@ -116,11 +131,21 @@ def fit_probe(cfg: TrainConfig, out_dir: str | Path, *, cache: Path | None = Non
                               **models.data_config(cfg.model))
     model = models.create_model(cfg.model, len(classes), pretrained=cfg.pretrained, classes=classes)
     model = model.to(memory_format=torch.channels_last)
-    train_items = D.seeded_subset(manifest["train"], TRAIN_SUBSET, cfg.seed)
-    key = {"model": cfg.model, "pretrained": cfg.pretrained}
+    rows = D.seeded_subset(list(range(len(manifest["train"]))), TRAIN_SUBSET, cfg.seed)
+    train_items = [manifest["train"][i] for i in rows]
     cache = cache or out.parent / "features"
-    x_tr, ips_tr = cached_features(model, card, root, train_items, cache, key, num_workers=cfg.num_workers, log=log)
-    x_va, ips_va = cached_features(model, card, root, manifest["val"], cache, key, num_workers=cfg.num_workers, log=log)
+    key = {"model": cfg.model, "pretrained": cfg.pretrained, "root": str(Path(root).resolve()), "card": card.to_dict()}
+    # the pixel cache train.train reads (same preset, folder and items): the train split is decoded once
+    t0_px = time.time()
+    pixels = D.pixel_cache(root, manifest["train"], cache_preset(card, cache_side(card)),
+                           Path(cfg.split).parent / "cache", workers=cfg.num_workers, log=log)
+    decode_s = time.time() - t0_px
+    x_tr, _ = cached_features(model, cache_batches(card, pixels, rows), len(rows), cache,
+                              {**key, "items": train_items, "from": "pixel cache"}, log=log)
+    x_va, ips_va = cached_features(model, eval_batches(card, root, manifest["val"], num_workers=cfg.num_workers),
+                                   len(manifest["val"]), cache, {**key, "items": manifest["val"]}, log=log)
+    if not ips_va and decode_s > 1:  # validation read back: the train split's decode says what a pass costs
+        ips_va = len(manifest["train"]) / decode_s
     y_tr = np.array([y for _, y in train_items])
     y_va = np.array([y for _, y in manifest["val"]])
     trials = []
@@ -145,4 +170,4 @@ def fit_probe(cfg: TrainConfig, out_dir: str | Path, *, cache: Path | None = Non
                  "weight_decay": wd, "best_val_nll": val["nll"], "best_val_f1": val["macro_f1"]}, ckpt)
     log(f"probe: {cfg.model} linear head on frozen features: val acc {val['acc']:.4f} macro-F1 "
         f"{val['macro_f1']:.4f} NLL {val['nll']:.4f} (weight decay {wd:g}, {secs:.0f} s)")
-    return {"ckpt": str(ckpt), "val": val, "weight_decay": wd, "eval_images_per_s": max(ips_tr, ips_va)}
+    return {"ckpt": str(ckpt), "val": val, "weight_decay": wd, "eval_images_per_s": ips_va}
