@@ -1,5 +1,5 @@
-"""The GPU path: JPEGs decoded by nvJPEG in batches, resized and normalized on the device, inference queued
-a batch ahead of row building.
+"""The GPU path: JPEGs decoded by nvJPEG in batches, resized, mirrored and normalized on the device,
+inference and its copy back queued a batch ahead of row building.
 
 The decode stage's worker processes read each batch's bytes ahead of the GPU (``gpu_read``, no torch
 there), and decode there with Pillow every file nvJPEG must not take (not a JPEG, EXIF-rotated, truncated,
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from batchcls.backends.device import device_broken, gpu_failure, raise_gpu_failure
+from batchcls.backends.device import HostCopy, device_broken, gpu_failure, raise_gpu_failure, run_views
 from batchcls.card import ModelCard
 from batchcls.decode import DEFAULT_MAX_PIXELS
 from batchcls.decode_stage import DecodedBatch, DecodeStage, decode_one
@@ -160,12 +160,14 @@ def decode_halving(blobs: list, decode: Callable[[list], list], device: torch.de
 
 
 class GpuClassifier(Classifier):
-    """A Classifier whose batches are device tensors: normalize and infer without leaving the GPU."""
+    """A Classifier whose batches are device tensors: mirror, normalize and infer without leaving the GPU."""
 
-    def launch(self, images: torch.Tensor) -> Callable[[], Outputs]:
-        """Queue the batch on the GPU now; the returned callable waits for it and gives its Outputs (with the
-        features the open-set decision reads, when the bundle has one).
+    def launch(self, images: torch.Tensor, *, features: bool | None = None) -> Callable[[], Outputs]:
+        """Queue the batch on the GPU now, and its copy back behind it; the returned callable waits for that
+        copy alone (not for batches launched after it) and gives the batch's Outputs.
 
+        ``features``: also the features output, which the open-set decision and ``--embeddings`` read
+        (``Classifier.wants_features``); None asks for them when this classifier's decision reads them.
         A failure of this batch alone is raised again by the callable (``rows`` makes error rows of it);
         out-of-memory or a CUDA error state raises ``GpuFailure`` at once or from the callable.
         """
@@ -173,14 +175,10 @@ class GpuClassifier(Classifier):
             return lambda: self.outputs(np.empty((0, 1, 1, 3), np.uint8))
         device = images.device
         views = 2 if self.tta == "flip" else 1
-        want = self.open_set is not None and hasattr(self.backend, "embed_images")
+        want = self.wants_features(True) if features is None else features
         try:
-            if views == 2:
-                images = torch.cat([images, images.flip(3)])  # NCHW: the mirror flips W
-            if want:  # async: no sync here
-                logits, feats = self.backend.embed_images(images)  # type: ignore[attr-defined]
-            else:
-                logits, feats = self.backend.infer_images(images), None  # type: ignore[attr-defined]
+            logits, feats = run_views(self.backend, images, views=views, features=want)  # queued: no sync here
+            copy = HostCopy([logits.float(), None if feats is None else feats.float()], device)
         except Exception as e:
             raise_gpu_failure(e, device)
             error = e
@@ -191,12 +189,12 @@ class GpuClassifier(Classifier):
 
         def collect() -> Outputs:
             try:
-                z = logits.float().cpu().numpy()
-                f = None if feats is None else mean_of_views(feats.float().cpu().numpy(), views)
+                z, f = copy.wait()
             except Exception as e:  # an asynchronous CUDA error surfaces at the copy back
                 raise_gpu_failure(e, device)
                 raise
-            return Outputs(mean_of_views(softmax(z, self.card.temperature), views), mean_of_views(z, views), f)
+            return Outputs(mean_of_views(softmax(z, self.card.temperature), views), mean_of_views(z, views),
+                           None if f is None else mean_of_views(f, views))
         return collect
 
     def probabilities(self, images: torch.Tensor) -> np.ndarray:  # type: ignore[override]
@@ -223,18 +221,20 @@ def classify_gpu(batches: Iterable[list[InputFile]], classifier: GpuClassifier, 
     """Rows for every file, batch by batch, in order, through nvJPEG.
 
     Three stages overlap: the decode stage reads batches k+1.. in worker processes while batch k is
-    decoded and queued on the GPU, and only then are batch k-1's results collected and turned into
-    rows, so the GPU never waits on Python's row building. A ``GpuFailure`` ends the iteration with the
-    rows of earlier batches already yielded.
+    decoded and queued on the GPU (its copy back queued behind it), and only then are batch k-1's results
+    collected and turned into rows, so the GPU runs batch k while Python builds batch k-1's rows. A
+    ``GpuFailure`` ends the iteration with the rows of earlier batches already yielded. ``row_args`` are
+    ``Classifier.rows``'s options (``RunOptions.row_args``); they also say whether features are needed.
     """
     work = functools.partial(read_batch, preset=loader.preset, max_pixels=loader.max_pixels)
     kw = row_args or {}
+    features = classifier.wants_features(kw.get("open_set", True), kw.get("embeddings", False))
     with DecodeStage(work, failed_read, workers=workers) as stage:
-        queued: tuple[DecodedBatch, Callable[[], np.ndarray]] | None = None
+        queued: tuple[DecodedBatch, Callable[[], Outputs]] | None = None
         for raw in stage.map(batches):
             try:
                 batch = loader.load(raw)
-                launched = (batch, classifier.launch(batch.images))
+                launched = (batch, classifier.launch(batch.images, features=features))
             except GpuFailure:
                 if queued is not None:  # the batch before it is done: its rows are kept, then the run stops
                     yield _rows(classifier, *queued, **kw)

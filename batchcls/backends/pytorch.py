@@ -8,16 +8,17 @@ torch`` are this one backend; they differ only in the default device.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from batchcls.backends.device import DeviceNormalize, raise_gpu_failure
+from batchcls.backends.device import DeviceNormalize, images_to_arrays, raise_gpu_failure
 from batchcls.backends.record import onnx_sha256
 from batchcls.card import ModelCard
 from batchcls.errors import ModelError, first_line
@@ -83,7 +84,8 @@ def as_outputs(out: torch.Tensor | tuple | list) -> Outputs:
 
 
 class _Graph:
-    """One captured forward: its static input and outputs, for one batch size."""
+    """One captured forward: its static input and outputs, for one batch size; ``replay`` runs it on
+    whatever ``static_in`` holds and leaves the result in ``static_out``."""
 
     def __init__(self, model: Callable, like: torch.Tensor, size: int, memory_format: torch.memory_format) -> None:
         self.static_in = torch.zeros((size, *like.shape[1:]), dtype=like.dtype, device=like.device) \
@@ -99,23 +101,33 @@ class _Graph:
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.static_out = as_outputs(model(self.static_in))
 
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+Capture = Callable[[Callable, torch.Tensor, int, torch.memory_format], _Graph]
+
 
 class GraphedForward:
     """The model's forward captured as CUDA graphs, one per padded batch size (``graph_chunks``), replayed
     per batch.
 
     Eager PyTorch launches a few hundred small kernels from Python per batch; a replay launches them all at
-    once. A graph's input and output buffers are shared by every call, so a lock makes copy-in, replay and
-    copy-out one step, on this object's own stream: two threads can't read each other's logits. If capture
-    fails (an op that syncs the host, say), it says so once and runs eagerly; out-of-memory or a CUDA error
-    state is not a capture problem and stops the run (``GpuFailure``).
+    once. A graph's input and output buffers are shared by every call at its size, so a lock makes copy-in,
+    replay and copy-out one step, on this object's own stream: two threads can't read each other's logits.
+    If capture fails (an op that syncs the host, say), it says so once and runs eagerly; out-of-memory or a
+    CUDA error state is not a capture problem and stops the run (``GpuFailure``).
+
+    ``capture`` makes the graphs (``_Graph`` by default); the stream handling applies to CUDA tensors only,
+    so the locking and padding run on the CPU too, with a stand-in capture (tests/test_gpu_path.py).
     """
 
     def __init__(self, model: Callable, max_batch: int = MAX_GRAPH_BATCH,
-                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
+                 memory_format: torch.memory_format = torch.contiguous_format, capture: Capture = _Graph) -> None:
         self.model = model
         self.max_batch = max_batch
         self.memory_format = memory_format
+        self.capture = capture
         self.graphs: dict[tuple, _Graph] = {}  # (batch size, sample shape, dtype) -> graph
         self.failed = False
         self.lock = threading.Lock()
@@ -126,7 +138,7 @@ class GraphedForward:
         graph = self.graphs.get(key)
         if graph is None and not self.failed:
             try:
-                graph = self.graphs[key] = _Graph(self.model, x, size, self.memory_format)
+                graph = self.graphs[key] = self.capture(self.model, x, size, self.memory_format)
             except Exception as e:  # fall back, never fail a run over an optimisation
                 raise_gpu_failure(e, x.device)
                 warnings.warn(f"CUDA graph capture failed, running eagerly: {first_line(e)}", stacklevel=3)
@@ -138,40 +150,68 @@ class GraphedForward:
         """The batch sizes captured so far."""
         return sorted(k[0] for k in self.graphs)
 
+    @contextlib.contextmanager
+    def _own_stream(self, x: torch.Tensor) -> Iterator[torch.cuda.Stream | None]:
+        """Run the body on this object's stream, after the caller's work on ``x`` and before the caller's next
+        (yields the caller's stream); a no-op for CPU tensors."""
+        if x.device.type != "cuda":
+            yield None
+            return
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(x.device)
+        current = torch.cuda.current_stream(x.device)
+        self.stream.wait_stream(current)
+        x.record_stream(self.stream)  # the caller may free x while this stream still reads it
+        with torch.cuda.stream(self.stream):
+            yield current
+        current.wait_stream(self.stream)
+
+    def _replay(self, x: torch.Tensor, part: torch.Tensor, size: int) -> Outputs:
+        """``part``'s outputs through the graph of ``size`` rows (padded with zeros), or eagerly without one."""
+        graph = self._graph(x, size)
+        if graph is None:
+            return as_outputs(self.model(part))
+        n = len(part)
+        graph.static_in[:n].copy_(part)
+        if n < size:
+            graph.static_in[n:].zero_()
+        graph.replay()
+        return tuple(o[:n].clone() for o in graph.static_out)  # the next call overwrites static_out
+
     def __call__(self, x: torch.Tensor) -> Outputs:
-        with self.lock:
-            if self.stream is None:
-                self.stream = torch.cuda.Stream(x.device)
-            current = torch.cuda.current_stream(x.device)
-            self.stream.wait_stream(current)
-            x.record_stream(self.stream)  # the caller may free x while this stream still reads it
-            parts: list[Outputs] = []
-            with torch.cuda.stream(self.stream):
-                for start, stop, size in graph_chunks(len(x), self.max_batch):
-                    part, n = x[start:stop], stop - start
-                    graph = self._graph(x, size)
-                    if graph is None:
-                        parts.append(as_outputs(self.model(part)))
-                        continue
-                    graph.static_in[:n].copy_(part)
-                    if n < size:
-                        graph.static_in[n:].zero_()
-                    graph.graph.replay()
-                    parts.append(tuple(o[:n].clone() for o in graph.static_out))
-            current.wait_stream(self.stream)
+        with self.lock, self._own_stream(x) as current:
+            parts = [self._replay(x, x[start:stop], size) for start, stop, size in graph_chunks(len(x), self.max_batch)]
         outs = parts[0] if len(parts) == 1 else tuple(torch.cat(o) for o in zip(*parts))
-        for o in outs:
-            o.record_stream(current)
+        if current is not None:
+            for o in outs:
+                o.record_stream(current)
         return outs
+
+
+def output_count(module: Callable) -> int | None:
+    """How many tensors an exported program returns (1: logits; 2: logits and features), read from its
+    graph; None when ``module`` is no exported graph (a wrapper, say)."""
+    graph = getattr(module, "graph", None)
+    for node in getattr(graph, "nodes", ()):
+        if node.op == "output":
+            out = node.args[0]
+            return len(out) if isinstance(out, (tuple, list)) else 1
+    return None
 
 
 class TorchBackend:
     """model.pt2: fp16 + channels_last + CUDA graphs on a GPU, plain fp32 on a CPU.
 
     ``infer`` takes the pipeline's float32 NCHW batch and returns logits; ``embed`` returns the logits and
-    the program's second output, the ``features`` vector (None when the program has one output);
-    ``infer_images`` / ``embed_images`` take uint8 NCHW images already on the device and normalize there
-    (the nvJPEG path never leaves the GPU). Out-of-memory and CUDA error states raise ``GpuFailure``.
+    the program's second output, the ``features`` vector (None when the program has one output:
+    ``has_features``); ``infer_images`` / ``embed_images`` take uint8 NCHW images already on the device and
+    normalize there (the nvJPEG path never leaves the GPU); ``embed_uint8`` takes uint8 NHWC host images,
+    mirrors and normalises them on the device, and returns host arrays (what ``--cpu-decode``, watch and the
+    API can send instead of float32). Out-of-memory and CUDA error states raise ``GpuFailure``.
+
+    ``decision_model`` names the model file whose open-set statistics apply: the card's ONNX file
+    (``model.onnx``), because the program is exported from the same weights beside it (``load_program``
+    refuses one exported beside another ONNX). On a GPU those FP32 weights run in fp16 by default.
     """
 
     def __init__(self, card: ModelCard, *, device: str = "cpu", fp16: bool | None = None,
@@ -189,7 +229,11 @@ class TorchBackend:
         self.memory_format = torch.channels_last if (on_gpu if channels_last is None else channels_last) \
             else torch.contiguous_format
         self.card = card
-        model = load_program(card).to(self.device, self.dtype).to(memory_format=self.memory_format)
+        self.decision_model = card.onnx
+        program = load_program(card)
+        outputs = output_count(program)
+        self.has_features = outputs is None or outputs > 1  # unknown (not an exported graph): embed says
+        model = program.to(self.device, self.dtype).to(memory_format=self.memory_format)
         self.model: Callable[[torch.Tensor], torch.Tensor | Outputs] = \
             torch.compile(model, mode="max-autotune-no-cudagraphs") if compile else model
         if on_gpu and (not compile if cuda_graphs is None else cuda_graphs):
@@ -231,3 +275,9 @@ class TorchBackend:
 
     def embed_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.embed_device(self.normalize(images))
+
+    def embed_uint8(self, images: np.ndarray, *, views: int = 1,
+                    features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 NHWC host images -> host (logits, features or None) of every view (view-major): equal to
+        ``embed(normalize(images and their mirrors))``, with the upload in uint8 and the rest on the device."""
+        return images_to_arrays(self, images, views=views, features=features)

@@ -60,6 +60,11 @@ def meta_path(card: ModelCard) -> Path:
     return plan_path(card).with_suffix(".plan.json")
 
 
+def plan_precision(meta: dict) -> str:
+    """'fp16' or 'fp32': the precision a plan was built in, as its metadata records it."""
+    return "fp16" if meta.get("fp16") else "fp32"
+
+
 def rebuild_command(card: ModelCard) -> str:
     return f"batchcls engine build --model {card.bundle_dir} --target tensorrt"
 
@@ -184,7 +189,14 @@ class TensorRTBackend:
 
     Every enqueue is on one of the backend's own streams, with 256-byte aligned addresses (``binding``).
     Calls are serialised by a lock: the two slots' contexts and buffers belong to one call at a time, and
-    the call's own chunks already keep the GPU busy.
+    the call's own chunks already keep the GPU busy. ``infer_images`` / ``embed_images`` take uint8 NCHW
+    images on the device; ``embed_uint8`` takes uint8 NHWC host images and mirrors and normalises them on
+    the device. ``has_features``: the plan has a ``features`` output.
+
+    ``decision_model`` names the model file whose open-set statistics apply: the plan file itself
+    (``model.plan``), not the ONNX it was built from, because a plan computes other activations than that
+    ONNX. Its bytes (and so its sha256) are those of one precision, GPU and TensorRT version; ``precision``
+    says which precision (``plan_precision``).
     """
 
     name = "tensorrt"
@@ -212,6 +224,9 @@ class TensorRTBackend:
         self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.output_name, self.features_name = output_names(self.outputs)
+        self.has_features = self.features_name is not None
+        self.decision_model = plan_path(card).name
+        self.precision = plan_precision(meta)
         _, _, max_shape = self.engine.get_tensor_profile_shape(self.input_name, 0)
         self.in_shape = tuple(int(d) for d in max_shape)
         self.max_batch = self.in_shape[0]
@@ -346,3 +361,11 @@ class TensorRTBackend:
 
     def embed_images(self, images):
         return self.embed_device(self.normalize(images))
+
+    def embed_uint8(self, images: np.ndarray, *, views: int = 1,
+                    features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 NHWC host images -> host (logits, features or None) of every view, view-major (see
+        ``backends.device.images_to_arrays``)."""
+        from batchcls.backends.device import images_to_arrays
+
+        return images_to_arrays(self, images, views=views, features=features)
