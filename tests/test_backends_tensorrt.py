@@ -9,14 +9,13 @@ from pathlib import Path
 import pytest
 from backend_helpers import (
     H200,
-    assert_parity,
     gpu,
     gpu_bundle,
-    rows_for,
     sample_files,
     write_plan,
 )
 from bundles import colour_onnx
+from route_parity import BAND_NVJPEG, BAND_SAME_PIXELS, NVJPEG_CONF_DIFF, compare_routes
 
 from batchcls.backends import OnnxRuntimeBackend, auto_backends, load_backend
 from batchcls.backends.tensorrt import (
@@ -26,8 +25,11 @@ from batchcls.backends.tensorrt import (
     meta_path,
     plan_problem,
 )
+from batchcls.builders.parity import MAX_CONF_DIFF
 from batchcls.card import load_card
 from batchcls.errors import ModelError
+from batchcls.infer import Classifier
+from batchcls.pipeline import RunOptions, classify
 
 
 @pytest.mark.parametrize("meta, facts, expect", [
@@ -91,9 +93,18 @@ def trt_bundle(request, tmp_path_factory) -> Path:
     return bundle
 
 
+def _plan_rows(card, backend, files, *, batch_size: int, gpu_decode: bool) -> list[dict]:
+    """Rows of the network alone (a plan's open-set statistics are its own: ``decision_model``), with every
+    class's probability for tests/route_parity.py."""
+    options = RunOptions(batch_size=batch_size, workers=0, gpu_decode=gpu_decode, open_set=False, probs=True)
+    return [r for rows in classify(files, Classifier(card, backend, open_set=False), options) for r in rows]
+
+
 @pytest.mark.gpu
 @gpu
 def test_tensorrt_plan_parity_and_metadata(trt_bundle):
+    """The strict bar on the same pixels (Pillow decodes for both: ``gpu_decode=False``); through nvJPEG,
+    whose pixels differ, with nvJPEG's tolerance."""
     from batchcls.backends.tensorrt import TensorRTBackend, current_facts
 
     card = load_card(trt_bundle)
@@ -103,10 +114,17 @@ def test_tensorrt_plan_parity_and_metadata(trt_bundle):
         (facts.gpu_name, facts.compute_capability, facts.tensorrt_version)
     assert meta["profile"]["min"][0] == 1 and meta["profile"]["max"][0] == 16
     backend = load_backend(card)  # auto must pick the plan
-    assert isinstance(backend, TensorRTBackend)
+    assert isinstance(backend, TensorRTBackend) and backend.decision_model == "model.plan"
     files = sample_files()
-    ref = rows_for(card, OnnxRuntimeBackend(card.onnx_path), files)
-    assert_parity(ref, rows_for(card, backend, files, batch_size=37), "tensorrt")  # chunks of 16 + partial 5 + 3
+    ref = _plan_rows(card, OnnxRuntimeBackend(card.onnx_path), files, batch_size=16, gpu_decode=False)
+    same_pixels = _plan_rows(card, backend, files, batch_size=37, gpu_decode=False)  # chunks of 16 + 16 + 5, then 3
+    cmp = compare_routes(ref, same_pixels, card.classes, conf_diff=MAX_CONF_DIFF, band=BAND_SAME_PIXELS, cut=None,
+                         what="tensorrt")
+    assert not cmp.problems, cmp.problems
+    nvjpeg = _plan_rows(card, backend, files, batch_size=37, gpu_decode=True)
+    cmp = compare_routes(ref, nvjpeg, card.classes, conf_diff=NVJPEG_CONF_DIFF, band=BAND_NVJPEG, cut=None,
+                         what="tensorrt-nvjpeg")
+    assert not cmp.problems, cmp.problems
 
 
 @pytest.mark.gpu

@@ -42,9 +42,9 @@ from batchcls.scan import scan_dir
 torch = pytest.importorskip("torch")
 
 
-def cpu_rows(card, files, batch_size=8) -> list[dict]:
-    return [r for rows in classify(files, Classifier(card, OnnxRuntimeBackend(card.onnx_path)),
-                                   RunOptions(batch_size=batch_size, workers=0)) for r in rows]
+def cpu_rows(card, files, batch_size=8, tta=None) -> list[dict]:
+    return [r for rows in classify(files, Classifier(card, OnnxRuntimeBackend(card.onnx_path), tta=tta),
+                                   RunOptions(batch_size=batch_size, workers=0, tta=tta)) for r in rows]
 
 
 def gpu_path_rows(card, files, batch_size=8, workers=0, loader=None) -> list[dict]:
@@ -396,3 +396,242 @@ def test_each_rank_uses_its_own_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     assert rank_device(False, 3) == torch.device("cpu") and chosen == []
     assert rank_device(True, 3) == torch.device("cuda", 3) and chosen == [torch.device("cuda", 3)]
+
+
+# --- the GPU route's rows: features, order, work on the device ---------------------------------------
+
+@pytest.fixture(scope="module")
+def two_output_bundle(program_bundle, tmp_path_factory) -> Path:
+    """The colour bundle whose model.pt2 also returns ``features`` (no open-set decision in it)."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("two") / "colours"
+    shutil.copytree(program_bundle, folder)
+    _two_output_program(folder)
+    return folder
+
+
+def _route_files(tmp_path: Path) -> list:
+    """Nine sample frames and an empty file: three batches of four, one row of them an error."""
+    folder = mixed_folder(tmp_path / "in", 9, every=1000)
+    (folder / "00004b.jpg").write_bytes(b"")
+    return sorted(scan_dir(folder), key=lambda f: f.rel)
+
+
+@pytest.mark.parametrize("tta", ["none", "flip"])
+@pytest.mark.parametrize("open_set", [False, True])
+def test_embeddings_on_the_gpu_route_without_a_decision(two_output_bundle, tmp_path, tta, open_set):
+    """--embeddings when no open-set decision asks for features (turned off, or none in the bundle): the
+    GPU route must still fetch them, and every ok row carries the vector the CPU route gives."""
+    from batchcls.backends.pytorch import TorchBackend
+    from batchcls.gpu import GpuClassifier, GpuJpegLoader, classify_gpu
+
+    card = load_card(two_output_bundle)
+    assert not card.openset
+    files = _route_files(tmp_path)
+    options = RunOptions(batch_size=4, workers=0, tta=tta, open_set=open_set, embeddings=True)
+    backend = TorchBackend(card)
+    ref = [r for rows in classify(files, Classifier(card, backend, tta=tta), options) for r in rows]
+    got = [r for rows in classify_gpu(batched(files, 4), GpuClassifier(card, backend, tta=tta, open_set=open_set),
+                                      loader=GpuJpegLoader(card, device="cpu"), workers=0,
+                                      row_args=options.row_args()) for r in rows]
+    assert [(r["path"], r["status"], r["error"]) for r in got] == [(r["path"], r["status"], r["error"]) for r in ref]
+    for r, g in zip(ref, got):
+        if r["status"] == "ok":  # torchvision's decoder and the device resize stand in for nvJPEG: not Pillow's pixels
+            assert g["embedding"].dtype == np.float32 and g["embedding"].shape == (3,)
+            np.testing.assert_allclose(g["embedding"], r["embedding"], atol=0.05)
+        else:
+            assert g["embedding"] is None
+
+
+def test_embeddings_of_a_model_without_features_are_refused_in_one_line(program_bundle, tmp_path):
+    """A one-output program says so (``has_features``) instead of a TypeError on the first ok row."""
+    from batchcls.backends.pytorch import TorchBackend
+    from batchcls.gpu import GpuClassifier, GpuJpegLoader, classify_gpu
+
+    card = load_card(program_bundle)
+    backend = TorchBackend(card)
+    assert backend.has_features is False and backend.decision_model == "model.onnx"
+    options = RunOptions(batch_size=4, workers=0, embeddings=True)
+    with pytest.raises(ModelError, match="has no 'features' output, which embeddings need"):
+        list(classify_gpu(batched(_route_files(tmp_path), 4), GpuClassifier(card, backend),
+                          loader=GpuJpegLoader(card, device="cpu"), workers=0, row_args=options.row_args()))
+
+
+def test_the_torch_backend_knows_its_outputs_and_its_decision_model(two_output_bundle):
+    from batchcls.backends.pytorch import TorchBackend, load_program, output_count
+
+    card = load_card(two_output_bundle)
+    assert output_count(load_program(card)) == 2 and output_count(torch.nn.Identity()) is None
+    backend = TorchBackend(card)
+    assert backend.has_features is True and backend.decision_model == card.onnx == "model.onnx"
+
+
+def test_the_tensorrt_plans_precision_is_read_from_its_metadata():
+    from batchcls.backends.tensorrt import plan_precision
+
+    assert plan_precision({"fp16": True}) == "fp16"
+    assert plan_precision({"fp16": False}) == plan_precision({}) == "fp32"
+
+
+def test_the_gpu_route_collects_a_batch_after_launching_the_next(program_bundle, tmp_path, monkeypatch):
+    """Batch k is launched (its copy back queued with it) before batch k-1 is collected, and every file gets
+    exactly one row, in order, an unreadable one included. On the CPU the order is what can be checked;
+    tests/test_gpu_cuda.py checks that the host does not wait for batch k's inference."""
+    import batchcls.gpu as gpu
+    from batchcls.backends.pytorch import TorchBackend
+
+    card = load_card(program_bundle)
+    classifier = gpu.GpuClassifier(card, TorchBackend(card), tta="flip")
+    events: list[tuple[str, int]] = []
+    launched = [0]
+
+    class RecordedCopy(gpu.HostCopy):
+        def __init__(self, tensors, device) -> None:
+            events.append(("copy", launched[0]))
+            super().__init__(tensors, device)
+
+    real_launch = classifier.launch
+
+    def launch(images, **kw):
+        k = launched[0]
+        events.append(("launch", k))
+        collect = real_launch(images, **kw)
+        launched[0] += 1
+
+        def recorded():
+            events.append(("collect", k))
+            return collect()
+        return recorded
+    monkeypatch.setattr(gpu, "HostCopy", RecordedCopy)
+    classifier.launch = launch
+    files = _route_files(tmp_path)
+    batches = list(gpu.classify_gpu(batched(files, 4), classifier, loader=gpu.GpuJpegLoader(card, device="cpu"),
+                                    workers=0))
+    assert events == [("launch", 0), ("copy", 0), ("launch", 1), ("copy", 1), ("collect", 0),
+                      ("launch", 2), ("copy", 2), ("collect", 1), ("collect", 2)]
+    assert [len(b) for b in batches] == [4, 4, 2]
+    rows = [r for b in batches for r in b]
+    assert [r["path"] for r in rows] == [f.rel for f in files]
+    assert [r["status"] for r in rows].count("error") == 1 and rows[5]["path"] == "00004b.jpg"
+    ref = cpu_rows(card, files, batch_size=4, tta="flip")
+    assert [r["label"] for r in rows] == [r["label"] for r in ref]
+    assert all(abs(r["confidence"] - c["confidence"]) < 0.02 for r, c in zip(rows, ref) if r["status"] == "ok")
+
+
+@pytest.mark.parametrize("views", [1, 2])
+def test_uint8_in_normalised_and_mirrored_on_the_device_equals_the_host_path(two_output_bundle, views):
+    """``embed_uint8`` (uint8 up, mirror and normalisation where the model runs) gives what the host path
+    gives from float32: the same arithmetic (``presets.normalization``), in the same view order."""
+    from batchcls.backends.pytorch import TorchBackend
+    from batchcls.presets import normalize
+
+    card = load_card(two_output_bundle)
+    backend = TorchBackend(card)
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    host = np.concatenate([images, images[:, :, ::-1]]) if views == 2 else images
+    ref_logits, ref_features = backend.embed(normalize(host, card.mean, card.std))
+    logits, features = backend.embed_uint8(images, views=views, features=True)
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(features, ref_features, rtol=1e-6, atol=1e-6)
+    only_logits, none = backend.embed_uint8(images, views=views)
+    assert none is None and np.allclose(only_logits, ref_logits, atol=1e-6) and len(only_logits) == 5 * views
+
+
+# --- CUDA graphs shared by threads -------------------------------------------------------------------
+
+class _SlowGraph:
+    """A CPU stand-in for a captured graph: ``replay`` lets other threads run between reading ``static_in``
+    and writing ``static_out``, as a GPU replay does while another thread could copy in its own batch."""
+
+    def __init__(self, model, like, size, memory_format) -> None:
+        self.model = model
+        self.static_in = torch.zeros((size, *like.shape[1:]), dtype=like.dtype)
+        self.static_out = tuple(o.clone() for o in self.model(self.static_in))
+
+    def replay(self) -> None:
+        import time
+
+        time.sleep(0.001)
+        for o, new in zip(self.static_out, self.model(self.static_in)):
+            o.copy_(new)
+        time.sleep(0.001)
+
+
+def _threads_sharing_one_graph(forward, model, size: int = 6, threads: int = 4, calls: int = 10) -> list[str]:
+    """``threads`` threads, each its own batch of the same ``size`` (so one graph serves them all), ``calls``
+    calls each: the answers that were another thread's."""
+    import threading
+
+    batches = [torch.randn(size, 4, generator=torch.Generator().manual_seed(k)) for k in range(threads)]
+    expect = [model(b)[0] for b in batches]
+    wrong: list[str] = []
+
+    def work(k: int) -> None:
+        for _ in range(calls):
+            if not torch.allclose(forward(batches[k])[0], expect[k]):
+                wrong.append(f"thread {k}")
+    pool = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in pool)
+    return wrong
+
+
+def test_threads_sharing_one_graph_get_their_own_answers_and_the_check_sees_a_missing_lock():
+    """GraphedForward's lock, with the CPU stand-in: threads of one batch size share one graph's buffers.
+    Without the lock the same check sees answers swapped between threads, so it can fail."""
+    import contextlib
+
+    from batchcls.backends.pytorch import GraphedForward
+
+    def model(x):
+        return (x * 2 + 1, x.sum(1, keepdim=True))
+    graphed = GraphedForward(model, capture=_SlowGraph)
+    assert _threads_sharing_one_graph(graphed, model) == [] and graphed.sizes == [8]
+    unlocked = GraphedForward(model, capture=_SlowGraph)
+    unlocked.lock = contextlib.nullcontext()
+    assert _threads_sharing_one_graph(unlocked, model) != []
+
+
+# --- how the GPU tests compare rows (tests/route_parity.py) ------------------------------------------
+
+def _row(path, probs, known=None, cut=0.01, status="ok", error=""):
+    classes = ["a", "b", "c"]
+    label = classes[int(np.argmax(probs))]
+    row = {"path": path, "status": status, "error": error, "label": label, "confidence": max(probs),
+           **{f"prob_{c}": p for c, p in zip(classes, probs)}}
+    if known is not None:
+        row.update(model_label=label, known_score=known, label="unknown" if known < cut else label)
+    return row
+
+
+@pytest.mark.parametrize("got, problem", [
+    (_row("x", [0.70, 0.20, 0.10], 0.50), None),
+    (_row("x", [0.65, 0.25, 0.10], 0.40), None),  # drift within the tolerance
+    (_row("x", [0.60, 0.30, 0.10], 0.50), "top-1 confidence 0.7000 -> 0.6000"),
+    (_row("x", [0.20, 0.70, 0.10], 0.50), "a (0.700, next 0.200) -> b"),  # a clear top-1 turned over
+    (_row("x", [0.70, 0.20, 0.10], 0.005), "turned the decision over"),  # 0.5 is far from the cut 0.01
+    (_row("x", [0.70, 0.20, 0.10], 0.50, status="error", error="truncated"), "the error rows differ"),
+])
+def test_route_comparison_fails_only_past_the_tolerances(got, problem):
+    from route_parity import compare_routes
+
+    ref = [_row("x", [0.70, 0.20, 0.10], 0.50)]
+    cmp = compare_routes(ref, [got], ["a", "b", "c"], conf_diff=0.08, band=0.01, cut=0.01, what="t")
+    assert (cmp.problems == []) if problem is None else any(problem in p for p in cmp.problems), cmp.problems
+
+
+def test_route_comparison_allows_a_near_tie_and_a_near_cut_to_go_either_way():
+    from route_parity import compare_routes
+
+    ref = [_row("tie", [0.46, 0.44, 0.10], 0.50), _row("cut", [0.70, 0.20, 0.10], 0.012),
+           _row("far", [0.90, 0.05, 0.05], 0.0, cut=0.05)]
+    got = [_row("tie", [0.44, 0.46, 0.10], 0.50), _row("cut", [0.70, 0.20, 0.10], 0.008),
+           _row("far", [0.90, 0.05, 0.05], 0.0, cut=0.05)]
+    cmp = compare_routes(ref, got, ["a", "b", "c"], conf_diff=0.08, band=0.01, cut=0.01, what="t")
+    assert cmp.problems == [] and cmp.near_tie_flips == 1 and cmp.decisions_near_cut_differ == 1
+    assert cmp.decisions_compared == 1 and cmp.agreement == pytest.approx(2 / 3)
+    assert cmp.max_known_diff == pytest.approx(0.004)
