@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU check, in one go, for a lent NVIDIA machine (an H200 with torch, torchvision and ONNX Runtime for
-# the CPU; no TensorRT, no network; only the working tree is copied there). Under 8 minutes:
+# The GPU check, in one go, for a lent NVIDIA machine (an H100 or H200 with torch, torchvision and ONNX Runtime
+# for the CPU; no TensorRT, no network; only the working tree is copied there). Under 8 minutes:
 #   1. every gpu-marked test (tests/test_gpu_cuda.py and the backends' own) and the GPU path's rules (tests/test_gpu_path.py);
 #   2. scripts/gpu_profile.py: each stage's images/s alone, end to end with nvJPEG and with --cpu-decode;
-#   3. one table: rows CPU vs GPU, images/s, stage rates, start-up, the TensorRT checks that could not run.
+#   3. one table: rows CPU vs GPU (tests/route_parity.py's comparison), images/s, stage rates, start-up, the
+#      TensorRT checks that could not run.
 # Installs nothing and needs no data beside the checkout (the tests and the profile make their JPEGs from
 # samples/). Keep its output in docs/ with the commit it ran on:
 #   COMMIT=$(git rev-parse HEAD) bash scripts/gpu_check.sh        (the commit, when .git does not travel)
@@ -38,7 +39,7 @@ echo "== tests (at most 5 minutes)"
 timeout 240 $PY -m pytest -m gpu tests/test_gpu_cuda.py tests/test_gpu.py tests/test_backends*.py tests/test_builders*.py \
   -q -rs -p no:cacheprovider --junitxml="$OUT/junit-gpu.xml" > "$OUT/pytest.log" 2>&1
 tests_rc=$?
-timeout 60 $PY -m pytest tests/test_gpu_path.py -q -p no:cacheprovider --junitxml="$OUT/junit-rules.xml" \
+timeout 120 $PY -m pytest tests/test_gpu_path.py -q -p no:cacheprovider --junitxml="$OUT/junit-rules.xml" \
   >> "$OUT/pytest.log" 2>&1 || tests_rc=1
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.log" | tail -n 20
 

@@ -3,7 +3,9 @@
 Needs nothing but the checkout: the frames are the 40 samples, re-encoded into 1,000 distinct JPEGs
 (sizes and quality vary) and cycled to -n files in --work. Reports, as images/s at --batch:
 - stages, each alone: read + header guard (one decode worker), Pillow decode + resize (one core),
-  nvJPEG decode, device resize, inference (uint8 on the device -> logits), host copy + softmax, rows (Python);
+  nvJPEG decode, device resize, inference (uint8 on the device -> logits, one view and the card's TTA),
+  host copy + softmax, rows (Python), and the host paths' step (``Classifier.outputs``: --cpu-decode, watch,
+  the API) next to uint8 host images sent up and mirrored and normalised there (``embed_uint8``);
 - end to end: the pipeline's nvJPEG route and its --cpu-decode route (Pillow in worker processes);
 - start-up: import torch, CUDA context, model.pt2 on the GPU, first batch (nvJPEG init, graph capture);
 - with --cprofile, the top functions of one nvJPEG pass (the per-image Python cost).
@@ -73,6 +75,7 @@ def profile(args) -> dict:
     if device.type == "cuda":
         torch.zeros(1, device=device)
     mark("CUDA context")
+    from batchcls.backends.device import run_views
     from batchcls.backends.pytorch import TorchBackend
     from batchcls.card import load_card
     from batchcls.decode_stage import load_images
@@ -112,6 +115,15 @@ def profile(args) -> dict:
     stages["device resize + crop"] = rate(len(decoded), lambda: loader.resize(decoded), sync=sync)
     images = loader.load(raw).images
     stages["inference (uint8 on device -> logits)"] = rate(len(images), lambda: backend.infer_images(images), sync=sync)
+    views = 2 if classifier.tta == "flip" else 1
+    stages[f"inference, TTA {classifier.tta} ({views} pass(es))"] = rate(
+        len(images), lambda: run_views(backend, images, views=views, features=classifier.open_set is not None), sync=sync)
+    host_images = load_images(one, loader.preset).images
+    host_classifier = Classifier(card, backend, open_set=False)
+    stages[f"host path (Classifier.outputs), TTA {classifier.tta}"] = rate(
+        len(host_images), lambda: host_classifier.outputs(host_images), sync=sync)
+    stages[f"host path, uint8 up + device normalise (embed_uint8), TTA {classifier.tta}"] = rate(
+        len(host_images), lambda: backend.embed_uint8(host_images, views=views), sync=sync)
     logits = backend.infer_images(images)
     stages["copy back + softmax"] = rate(len(images), lambda: mean_of_views(softmax(logits.cpu().numpy(), card.temperature), 1))
     batch = loader.load(raw)
@@ -133,6 +145,7 @@ def profile(args) -> dict:
     mark("measured")
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "batch": bs, "files": len(files), "cores": cores,
+              "input_size": card.input_size, "tta": classifier.tta,
               "graph_sizes": getattr(backend.model, "sizes", []), "startup_s": startup,
               "stages": {k: round(v) for k, v in stages.items()}, "end_to_end": {k: round(v) for k, v in e2e.items()}}
     if args.cprofile:
@@ -170,21 +183,27 @@ def table(folder: Path) -> None:
     else:
         print("tests: no junit*.xml (pytest did not finish)")
     print(f"\n{'rows vs the CPU path (ORT FP32, Pillow)':42s} {'files':>6s} {'errors':>7s} {'same errors':>12s} "
-          f"{'top-1 same':>11s} {'max |dconf|':>12s} {'p95':>7s}")
+          f"{'model_label':>12s} {'near ties':>10s} {'max |dconf|':>12s} {'p95':>7s} {'decided':>8s} "
+          f"{'near cut':>9s} {'max |dknown|':>13s} {'problems':>9s}")
     reports = sorted((folder / "report").glob("rows-*.json")) if (folder / "report").is_dir() else []
     for path in reports:
         r = json.loads(path.read_text())
         print(f"  {r['what']:40s} {r['files']:6d} {r['errors']:7d} {'yes' if r['errors_identical'] else 'NO':>12s} "
-              f"{r['agreement']:11.4f} {r['max_conf_diff']:12.4f} {r['p95_conf_diff']:7.4f}")
+              f"{r['agreement']:12.4f} {r.get('near_tie_flips', 0):10d} {r['max_conf_diff']:12.4f} "
+              f"{r['p95_conf_diff']:7.4f} {r.get('decisions_compared', 0):8d} {r.get('decisions_near_cut_differ', 0):9d} "
+              f"{r.get('max_known_diff', 0.0):13.4f} {len(r.get('problems', [])):9d}")
+        for problem in r.get("problems", [])[:3]:
+            print(f"      {problem}")
     if not reports:
         print("  (none: the row tests did not run)")
     if prof:
-        print(f"\nend to end, {prof['files']} files, batch {prof['batch']}, {prof['cores']} CPU threads ({prof['device']})")
+        print(f"\nend to end, {prof['files']} files, batch {prof['batch']}, {prof['cores']} CPU threads ({prof['device']}), "
+              f"{prof.get('input_size', '?')} px, TTA {prof.get('tta', '?')}")
         for k, v in prof["end_to_end"].items():
             print(f"  {k:40s} {v:8d} images/s")
         print(f"stages alone, batch {prof['batch']} (images/s; a stage below 10,000 caps the end to end rate)")
         for k, v in prof["stages"].items():
-            print(f"  {k:50s} {v:8d}")
+            print(f"  {k:64s} {v:8d}")
         print("start-up (s since the script began): " + ", ".join(f"{k} {v}" for k, v in prof["startup_s"].items()))
         print(f"CUDA graph batch sizes captured: {prof['graph_sizes']}")
     else:
