@@ -35,7 +35,7 @@ print(f"{gpu}; torch {torch.__version__}, torchvision {torchvision.__version__},
 EOF
 echo "== $(cat "$OUT/env.txt")"
 
-echo "== tests (at most 5 minutes)"
+echo "== tests (at most 6 minutes)"
 timeout 240 $PY -m pytest -m gpu tests/test_gpu_cuda.py tests/test_gpu.py tests/test_backends*.py tests/test_builders*.py \
   -q -rs -p no:cacheprovider --junitxml="$OUT/junit-gpu.xml" > "$OUT/pytest.log" 2>&1
 tests_rc=$?
