@@ -32,7 +32,6 @@ import csv
 import dataclasses
 import datetime
 import importlib.util
-import inspect
 import json
 import math
 import os
@@ -454,7 +453,7 @@ def foreign_sets(log) -> dict[str, Path] | None:
     return {k: Path(v) for k, v in sets.items()}
 
 
-def decision_step(bundle: Path, split_path: Path, out: Path, foreign: dict[str, Path] | None, log) -> dict | None:
+def decision_step(bundle: Path, split_path: Path, foreign: dict[str, Path] | None, log) -> dict | None:
     """Fit and gate the "none of these" decision of every served configuration (train/decision.py) and write it
     into the bundle; None where train/decision.py or the foreign images are not available (said in a line)."""
     if importlib.util.find_spec("train.decision") is None or foreign is None:
@@ -462,12 +461,8 @@ def decision_step(bundle: Path, split_path: Path, out: Path, foreign: dict[str, 
         return None
     from train.decision import fit_decision
 
-    params = inspect.signature(fit_decision).parameters
-    where = ({"foreign_train": foreign["train"], "foreign_val": foreign["val"]} if "foreign_train" in params
-             else {"foreign": foreign["train"].parent})
-    # The decoded foreign images are the bulk of the work: cached beside them, decoded once per serving size
-    cache = {"cache": foreign_cache().parent / "decision-cache"} if "cache" in params else {}
-    return fit_decision(bundle, manifest=split_path, log=log, **where, **cache)
+    return fit_decision(bundle, manifest=split_path, foreign_train=foreign["train"], foreign_val=foreign["val"],
+                        log=log)
 
 
 # --- the run ---------------------------------------------------------------------------------------------
@@ -589,7 +584,7 @@ def run(args: argparse.Namespace, log=None) -> dict:
     # 9. the open-set decision, fitted through the runtime for every served configuration
     bar.step("open-set decision", plan.after_training_s(0) - EXPORT_S if plan else 60)
     foreign = foreign_sets(log)
-    decision = decision_step(staging, split_path, out, foreign, log)
+    decision = decision_step(staging, split_path, foreign, log)
     # 10. the results page: the bundle as served, on the test split and held-out foreign images
     bar.step("results page", (n_test + FOREIGN_IMAGES / 4) / plan.eval_ips if plan else 30)
     served = evaluate_bundle(staging, manifest, staging / "results",
