@@ -18,7 +18,7 @@ def _number(v: Any) -> str:
 
 
 def openset_point(card: ModelCard) -> dict[str, Any] | None:
-    """The card's open-set operating point (``openset``), when training calibrated one; older cards lack it."""
+    """The card's open-set section (``openset``: one fitted decision per model file x TTA), when it has one."""
     point = getattr(card, "openset", None)
     if point is None and card.bundle_dir is not None:  # a card read by a ModelCard that does not keep the key
         try:
@@ -56,14 +56,15 @@ def summary(card: ModelCard) -> str:
     if shown:
         lines.append(f"metrics:     {', '.join(f'{k} {_number(v)}' for k, v in shown.items())}")
     point = openset_point(card)
-    if point is not None and "method" in point:  # batchcls.openset's decision, as train/openset.py writes it
-        fig = point.get("figures", {})
-        seen = (f"; on validation it flagged {fig['far_val_flagged']:.1%} of foreign images and "
-                f"{fig['val_correct_flagged']:.2%} of correctly classified frames" if "far_val_flagged" in fig else "")
-        lines.append(f"open set:    {point['method']}, 'unknown' below known_score {_number(point.get('cut'))}{seen}")
-    elif point is not None:
-        flat = {k: v for k, v in point.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
-        lines.append(f"open set:    {', '.join(f'{k} {_number(v)}' for k, v in flat.items()) or 'calibrated'}")
+    for entry in (point or {}).get("configs", []) if isinstance((point or {}).get("configs"), list) else []:
+        gate = entry.get("gate", {}) if isinstance(entry, dict) else {}
+        if not isinstance(entry, dict) or not isinstance(gate, dict):
+            continue
+        seen = (f"; on validation it flagged {gate['foreign_flagged']:.1%} of foreign images and at most "
+                f"{max(gate['flagged'].values()):.2%} of frames at any size" if gate.get("flagged") else "")
+        lines.append(f"open set:    {entry.get('model')} --tta {entry.get('tta')}: {entry.get('method')}, 'unknown' "
+                     f"below known_score {_number(entry.get('cut'))}, gate {'passed' if gate.get('passed') else 'FAILED'}"
+                     f"{seen}")
     if card.training.get("command"):
         lines.append(f"trained by:  {card.training['command']}")
     lines.append("(batchcls info --json prints the whole card and the ONNX file's metadata)")

@@ -259,7 +259,7 @@ def renew(bundle_dir: str | os.PathLike, parity_images: list[Path], *, input_siz
     (train/serving.py chooses them on validation); the weights never change.
 
     A changed graph invalidates the bundle's open-set statistics (they describe the old features' scale
-    only when the size is unchanged), so refit them with ``python -m train.openset`` afterwards.
+    only when the size is unchanged), so refit them with ``python -m train.decision`` afterwards.
     """
     from train.models import bundle_state_dict, create_model
 
