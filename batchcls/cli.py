@@ -291,7 +291,7 @@ def run(source, out, model, backend, device, files_from, recursive, fmt, batch_s
     for line in warnings(summary, job):
         click.echo(line, err=True)
     if not quiet:
-        click.echo(describe(summary, out, cut=served_cut(job), threshold=threshold), err=True)
+        click.echo(describe(summary, out, cut=served_cut(job, summary), threshold=threshold), err=True)
     if strict and summary.errors:
         sys.exit(EXIT_ROW_ERRORS)
 

@@ -99,13 +99,17 @@ class Classifier:
             n = self.card.num_classes
             return Outputs(np.empty((0, n), np.float32), np.empty((0, n), np.float32), None)
         views = 2 if self.tta == "flip" else 1
-        if views == 2:
-            images = np.concatenate([images, images[:, :, ::-1]])
-        x = normalize(images, self.card.mean, self.card.std)
-        if features and hasattr(self.backend, "embed"):
-            logits, feats = self.backend.embed(x)
+        on_gpu = getattr(getattr(self.backend, "device", None), "type", None) == "cuda"
+        if on_gpu and hasattr(self.backend, "embed_uint8"):  # uint8 up, mirrored and normalised on the device
+            logits, feats = self.backend.embed_uint8(images, views=views, features=features)
         else:
-            logits, feats = self.backend.infer(x), None
+            if views == 2:
+                images = np.concatenate([images, images[:, :, ::-1]])
+            x = normalize(images, self.card.mean, self.card.std)
+            if features and hasattr(self.backend, "embed"):
+                logits, feats = self.backend.embed(x)
+            else:
+                logits, feats = self.backend.infer(x), None
         p = mean_of_views(softmax(logits, self.card.temperature), views)
         return Outputs(p, mean_of_views(logits, views), None if feats is None else mean_of_views(feats, views))
 

@@ -43,6 +43,7 @@ class RunSummary:
     skipped: int = 0  # already in the output of a resumed run
     changed: list[str] = field(default_factory=list)  # of those, files changed since their row was written
     labels: dict[str, int] = field(default_factory=dict)
+    cut: float | None = None  # the served open-set decision's cut (known_score units); None: off, or not known here
 
     def add(self, rows: list[dict]) -> None:
         self.files += len(rows)

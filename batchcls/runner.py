@@ -33,6 +33,7 @@ class Loaded:
 
     classify: Classify
     served: Path | None = None
+    cut: float | None = None  # the open-set decision's cut for what serves (model file x TTA); None: off or unknown
 
 
 Stage = Callable[[ModelCard], Loaded]
@@ -73,7 +74,8 @@ def local_stage(job: RunJob) -> Stage:
 
         classifier = Classifier(card, load_backend(card, job.backend, device=job.device), tta=job.options.tta,
                                 open_set=job.options.open_set)
-        return Loaded(lambda files: classify(files, classifier, job.options), served_file(classifier.backend, card))
+        cut = classifier.open_set.cut if classifier.open_set is not None else None
+        return Loaded(lambda files: classify(files, classifier, job.options), served_file(classifier.backend, card), cut)
 
     return build
 
@@ -134,7 +136,7 @@ def run_job(job: RunJob, stage: Stage | None = None) -> RunSummary:
     writer = RowWriter(job.out, fmt=job.fmt, columns=columns, resume=job.resume, overwrite=job.overwrite,
                        provenance=provenance, embeddings=job.embeddings, embedding_dim=card.embedding_dim)
     exclude = writer.own_files()  # a run never labels its own output, nor its sidecar's files
-    summary = RunSummary()
+    summary = RunSummary(cut=loaded.cut)
     try:
         done = Written(writer.done, provenance.input) if writer.done else writer.done
         files = _pending(scan(job.source, recursive=job.recursive, files_from=job.files_from, exclude=exclude),
@@ -198,19 +200,14 @@ def _where(job: RunJob | None) -> str:
     return f"in {', '.join(map(os.fspath, sources[:3]))}{', ...' if len(sources) > 3 else ''}"
 
 
-def served_cut(job: RunJob) -> float | None:
+def served_cut(job: RunJob, summary: RunSummary) -> float | None:
     """The cut the run's open-set decision labelled 'unknown' below, in known_score's units; None when off.
 
-    The classifier's own ``open_set.cut`` (the bundle's operating point), unless --open-set-cut moved it.
+    The served decision's own cut (fitted for the model file and TTA that ran), unless --open-set-cut moved it.
     """
     if not job.options.open_set:
         return None
-    from batchcls.openset import OpenSet
-
-    decision = OpenSet.from_card(load_card(job.model))
-    if decision is None:  # a bundle without the decision
-        return None
-    return decision.cut if job.options.open_set_cut is None else job.options.open_set_cut
+    return job.options.open_set_cut if job.options.open_set_cut is not None else summary.cut
 
 
 def describe(summary: RunSummary, out: str, *, cut: float | None = None, threshold: float | None = None) -> str:

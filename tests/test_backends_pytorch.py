@@ -114,7 +114,7 @@ def test_cuda_graph_replay_matches_eager_for_every_batch_size(program_bundle):
     assert isinstance(graphed.model, GraphedForward) and not isinstance(eager.model, GraphedForward)
     rng = np.random.default_rng(0)
     s = card.input_size
-    for n in (8, 3, 8, 19):  # capture at 8, pad 3, replay 8, split 19 = 8 + 8 + 3
+    for n in (8, 3, 8, 19):  # capture 8, pad 3 to a 4 graph, replay 8, pad 19 to a 32 graph
         batch = rng.normal(size=(n, 3, s, s)).astype(np.float32)
         np.testing.assert_allclose(graphed.infer(batch), eager.infer(batch), rtol=1e-4, atol=1e-4)
-    assert graphed.model.graph is not None and not graphed.model.failed
+    assert graphed.model.sizes == [4, 8, 32] and not graphed.model.failed

@@ -430,10 +430,12 @@ def test_the_summary_counts_labelled_unknown_and_error_rows_apart(colour_images,
 def test_the_summary_gives_the_open_set_cut_in_known_score_units(tmp_path):
     """With the shipped model's decision on, the summary names the cut rows were declined under: the
     classifier's own ``open_set.cut`` (what known_score is compared with), or the --open-set-cut given."""
+    from batchcls.backends.onnxruntime import cpu_model_path
     from batchcls.card import load_card
-    from batchcls.openset import OpenSet
+    from batchcls.openset import Decisions
 
-    cut = OpenSet.from_card(load_card()).cut
+    card = load_card()
+    cut = Decisions.from_card(card).load(cpu_model_path(card), card.tta).cut  # the decision of the file that serves
     frames = sorted(SAMPLES.glob("*/*.jpg"))[:2]
     r = invoke("run", *frames, "--out", tmp_path / "o.csv")
     assert r.exit_code == 0, r.output
