@@ -1,20 +1,21 @@
 """Decode one image file into an RGB Pillow image, robustly.
 
 Formats are detected by content (a PNG named .jpg works); every failure becomes a
-``DecodeError`` whose message is the reason written to the output row.
+``DecodeError`` whose message is the reason written to the output row. The file's bytes come through
+``reader.read_file`` (a helper process with a deadline), so a file on a hung mount is one error row and
+never a process that Ctrl-C and kill -9 cannot end.
 """
 from __future__ import annotations
 
 import io
 import os
-import stat
 import warnings
 from typing import BinaryIO
 
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
-from batchcls.fsutil import open_long
+from batchcls.reader import READ_STALL_S, NotRegular, StalledRead, TooLarge, read_file
 
 ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 # File names that mean "an image" where a name must decide (train/ lists its dataset by them): the
@@ -179,17 +180,30 @@ def upright_rgb(img: Image.Image, max_bytes: int | None = None) -> Image.Image:
     return rgb.transpose(method) if method is not None else rgb
 
 
-def _open(path: str | os.PathLike) -> tuple[BinaryIO, int]:
-    """The file, opened by name relative to folder fds past PATH_MAX; O_NONBLOCK so a FIFO can't hang us."""
-    fd = open_long(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+def file_limit(max_pixels: int) -> int:
+    """The most bytes a file may hold to be read at all: twice the largest decoded image ``max_pixels`` allows
+    (16-bit samples, stored uncompressed) and room for metadata. A bigger file is refused by its size, unread."""
+    return 2 * byte_limit(max_pixels) + (16 << 20)
+
+
+def read_bytes(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+    """The file's bytes through the stall-proof reader; every failure a DecodeError with the row's reason."""
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):  # reading a FIFO or device would block or never end
-            raise DecodeError("not a regular file")
-        return os.fdopen(fd, "rb"), st.st_size
-    except BaseException:
-        os.close(fd)
-        raise
+        return read_file(path, limit=file_limit(max_pixels))
+    except StalledRead:
+        raise DecodeError(f"read stalled: no data for {READ_STALL_S:g} s (a hung mount or device?); the file was "
+                          "given up, so --resume tries it again") from None
+    except NotRegular:
+        raise DecodeError("not a regular file") from None
+    except TooLarge as e:
+        raise DecodeError(f"file is {e.size} bytes, more than an image under --max-pixels {max_pixels} can take "
+                          f"({file_limit(max_pixels)} bytes): raise --max-pixels to read it") from None
+    except FileNotFoundError:
+        raise DecodeError("file not found (deleted or moved after scanning)") from None
+    except PermissionError:
+        raise DecodeError("permission denied") from None
+    except OSError as e:
+        raise DecodeError(f"cannot open: {e.strerror}") from None
 
 
 def decode_image(path: str | os.PathLike | bytes, *, min_side: int = 0,
@@ -206,15 +220,8 @@ def decode_image(path: str | os.PathLike | bytes, *, min_side: int = 0,
         Image.MAX_IMAGE_PIXELS = byte_limit(max_pixels)  # ours is the guard; Pillow's must not undercut it
     source: BinaryIO | None = None
     try:
-        if isinstance(path, (bytes, bytearray, memoryview)):
-            size, source = len(path), io.BytesIO(path)
-        else:
-            try:
-                source, size = _open(path)
-            except OSError as e:
-                if isinstance(e, (FileNotFoundError, PermissionError)):
-                    raise
-                raise DecodeError(f"cannot open: {e.strerror}") from None
+        data = path if isinstance(path, (bytes, bytearray, memoryview)) else read_bytes(path, max_pixels)
+        size, source = len(data), io.BytesIO(data)
         if size == 0:
             raise DecodeError("empty file (0 bytes)")
         with Image.open(source) as img:
@@ -226,12 +233,6 @@ def decode_image(path: str | os.PathLike | bytes, *, min_side: int = 0,
             return upright_rgb(img, byte_limit(max_pixels))
     except DecodeError:
         raise
-    except FileNotFoundError:
-        raise DecodeError("file not found (deleted or moved after scanning)") from None
-    except PermissionError:
-        raise DecodeError("permission denied") from None
-    except IsADirectoryError:
-        raise DecodeError("is a directory, not a file") from None
     except Image.DecompressionBombError as e:
         raise DecodeError(f"decompression-bomb guard: {e}") from None
     except UnidentifiedImageError:

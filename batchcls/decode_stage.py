@@ -5,8 +5,12 @@ look-ahead of its own. Work runs in worker processes while the model runs on the
 most ``window`` batches are in flight, so memory stays flat however many files there are.
 
 What the stage guarantees, whoever calls it:
+- a stuck read is one file's error: workers (and in-process decoding) read files through ``reader.read_file``,
+  whose helper process is given up after ``READ_STALL_S`` without a byte, so no process of ours waits on a hung
+  mount, and the other files of that batch decode;
 - recovery: a batch whose worker died (killed, out of memory, a decoder crash) or hung past
-  ``DECODE_TIMEOUT_S`` is decoded again in a fresh pool; failing twice, its files get error rows;
+  ``DECODE_TIMEOUT_S`` is decoded again in a fresh pool, file by file where the caller can ``join`` results, so
+  only the file that fails again gets an error row (without ``join``: the whole batch, twice, then error rows);
 - Ctrl-C: workers ignore SIGINT/SIGTERM, so a signal sent to the whole process group (a terminal's
   Ctrl-C) reaches only the parent, which decides; no worker prints a traceback;
 - no orphans: workers exit when the parent process dies, by any signal, kill -9 included: each watches
@@ -44,11 +48,15 @@ from batchcls.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
 from batchcls.errors import first_line
 from batchcls.machine import default_threads, max_decode_workers
 from batchcls.presets import EvalPreset
+from batchcls.reader import READ_STALL_S
 from batchcls.scan import InputFile
 
 log = logging.getLogger("batchcls.decode")
 
-DECODE_TIMEOUT_S = 60.0  # a batch of 64 frames decodes in well under a second; a stuck worker never answers
+# A batch of 64 frames decodes in well under a second; a stuck worker never answers. A batch holding a stalled
+# read answers after READ_STALL_S (its file an error row): that must come well within this.
+DECODE_TIMEOUT_S = max(60.0, 2 * READ_STALL_S)
+WORKER_EXIT_S = 5.0  # a worker leaves at once when its job pipe closes; one that does not is killed, not awaited
 WORKER_START_S = 60.0  # a fresh interpreter importing numpy and Pillow: well under a second, unless the box is swamped
 T = TypeVar("T")
 
@@ -154,19 +162,28 @@ class _Worker:
     results: Connection
 
     def died(self) -> WorkerDied:
-        try:
-            code = self.proc.wait(5)
-        except subprocess.TimeoutExpired:  # its pipes failed but it lives on: it is of no more use
-            self.proc.kill()
-            code = self.proc.wait()
-        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        code = self._end()
+        how = ("did not end" if code is None else f"killed by {signal.Signals(-code).name}" if code < 0
+               else f"exit status {code}")
         return WorkerDied(f"decode worker {self.proc.pid} died ({how})")
 
     def stop(self) -> None:
         """Close its job pipe (it exits when it reads the end) and reap it."""
         self.jobs.close()
         self.results.close()
-        self.proc.wait()
+        self._end()
+
+    def _end(self) -> int | None:
+        """Its exit status; one still there after WORKER_EXIT_S is killed, and never waited on for long: a
+        process held in the kernel (a hung mount) can outlive any kill, and nothing of ours may wait on it."""
+        try:
+            return self.proc.wait(WORKER_EXIT_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        try:
+            return self.proc.wait(WORKER_EXIT_S)
+        except subprocess.TimeoutExpired:
+            return None
 
 
 class WorkerPool:
@@ -316,18 +333,20 @@ class DecodeStage(Generic[T]):
     """``work(files)`` run in ``workers`` processes (in-process with 0), at most ``window`` batches ahead.
 
     ``work`` must pickle (a module-level function, or a functools.partial of one); ``fail(files, reason)``
-    builds the result for a batch that could not be decoded. Use as a context manager, or call close().
+    builds the result for a batch that could not be decoded; ``join(results)`` builds a batch's result from
+    its files' results, each decoded alone, which lets a failed batch be retried file by file. Use as a
+    context manager, or call close().
     """
 
     def __init__(self, work: Callable[[list[InputFile]], T], fail: Callable[[list[InputFile], str], T], *,
-                 workers: int, window: int | None = None) -> None:
+                 workers: int, window: int | None = None, join: Callable[[list[T]], T] | None = None) -> None:
         if not sys.executable:  # embedded interpreters: no python to start workers with
             workers = 0
         if workers > max_decode_workers():
             log.warning("%d decode workers is more than this machine can use (%d cores): using %d",
                         workers, default_threads(), max_decode_workers())
             workers = max_decode_workers()
-        self.work, self.fail, self.workers = work, fail, workers
+        self.work, self.fail, self.join, self.workers = work, fail, join, workers
         self.window = max(1, window if window is not None else workers + 1)
         self.pool: WorkerPool | None = WorkerPool(workers) if workers > 0 else None
 
@@ -343,25 +362,49 @@ class DecodeStage(Generic[T]):
         return Job(files, self.pool.submit(self.work, files))
 
     def result(self, job: Job[T]) -> T:
-        """The job's result; a dead or hung worker costs a retry with a fresh one, twice an error batch."""
+        """The job's result; a dead or hung worker costs a retry in a fresh one: file by file with ``join`` (a
+        file that fails alone too gets an error row), else the whole batch (failing twice, error rows)."""
         if job.future is None:
             return job.value  # type: ignore[return-value]
-        for attempt in (1, 2):
+        try:
+            # A decoder can hang (a pathological file): nobody may wait on it forever.
+            return job.future.result(timeout=DECODE_TIMEOUT_S)
+        except Exception as e:  # killed, out of memory, a decoder crash, or hung
+            reason = self._failed(e)
+        if self.join is not None and len(job.files) > 1:
+            log.error("decode worker failed on a batch of %d files (%s): retrying them one by one in a fresh one",
+                      len(job.files), reason)
+            return self.join(self._one_by_one(job.files))
+        log.error("decode worker failed on a batch of %d files (%s): retrying in a fresh one", len(job.files), reason)
+        job = self.submit(job.files)
+        try:
+            return job.future.result(timeout=DECODE_TIMEOUT_S)  # type: ignore[union-attr]
+        except Exception as e:
+            reason = self._failed(e)
+        log.error("decode worker failed again on that batch (%s): its %d files get error rows", reason, len(job.files))
+        return self.fail(job.files, f"decode worker crashed twice on this batch: {reason}")
+
+    def _failed(self, e: Exception) -> str:
+        """The reason, in a word; a hung worker's pool is replaced (a pool that keeps it would wait on it at close)."""
+        if isinstance(e, TimeoutError):
+            self.replace()
+        return type(e).__name__
+
+    def _one_by_one(self, files: list[InputFile]) -> list[T]:
+        """Each file of a failed batch decoded alone; one that fails again is the culprit and gets its error."""
+        jobs = [self.submit([f]) for f in files]
+        out: list[T] = []
+        for i, job in enumerate(jobs):
             try:
-                # A decoder can hang (a pathological file, a stuck read): nobody may wait on it forever.
-                return job.future.result(timeout=DECODE_TIMEOUT_S)
-            except Exception as e:  # killed, out of memory, a decoder crash, or hung
-                reason = type(e).__name__
-                if isinstance(e, TimeoutError):
-                    self.replace()  # its worker is stuck: a pool that keeps it would wait on it at close
-                if attempt == 2:  # one of these files kills (or hangs) the decoder
-                    log.error("decode worker failed again on that batch (%s): its %d files get error rows",
-                              reason, len(job.files))
-                    return self.fail(job.files, f"decode worker crashed twice on this batch: {reason}")
-                log.error("decode worker failed on a batch of %d files (%s): retrying in a fresh one",
-                          len(job.files), reason if isinstance(e, TimeoutError) or not str(e) else e)
-                job = self.submit(job.files)
-        raise AssertionError("unreachable")
+                out.append(job.future.result(timeout=DECODE_TIMEOUT_S))  # type: ignore[union-attr]
+                continue
+            except Exception as e:
+                reason = self._failed(e)
+            log.error("decode worker failed again on %s alone (%s): it gets an error row", job.files[0].rel, reason)
+            out.append(self.fail(job.files, f"decode worker crashed twice on this file: {reason}"))
+            if reason == "TimeoutError":  # the pool was replaced: the files after it start again in the new one
+                jobs[i + 1:] = [j if _succeeded(j.future) else self.submit(j.files) for j in jobs[i + 1:]]
+        return out
 
     def map(self, batches: Iterable[list[InputFile]]) -> Iterator[T]:
         """Results in input order, decoded ``window`` batches ahead of the consumer."""
@@ -410,8 +453,18 @@ class DecodeStage(Generic[T]):
         self.close(cancel=exc_type is not None)
 
 
+def _succeeded(future: Future | None) -> bool:
+    return future is not None and future.done() and not future.cancelled() and future.exception() is None
+
+
+def joined(batches: list[DecodedBatch]) -> DecodedBatch:
+    """One batch from several, in order (a failed batch's files decoded one by one)."""
+    return DecodedBatch([f for b in batches for f in b.files], np.concatenate([b.images for b in batches]),
+                        [e for b in batches for e in b.errors])
+
+
 def image_stage(preset: EvalPreset, *, workers: int, max_pixels: int = DEFAULT_MAX_PIXELS,
                 window: int | None = None) -> DecodeStage[DecodedBatch]:
     """The CPU decode stage: Pillow decode + the card's resize, in worker processes."""
     return DecodeStage(functools.partial(load_images, preset=preset, max_pixels=max_pixels),
-                       functools.partial(failed_batch, preset=preset), workers=workers, window=window)
+                       functools.partial(failed_batch, preset=preset), workers=workers, window=window, join=joined)

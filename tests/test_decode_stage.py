@@ -17,6 +17,7 @@ from procs import group_members, wait_for
 from batchcls.decode_stage import WORKER_FLAG, DecodeStage, image_stage
 from batchcls.output import read_rows
 from batchcls.presets import EvalPreset
+from batchcls.reader import READER_FLAG
 from batchcls.scan import InputFile
 
 PRESET = EvalPreset(input_size=8, resize_mode="squash", crop_pct=1.0, interpolation="bilinear")
@@ -74,7 +75,8 @@ def test_look_ahead_is_bounded():
 
 @pytest.mark.parametrize("how", ["kill", "hang"])
 def test_a_killed_or_hung_worker_costs_no_file(tmp_path, monkeypatch, how):
-    monkeypatch.setattr("batchcls.decode_stage.DECODE_TIMEOUT_S", 3.0)  # the hang is detected after this
+    # The hang is detected after this; a fresh worker (its interpreter, numpy) must start well within it.
+    monkeypatch.setattr("batchcls.decode_stage.DECODE_TIMEOUT_S", 10.0)
     work = functools.partial(dies_once, marker=str(tmp_path / "died"), how=how)
     with DecodeStage(work, failed, workers=2) as stage:
         got = [r for b in stage.map(batches(12)) for r in b]
@@ -84,10 +86,29 @@ def test_a_killed_or_hung_worker_costs_no_file(tmp_path, monkeypatch, how):
 
 def test_a_batch_that_kills_its_decoder_twice_gets_error_rows(monkeypatch):
     monkeypatch.setattr("batchcls.decode_stage.DECODE_TIMEOUT_S", 10.0)
-    with DecodeStage(always_dies, failed, workers=1) as stage:
+    with DecodeStage(always_dies, failed, workers=1) as stage:  # results that can't be joined: whole batches
         got = [r for b in stage.map(batches(6)) for r in b]
     assert got == ["0", "1", "2: decode worker crashed twice on this batch: WorkerDied",
                    "3: decode worker crashed twice on this batch: WorkerDied", "4", "5"]
+
+
+def always_hangs(files: list[InputFile]) -> list[str]:
+    if "3" in names(files):
+        time.sleep(3600)
+    return names(files)
+
+
+def joined(parts: list[list[str]]) -> list[str]:
+    return [r for part in parts for r in part]
+
+
+@pytest.mark.parametrize("work, why", [(always_dies, "WorkerDied"), (always_hangs, "TimeoutError")])
+def test_with_join_only_the_file_that_kills_or_hangs_its_decoder_gets_an_error(monkeypatch, work, why):
+    """Its batch is retried file by file in a fresh pool: the good files that shared it decode."""
+    monkeypatch.setattr("batchcls.decode_stage.DECODE_TIMEOUT_S", 10.0)
+    with DecodeStage(work, failed, workers=2, join=joined) as stage:
+        got = [r for b in stage.map(batches(12, size=4)) for r in b]
+    assert got == [str(i) if i != 3 else f"3: decode worker crashed twice on this file: {why}" for i in range(12)]
 
 
 def test_workers_are_capped_at_two_per_core_with_one_line(caplog):
@@ -136,13 +157,14 @@ def start_run(tmp_path: Path, bundle: Path, n: int = 3000) -> tuple[subprocess.P
     return proc, root, out
 
 
-def decode_workers(parent: int) -> list[int]:
-    """Live decode workers of process ``parent``: its children with the worker flag on their command line."""
+def decode_workers(parent: int, flag: str = WORKER_FLAG) -> list[int]:
+    """Live decode workers of process ``parent``: its children with the worker flag on their command line
+    (``READER_FLAG``: the file-reading helpers of ``parent``)."""
     out = []
     for pid in group_members(os.getpgid(parent)):
         try:
             ppid = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
-            if ppid == parent and WORKER_FLAG.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if ppid == parent and flag.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
                 out.append(pid)
         except OSError:  # exited meanwhile
             pass
@@ -151,8 +173,11 @@ def decode_workers(parent: int) -> list[int]:
 
 def test_ctrl_c_to_the_process_group_is_one_line_and_rc_130(tmp_path, colour_bundle):
     proc, root, out = start_run(tmp_path, colour_bundle)
-    wait_for(lambda: len(decode_workers(proc.pid)) == 2, "both decode workers")
-    assert len(group_members(proc.pid)) == 3  # the CLI and its 2 decode workers: no forkserver, no resource tracker
+    workers = wait_for(lambda: len(decode_workers(proc.pid)) == 2 and decode_workers(proc.pid), "both decode workers")
+    readers = wait_for(lambda: len(r := [p for w in workers for p in decode_workers(w, READER_FLAG)]) == 2 and r,
+                       "each worker's file reader")
+    # the CLI, its 2 decode workers and their readers: no forkserver, no resource tracker
+    assert sorted(group_members(proc.pid)) == sorted([proc.pid, *workers, *readers])
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: every process in the group
     _, err = proc.communicate(timeout=DEADLINE)
     assert proc.returncode == 130
@@ -191,7 +216,7 @@ def test_a_decode_worker_killed_during_run_costs_no_file(tmp_path, colour_bundle
     # batch on a worker is retried; with the look-ahead window full of finished batches the workers sit idle,
     # and the next submit finds the pool broken.
     assert "Traceback" not in err, err
-    assert "retrying in a fresh one" in err or "died between batches" in err, err
+    assert "one by one in a fresh one" in err or "died between batches" in err, err
     rows = read_rows(out)
     assert sorted(r["path"] for r in rows) == sorted(p.name for p in root.iterdir())
     assert len(rows) == 3000 and {r["status"] for r in rows} == {"ok"}
