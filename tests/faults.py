@@ -124,6 +124,28 @@ def check_output(out: Path, expected: set[str], fmt: str = "csv") -> list[str]:
     return problems
 
 
+def check_embeddings(out: Path, emb: Path) -> list[str]:
+    """What is wrong with an ``--embeddings`` sidecar beside a finished ``out`` (empty list: nothing): it must
+    hold one vector per ok row, in row order, with the same paths, and no hole (a vector of zeros)."""
+    from batchcls.embeddings import read_embeddings
+    from batchcls.output import read_rows
+
+    problems = [f"{p.name} left behind" for p in (emb.with_name(emb.name + ".partial"),
+                                                  emb.with_name(emb.stem + ".paths.jsonl.partial")) if p.exists()]
+    try:
+        vectors, paths = read_embeddings(emb)
+        ok = [r["path"] for r in read_rows(out) if r["status"] == "ok"]
+    except Exception as e:  # any failure to read is the finding
+        return problems + [f"read_embeddings failed: {type(e).__name__}: {e}"]
+    if paths != ok:
+        problems.append(f"its paths are not the ok rows ({len(paths)} paths, {len(ok)} ok rows)")
+    if len(vectors) != len(paths):
+        problems.append(f"{len(vectors)} vectors for {len(paths)} paths")
+    if len(vectors) and not vectors.any(axis=1).all():
+        problems.append(f"{int((~vectors.any(axis=1)).sum())} vectors are all zeros")
+    return problems
+
+
 def kill_rounds(args: list[str], rounds: int, rng: random.Random, span: float = 2.0) -> list[str]:
     """Start ``batchcls run ARGS`` (with --resume after the first), kill -9 it after a random delay, ``rounds``
     times; returns what each kill hit ('before any row', 'mid-run', 'finished first'). The delay's range

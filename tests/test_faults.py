@@ -17,6 +17,7 @@ import pytest
 from faults import (
     HOSTILE,
     REPO,
+    check_embeddings,
     check_output,
     grow,
     kill_rounds,
@@ -545,3 +546,79 @@ def test_a_resume_in_another_format_is_one_line_and_leaves_the_file(tmp_path, fm
     line = _one_line(r.stderr)
     assert r.returncode == 1 and "is not a batchcls output" in line, line
     _untouched(out, before)
+
+
+# --- the --embeddings sidecar: one transaction with the rows ---------------------------------------
+
+@pytest.mark.parametrize("name", ["emb.npy.partial", "emb.paths.jsonl", "emb.paths.jsonl.partial"])
+@pytest.mark.parametrize("extra", [[], ["--overwrite"]], ids=["run", "overwrite"])
+def test_a_planted_link_at_a_sidecar_name_is_refused_and_its_target_untouched(tmp_path, name, extra):
+    images = tmp_path / "images"
+    make_tree(images, names=[b"a.jpg"], extras=False)
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(NOTES)
+    (tmp_path / name).symlink_to(victim)
+    r = run_cli("run", images, "--out", tmp_path / "labels.csv", "--embeddings", tmp_path / "emb.npy",
+                "--workers", "0", *extra)
+    assert r.returncode == 1 and "is a symbolic link" in _one_line(r.stderr), r.stderr
+    _untouched(victim, NOTES)
+    assert not (tmp_path / "labels.csv").exists() and not (tmp_path / "labels.csv.partial").exists()
+
+
+def test_runs_refused_by_a_lock_leave_the_first_runs_vectors_whole(tmp_path):
+    """A second run on the same --out (refused by the output's lock) or on another --out with the same
+    --embeddings (refused by the vectors' own lock) touches nothing of the first run's."""
+    root = tmp_path / "in"
+    make_tree(root, names=[b"a.jpg", b"b.jpg", b"c.jpg"], extras=False)
+    listing = tmp_path / "list"
+    os.mkfifo(listing)  # the first run reads its file list from here: it holds its locks until we close it
+    out, emb = tmp_path / "labels.csv", tmp_path / "emb.npy"
+    first = start_cli("run", "--files-from", listing, "--out", out, "--embeddings", emb, "--batch-size", "1",
+                      "--workers", "0", "-q")
+    try:
+        with open(listing, "w") as feed:
+            feed.write(f"{root / 'a.jpg'}\n")
+            feed.flush()
+            assert wait_for_lock(out, first.pid), "the first run never took its lock"
+            for other, extra, what in [(out, ["--resume"], out), (out, ["--overwrite"], out), (out, [], out),
+                                       (tmp_path / "other.csv", [], emb),
+                                       (tmp_path / "other.csv", ["--overwrite"], emb)]:
+                r = run_cli("run", root, "--out", other, "--embeddings", emb, "-q", *extra)
+                line = _one_line(r.stderr)
+                assert r.returncode == 1 and f"{what} is being written by another batchcls process (PID {first.pid})" \
+                    in line, line
+            assert not (tmp_path / "other.csv").exists() and not (tmp_path / "other.csv.partial").exists()
+            feed.write(f"{root / 'b.jpg'}\n{root / 'c.jpg'}\n")
+    finally:
+        code = first.wait(timeout=300)
+        err = first.stderr.read()
+        first.stderr.close()
+    assert code == 0, err
+    assert check_output(out, {str(root / n) for n in ("a.jpg", "b.jpg", "c.jpg")}) == []
+    assert check_embeddings(out, emb) == []
+
+
+@pytest.mark.parametrize("out", ["feats.paths.jsonl", "feats.npy"])
+def test_an_output_colliding_with_the_sidecar_is_refused_in_one_line(tmp_path, out):
+    images = tmp_path / "images"
+    make_tree(images, names=[b"a.jpg"], extras=False)
+    r = run_cli("run", images, "--out", tmp_path / out, "--format", "jsonl", "--embeddings", tmp_path / "feats.npy",
+                "--workers", "0")
+    assert r.returncode == 1 and "choose names apart" in _one_line(r.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+
+
+def test_kill_9_then_resume_with_embeddings_in_the_source_folder(tmp_path):
+    """--resume --embeddings works: after kill -9 at random moments the vectors match the rows exactly; the run's
+    own files (OUT, the sidecar, their partial files) sit in the folder it classifies and never get a row."""
+    root = tmp_path / "in"
+    expected = make_tree(root, names=HOSTILE[:6])
+    out, emb = root / "labels.csv", root / "feats.npy"
+    args = [str(root), "--out", str(out), "--embeddings", str(emb), "--batch-size", "1", "--workers", "0", "-q"]
+    hits = kill_rounds(args, rounds=4, rng=random.Random(SEED))
+    r = run_cli("run", *args, "--resume")
+    assert r.returncode == 0, (SEED, hits, r.stderr)
+    assert check_output(out, expected) == [], (SEED, hits)
+    assert check_embeddings(out, emb) == [], (SEED, hits)
+    r = run_cli("run", *args, "--overwrite")  # the finished sidecar in the folder is skipped too
+    assert r.returncode == 0 and check_output(out, expected) == [] and check_embeddings(out, emb) == []
