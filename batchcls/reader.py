@@ -56,6 +56,8 @@ def read_file(path: str | os.PathLike, *, limit: int) -> bytes:
     Raises OSError as open or read would (FileNotFoundError, PermissionError, ...), NotRegular, TooLarge when
     the file holds more than ``limit`` bytes (said before any is read, when its size shows it), and StalledRead.
     """
+    if not sys.executable:  # an embedded interpreter has no python to start a helper with: read here
+        return _read_here(path, limit)
     request = struct.pack("<q", limit) + os.fsencode(path)
     with _LOCK:  # one helper per process, one file at a time
         for attempt in (1, 2):
@@ -82,6 +84,20 @@ def read_file(path: str | os.PathLike, *, limit: int) -> bytes:
             finally:
                 os.close(r)
     raise AssertionError("unreachable")
+
+
+def _read_here(path: str | os.PathLike, limit: int) -> bytes:
+    fd = open_long(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegular()
+        if st.st_size > limit:
+            raise TooLarge(st.st_size)
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise TooLarge(len(data))
+    return data
 
 
 def _receive(pipe: _Pipe, path: str | os.PathLike, limit: int) -> bytes:
@@ -129,6 +145,13 @@ class _Pipe:
 _LOCK = threading.Lock()
 
 
+def _after_fork() -> None:
+    """A forked child starts with no helper and a free lock: another thread may have held it at the fork."""
+    global _LOCK
+    _LOCK = threading.Lock()
+    _Helper._this = None
+
+
 class _Helper:
     """The helper process of this process: started at the first file, replaced when it stalls or dies."""
 
@@ -149,12 +172,11 @@ class _Helper:
             raise
         finally:
             theirs.close()
-        self.sock, self.pid = ours, os.getpid()
+        self.sock = ours
 
     @classmethod
     def current(cls) -> _Helper:
-        # A forked child must not share its parent's helper: both would read each other's answers.
-        if cls._this is None or cls._this.pid != os.getpid():
+        if cls._this is None:
             cls._this = cls()
         return cls._this
 
@@ -223,3 +245,6 @@ def _write(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+os.register_at_fork(after_in_child=_after_fork)

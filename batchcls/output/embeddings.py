@@ -90,6 +90,7 @@ class Embeddings:
         self._vec: int | None = None  # fds of the two partial files, open from the first write to the end
         self._txt: int | None = None
         self._cut: tuple[int, int] | None = None  # a resume's byte lengths to keep (vectors, paths), set by load
+        self._sizes: tuple[Path, int, Path, int] | None = None  # the files load checked, as it read them
         self._continue: list[tuple[Path, Path]] = []  # finished files a resume renames back to partial
 
     @property
@@ -153,7 +154,7 @@ class Embeddings:
 
     def cut(self) -> None:
         """Cut what a crash left past the rows' vectors (planned by ``load``)."""
-        if self._cut is None:
+        if self._cut is None or self._sizes is None:
             return
         vec, vec_size, txt, txt_size = self._sizes
         for path, size, end in ((vec, vec_size, self._cut[0]), (txt, txt_size, self._cut[1])):
