@@ -6,8 +6,12 @@ daemon with --move-to while files arrive, then a restart), a torn last row
 tiny tmpfs, then more room and --resume; skipped where mounting is not allowed), a second writer (run,
 --resume, --overwrite, a watch daemon) while a run holds the output, a hostile tree, a tampered bundle,
 rows that point outside --images, planted lock links, foreign files under OUT's name and resumes by
-another model, folder or option set. Survived means: every input file has exactly one row, csv,
-pandas and read_rows all parse the output, and every refusal was one line naming what to do.
+another model, folder or option set; and for the --embeddings sidecar: kill -9 then --resume with it (the
+output and the sidecar inside the folder being classified), links planted at its names, second writers on the
+output or on the sidecar; a resume by a bundle with the same ONNX but another card or open-set cut; files on a
+hung FUSE mount (skipped where mounting is not allowed). Survived means: every input file has exactly one row, csv,
+pandas and read_rows all parse the output, the sidecar holds exactly the ok rows' vectors, a hung file is one
+error row and the run ends, and every refusal was one line naming what to do.
 
     python scripts/soak.py --rounds 20 --seed 16
 """
@@ -18,6 +22,7 @@ import json
 import os
 import random
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,8 +31,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from faults import (
+    CLI,
     HOSTILE,
     REPO,
+    check_embeddings,
     check_output,
     grow,
     kill_rounds,
@@ -40,6 +47,7 @@ from faults import (
     wait_for_lock,
     watch_kill_round,
 )
+from hung_mount import HungMount
 
 
 class Tally:
@@ -238,6 +246,149 @@ def not_ours(work: Path, tally: Tally) -> None:
         tally.record("resume by another run", problems, " ".join(map(str, change[1:])) or "another folder")
 
 
+def embedding_kills(work: Path, rounds: int, rng: random.Random, tally: Tally) -> None:
+    """kill -9 of `run --embeddings` at random moments, then --resume: the rows and the vectors agree exactly. The
+    output and the sidecar sit inside the folder being classified: they must never get rows themselves."""
+    for i in range(rounds):
+        tree = work / f"emb-tree{i}"
+        expected = make_tree(tree, names=HOSTILE[:8])
+        out, emb = tree / "labels.csv", tree / "feats.npy"
+        args = [str(tree), "--out", str(out), "--embeddings", str(emb), "--batch-size", str(rng.choice([1, 2, 4])),
+                "--workers", "0", "-q"]
+        hits = kill_rounds(args, rng.randint(1, 3), rng)
+        r = run_cli("run", *args, "--resume")
+        problems = [] if r.returncode == 0 else [f"resume exit {r.returncode}: {r.stderr.decode()[-300:]}"]
+        problems += check_output(out, expected) + check_embeddings(out, emb) if r.returncode == 0 else []
+        tally.record("kill -9 with --embeddings", problems, str(hits))
+
+
+def embedding_links(work: Path, tally: Tally) -> None:
+    images = work / "emb-small"
+    make_tree(images, names=[b"a.jpg"], extras=False)
+    notes = b"my notes, not vectors\n"
+    for i, name in enumerate(["e.npy.partial", "e.paths.jsonl", "e.paths.jsonl.partial"]):
+        for extra in ([], ["--overwrite"]):
+            folder = work / f"emb-link{i}{len(extra)}"
+            folder.mkdir()
+            victim = folder / "victim.txt"
+            victim.write_bytes(notes)
+            (folder / name).symlink_to(victim)
+            r = run_cli("run", images, "--out", folder / "labels.csv", "--embeddings", folder / "e.npy", "--workers",
+                        "0", *extra)
+            problems = _one_line(r, "is a symbolic link") + ([] if victim.read_bytes() == notes else ["its target changed"])
+            tally.record("planted embeddings link", problems, f"{name} {' '.join(extra)}")
+
+
+def embedding_writers(work: Path, tally: Tally) -> None:
+    """While a run holds its output and its vectors file: runs on the same output, and on another output with the
+    same vectors file, are refused in one line, and the holder's rows and vectors come out whole."""
+    tree = work / "emb-fifo-in"
+    make_tree(tree, names=[b"a.jpg", b"b.jpg"], extras=False)
+    listing, out, emb = work / "emb-list", work / "emb-held.csv", work / "emb-held.npy"
+    os.mkfifo(listing)
+    first = start_cli("run", "--files-from", listing, "--out", out, "--embeddings", emb, "--batch-size", "1",
+                      "--workers", "0", "-q")
+    with open(listing, "w") as feed:
+        feed.write(f"{tree / 'a.jpg'}\n")
+        feed.flush()
+        if not wait_for_lock(out, first.pid):
+            tally.record("second writer with --embeddings", ["the first run never took its lock"])
+        for other, extra in ((out, ["--resume"]), (out, ["--overwrite"]), (work / "emb-other.csv", []),
+                             (work / "emb-other.csv", ["--overwrite"])):
+            r = run_cli("run", tree, "--out", other, "--embeddings", emb, *extra, timeout=120)
+            tally.record("second writer with --embeddings", _one_line(r, f"PID {first.pid}"),
+                         f"{other.name} {' '.join(extra)}")
+        feed.write(f"{tree / 'b.jpg'}\n")
+    code = first.wait(timeout=300)
+    first.stderr.close()
+    problems = [] if code == 0 else [f"the holder exited {code}"]
+    problems += check_output(out, {str(tree / "a.jpg"), str(tree / "b.jpg")}) + check_embeddings(out, emb)
+    tally.record("second writer with --embeddings", problems, "holder intact")
+
+
+def same_onnx_other_bundle(work: Path, tally: Tally) -> None:
+    """A bundle with the shipped ONNX file but another card (temperature, TTA) or open-set cut must not add rows
+    to an output of the shipped bundle."""
+    shipped = REPO / "engines" / "simpsons"
+    images = work / "bundle-small"
+    make_tree(images, names=[b"a.jpg", b"b.jpg"], extras=False)
+    card = json.loads((shipped / "card.json").read_text())
+    changes = [{"temperature": card["temperature"] * 1.5}, {"tta": "none" if card.get("tta") == "flip" else "flip"}]
+    moved = _move_a_cut(card.get("openset"))
+    if moved is not None:
+        changes.append({"openset": moved})
+    for i, change in enumerate(changes):
+        bundle = work / f"same-onnx{i}"
+        bundle.mkdir()
+        (bundle / "card.json").write_text(json.dumps({**card, **change}))
+        for f in shipped.iterdir():  # the same files, byte for byte: only the card differs
+            if f.name != "card.json":
+                (bundle / f.name).symlink_to(f)
+        out = work / f"same-onnx{i}.csv"
+        (images / "b.jpg").rename(work / "b.jpg")
+        run_cli("run", images, "--out", out, "--workers", "0", "-q")
+        (work / "b.jpg").rename(images / "b.jpg")
+        before = out.read_bytes()
+        r = run_cli("run", images, "--out", out, "--model", bundle, "--workers", "0", "--resume")
+        problems = _one_line(r, "written by another run") + ([] if out.read_bytes() == before else ["it was changed"])
+        tally.record("resume by a bundle with the same ONNX", problems, next(iter(change)))
+
+
+def _move_a_cut(section: object) -> object | None:
+    """A copy of an open-set section with its first ``cut`` (at any depth) doubled, whatever its layout; None
+    when it has none."""
+    if isinstance(section, dict):
+        if isinstance(section.get("cut"), (int, float)) and not isinstance(section["cut"], bool):
+            return {**section, "cut": section["cut"] * 2}
+        for key, value in section.items():
+            moved = _move_a_cut(value)
+            if moved is not None:
+                return {**section, key: moved}
+    if isinstance(section, list):
+        for i, value in enumerate(section):
+            moved = _move_a_cut(value)
+            if moved is not None:
+                return [*section[:i], moved, *section[i + 1:]]
+    return None
+
+
+def hung_files(work: Path, tally: Tally) -> str | None:
+    """Files on a FUSE mount that never answers their open or read: one error row each, the other files ok, and
+    the run ends, in-process and in decode workers."""
+    src = work / "hung-src"
+    src.mkdir()
+    good = [f"good{i:02d}.jpg" for i in range(10)]
+    for i, name in enumerate([*good, "stuck.jpg", "slow.jpg"]):
+        (src / name).write_bytes(tiny_jpeg(i))
+    try:
+        mount = HungMount(work / "hung-mnt", src, hang_open=["stuck.jpg"], hang_read=["slow.jpg"])
+    except PermissionError as e:
+        return str(e)
+    try:
+        for i, how in enumerate((["--workers", "0"], ["--workers", "2", "--batch-size", "4"])):
+            out = work / f"hung{i}.csv"
+            proc = subprocess.Popen([*CLI, "run", str(mount.mountpoint), "--out", str(out), *how, "-q"], cwd=REPO,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    env={**os.environ, "BATCHCLS_READ_STALL_S": "3"})
+            deadline = time.monotonic() + 120
+            while proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if proc.poll() is None:
+                tally.record("hung file", ["the run did not end within 120 s"], " ".join(how))
+                continue
+            problems = [] if proc.returncode == 0 else [f"exit {proc.returncode}"]
+            problems += check_output(out, {*good, "stuck.jpg", "slow.jpg"})
+            if not problems:
+                from batchcls.output import read_rows
+
+                bad = sorted(r["path"] for r in read_rows(out) if r["status"] != "ok")
+                problems += [] if bad == ["slow.jpg", "stuck.jpg"] else [f"error rows for {bad}"]
+            tally.record("hung file", problems, " ".join(how))
+    finally:
+        mount.close()  # aborts the connection: the readers it held end
+    return None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=20, help="kill -9 faults (torn rows: half as many per format)")
@@ -259,6 +410,11 @@ def main() -> int:
         tampered_bundles(work, tree, tally)
         outside_rows(work, tally)
         not_ours(work, tally)
+        embedding_kills(work, max(1, args.rounds // 4), rng, tally)
+        embedding_links(work, tally)
+        embedding_writers(work, tally)
+        same_onnx_other_bundle(work, tally)
+        hung = hung_files(work, tally)
     total = sum(tally.counts.values())
     survived = sum(n for (_, ok), n in tally.counts.items() if ok)
     for kind in tally.kinds():
@@ -266,6 +422,8 @@ def main() -> int:
     print(f"  kills of run landed: {', '.join(f'{n} {k}' for k, n in sorted(tally.hits.items()))}")
     if skipped:
         print(f"  {'full disk':32s} skipped: {skipped}")
+    if hung:
+        print(f"  {'hung file':32s} skipped: {hung}")
     for line in tally.lost:
         print(f"LOST: {line}")
     print(f"soak: {survived}/{total} injected faults survived with nothing lost "
