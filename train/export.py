@@ -239,7 +239,7 @@ def write_results_page(bundle: str | os.PathLike, page: dict) -> Path:
                      + (f"; of {served['foreign_n']} held-out foreign images, {served['foreign_flagged']:.1%}"
                         if "foreign_flagged" in served else "") + ".")
         if served.get("foreign_flagged_by_source"):
-            lines += ["", "| foreign source | declined |", "| --- | ---: |"]
+            lines += ["", "| kind of foreign picture | declined |", "| --- | ---: |"]
             lines += [f"| {k} | {v:.1%} |" for k, v in served["foreign_flagged_by_source"].items()]
         if decision is not None:
             lines += ["", f"The decision {'passed' if decision.get('passed') else 'did NOT pass'} its gate on "

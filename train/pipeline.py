@@ -277,6 +277,7 @@ class Plan:
     n_test: int
     decision: bool  # the open-set decision will be fitted (its passes are reserved for)
     foreign_cached: bool
+    pixels_cached: bool = False  # the probe already decoded the train split into the pixel cache
 
     def after_training_s(self, n_models: int) -> float:
         """Evaluation, serving choice, export, decision and results page: the run's expected time after the
@@ -295,8 +296,8 @@ class Plan:
         return train + (2 if cfg.ema_decay else 1) * self.n_val / self.eval_ips * scale
 
     def setup_s(self) -> float:
-        """Per model: building the network and the train split's pixel cache."""
-        return 15.0 + self.n_train / self.eval_ips
+        """Per model: building the network and, unless the probe did, the train split's pixel cache."""
+        return 15.0 + (0 if self.pixels_cached else self.n_train / self.eval_ips)
 
 
 def epoch_cap(cfg: TrainConfig, n_train: int) -> int:
@@ -373,14 +374,10 @@ def search_key(cfg: TrainConfig, grid: dict, subset: int, split_sha: str) -> dic
 
 def train_and_evaluate(args: argparse.Namespace, config: Recipe, names: list[str], warm: dict, best_point: dict,
                        out: Path, plan: Plan | None, t_start: float, bar: PipelineBar, log) -> list[dict]:
-    """Evaluate each probe, then fine-tune each model from it and evaluate + calibrate its raw and EMA weights
-    (the only test pass of each); one result row per model. Each model's epochs come from its share of the
-    budget left, re-planned with the speed measured on the one before."""
+    """Fine-tune each model from its probe and evaluate + calibrate its raw and EMA weights (the only test pass
+    of each), then each probe; one result row per model. Each model's epochs come from its share of the budget
+    left, re-planned with the speed measured on the one before; the probes are evaluated after the budget."""
     results = []
-    for name, probe in warm.items():
-        m = evaluate(probe["ckpt"], out / name / "probe", num_workers=config(name).num_workers, log=log)
-        results.append({**m, "ckpt": probe["ckpt"], "dir": str(out / name / "probe"), "ema_decay": 0.0,
-                        "weight_decay": probe["weight_decay"]})
     for i, name in enumerate(names):
         extra = {"out_dir": str(out / name), **small_data(plan.n_train if plan else SMALL_DATA, config)}
         if name in warm:
@@ -409,6 +406,10 @@ def train_and_evaluate(args: argparse.Namespace, config: Recipe, names: list[str
         for weights, ckpt in summary["ckpts"].items():  # raw and EMA: each is a model, tested once
             m = evaluate(ckpt, out / name / weights, num_workers=cfg.num_workers, log=log)
             results.append({**m, "ckpt": ckpt, "dir": str(out / name / weights), "ema_decay": cfg.ema_decay})
+    for name, probe in warm.items():
+        m = evaluate(probe["ckpt"], out / name / "probe", num_workers=config(name).num_workers, log=log)
+        results.append({**m, "ckpt": probe["ckpt"], "dir": str(out / name / "probe"), "ema_decay": 0.0,
+                        "weight_decay": probe["weight_decay"]})
     return results
 
 
@@ -527,7 +528,7 @@ def run(args: argparse.Namespace, log=None) -> dict:
             first, len(manifest["classes"]))
         plan = Plan(budget_s, measure_train_speed(first, len(manifest["classes"])), eval_ips, n_train, n_val, n_test,
                     decision=importlib.util.find_spec("train.decision") is not None,
-                    foreign_cached=(foreign_cache() / "sets.json").is_file())
+                    foreign_cached=(foreign_cache() / "sets.json").is_file(), pixels_cached=bool(warm))
         log(f"plan: measured {plan.train_ips:.0f} train img/s, {plan.eval_ips:.0f} eval img/s (decode + forward); "
             f"{(budget_s - (time.time() - t_start)) / 60:.1f} min left to learn in, then about "
             f"{plan.after_training_s(len(names)) / 60:.1f} min to evaluate, export and fit the decision")
@@ -561,8 +562,8 @@ def run(args: argparse.Namespace, log=None) -> dict:
         return {"best": best["model"], "results": results, "export": None}
     # 7. serving size x TTA, chosen on validation through the runtime's preprocessing
     bar.step("serving size", len(serving.SIZE_STEPS) * 2 * 1.6 * n_val / plan.eval_ips + 20 if plan else 30)
-    rows = serving.candidates(best["ckpt"], sizes=serving.sizes_for(best["input_size"]),
-                              workers=config(best["model"]).num_workers, log=log)
+    sizes = serving.sizes_for(best["input_size"])[:2 if args.smoke else None]  # smoke: the plumbing, two sizes
+    rows = serving.candidates(best["ckpt"], sizes=sizes, workers=config(best["model"]).num_workers, log=log)
     chosen = serving.choose(rows)
     atomic_write(out / "serving.json", json.dumps({"candidates": rows, "chosen": chosen}, indent=1) + "\n")
     log(f"serving: chosen {chosen['input_size']}px tta={chosen['tta']} (val acc {chosen['val_acc']:.4f})")
