@@ -42,7 +42,8 @@ def _quiet_broken_pipe() -> None:
 
 
 class Group(click.Group):
-    """Turns library errors into one line (what went wrong, what to do); --verbose adds the traceback."""
+    """Turns library errors into one line (what went wrong, what to do; exit 1), and wrong usage too (exit 2,
+    instead of click's usage block); --verbose adds the traceback of a library error."""
 
     def invoke(self, ctx: click.Context):
         try:
