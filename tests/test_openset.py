@@ -39,8 +39,12 @@ def model():
 
 
 def shipped_cut(tta: str | None = None) -> float:
+    """The cut of the decision that serves here: the CPU backend's model file (FP32, or the shipped INT8 where
+    this CPU computes what its gate measured) under the card's TTA."""
+    from batchcls.backends.onnxruntime import cpu_model_path
+
     card = load_card(SHIPPED)
-    return Decisions.from_card(card).load(card.onnx_path, tta or card.tta).cut
+    return Decisions.from_card(card).load(cpu_model_path(card), tta or card.tta).cut
 
 
 def test_the_shipped_bundle_carries_a_gated_decision_for_every_tta_mode():
@@ -140,8 +144,10 @@ def test_eval_reports_coverage_and_accuracy_on_the_rows_it_keeps(tmp_path):
 def test_a_changed_statistics_file_is_refused_in_one_line(tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(SHIPPED, bundle, ignore=shutil.ignore_patterns("model.pt2", "results", "*.opt.onnx", "engines.json"))
+    from batchcls.backends.onnxruntime import cpu_model_path
+
     card = load_card(bundle)
-    stats = bundle / Decisions.from_card(card).find(file_sha256(bundle / "model.onnx"), card.tta)["file"]
+    stats = bundle / Decisions.from_card(card).find(file_sha256(cpu_model_path(card)), card.tta)["file"]
     with np.load(stats) as z:
         arrays = {k: z[k] for k in z.files}
     arrays["coef"] = -arrays["coef"]
