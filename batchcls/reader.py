@@ -58,7 +58,10 @@ def read_file(path: str | os.PathLike, *, limit: int) -> bytes:
     """
     if not sys.executable:  # an embedded interpreter has no python to start a helper with: read here
         return _read_here(path, limit)
-    request = struct.pack("<q", limit) + os.fsencode(path)
+    # the helper was started in some earlier working folder: a relative path is this process's, made whole here
+    # (joined, not normalised: ".." after a symlink must mean what the kernel says)
+    whole = path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+    request = struct.pack("<q", limit) + os.fsencode(whole)
     with _LOCK:  # one helper per process, one file at a time
         for attempt in (1, 2):
             helper = _Helper.current()
