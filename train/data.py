@@ -179,8 +179,9 @@ def make_split(root: str | os.PathLike, *, seed: int = 0, val_frac: float = 0.15
     if tiny:
         log(f"split: tiny classes (<20 images, train/val/test): {', '.join(tiny)}")
     manifest = {"root": str(root), "seed": seed, "val_frac": val_frac, "test_frac": test_frac,
-                "classes": classes, "duplicates": dup_groups, "skipped": {"non_image": len(others), "unreadable": bad},
-                **split}
+                "classes": classes, "duplicates": dup_groups, **split}
+    if others or bad:  # only then: a clean folder's manifest (and its sha256, in checkpoints) is as it always was
+        manifest["skipped"] = {"non_image": len(others), "unreadable": bad}
     if extra is not None:
         items, info = extra_items(extra, classes, set(digests.values()), log=log)
         manifest["train"] += items
