@@ -452,7 +452,8 @@ def test_a_resume_by_another_run_is_refused_naming_what_differs(tmp_path, colour
                 "format": [first, "--format", "jsonl"]}[change]
         r = run_cli("run", *args, "--out", out, "--workers", "0", "--resume")
     line = _one_line(r.stderr)
-    assert r.returncode == 1 and "written by another run" in line and what in line and "--overwrite" in line, line
+    hint = "new --out" if change == "watch-model" else "--overwrite"  # watch has no --overwrite to advise
+    assert r.returncode == 1 and "written by another run" in line and what in line and hint in line, line
     _untouched(out, before)
 
 

@@ -218,7 +218,7 @@ def test_shipped_bundle_weights_come_back_from_its_program():
     import numpy as np
     from conftest import SAMPLES
 
-    from batchcls.backends import load_backend
+    from batchcls.backends import OnnxRuntimeBackend
     from batchcls.card import load_card
     from batchcls.decode_stage import load_images
     from batchcls.infer import Classifier
@@ -229,7 +229,8 @@ def test_shipped_bundle_weights_come_back_from_its_program():
     card = load_card(None)
     assert is_bundle(card.bundle_dir) and not (card.bundle_dir / "model.pt").exists()
     files = [InputFile(str(p), p.name) for p in sorted(SAMPLES.glob("*/*.jpg"))[:6]]
-    classifier = Classifier(card, load_backend(card, "onnxruntime", device="cpu"), tta="none")  # one plain pass
+    # the FP32 ONNX file itself (the CPU backend may pick the shipped INT8 model), one plain pass
+    classifier = Classifier(card, OnnxRuntimeBackend(card.onnx_path), tta="none")
     batch = load_images(files, classifier.preset)
     want = classifier.probabilities(batch.images)
     with torch.inference_mode():

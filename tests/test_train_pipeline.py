@@ -33,7 +33,7 @@ def test_torchrun_two_ranks_gloo_writes_one_checkpoint(tmp_path):
     assert "[rank 0/2] cpu ready" in log and "[rank 1/2] cpu ready" in log
     assert log.count(" *best ") == 1  # rank 0 only
     assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["ckpt_best.pt", "ckpt_best_ema.pt", "ckpt_best_raw.pt",
-                                                             "ckpt_last.pt"]
+                                                             "ckpt_last.pt", "ckpt_portable.pt"]
     ckpt = torch.load(tmp_path / "ckpt_last.pt", map_location="cpu", weights_only=False)
     assert not any(k.startswith("module.") for k in ckpt["model"])
     assert ckpt["config"]["input_size"] == 64 and len(ckpt["split_sha256"]) == 64

@@ -141,8 +141,9 @@ def test_parquet_without_pyarrow_is_a_one_line_hint(colour_images, colour_bundle
     code = "from batchcls.cli import main\nsys.argv = ['batchcls', 'run', " \
            f"{str(colour_images)!r}, '--out', 'x.parquet', '--format', 'parquet', '--model', {str(colour_bundle)!r}]\nmain()"
     r = run_without(["pyarrow"], code, tmp_path)
-    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
-        "Error: --format parquet needs pyarrow: pip install 'batchcls[parquet]'"]
+    lines = r.stderr.strip().splitlines()  # the hint follows how this copy was installed (batchcls/extras.py)
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("Error: --format parquet needs pyarrow")
+    assert "[parquet]'" in lines[0] or "pip install pyarrow" in lines[0], lines
 
 
 def _make_n(venv: Path, *args: str) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import colorsys
 import csv
+import importlib.util
 import math
 import random
 import re
@@ -285,12 +286,9 @@ def text_pages_train(rng: random.Random, ctx: Context, n: int = 60) -> Iterator[
 def skimage_data(ctx: Context) -> Iterator[Item]:
     """Sample images that scikit-image ships on disk (not the ones it would download)."""
     roots = []
-    try:
-        import skimage  # optional source: imported only here
-
-        roots.append(Path(skimage.__file__).parent / "data")
-    except ImportError:
-        pass
+    spec = importlib.util.find_spec("skimage")  # its data folder, found without importing the package
+    if spec is not None and spec.origin:
+        roots.append(Path(spec.origin).parent / "data")
     roots.append(ctx.path("usr/lib/python3/dist-packages/skimage/data"))
     root = next((r for r in roots if files(r, (".png", ".jpg"))), None)
     if root is None:
