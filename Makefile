@@ -126,4 +126,4 @@ train-shipped: install-dev  ## rebuild the shipped model from $(FROM) and the da
 	  || cp jobs/checkpoints/robust-lite0.pt $(OUT)/efficientnet_lite0/ckpt_portable.pt
 	BATCHCLS_TRAIN_COMMAND='make train-shipped DATA=$(DATA) FROM=$(FROM) OUT=$(OUT) EXPORT=$(EXPORT)' \
 	$(BIN)/python -m train --data $(DATA) --models efficientnet_lite0 --pretrained $(FROM) --no-search \
-	  --config jobs/train-robust.json --out $(OUT) --export $(EXPORT) --budget-min 0
+	  --config jobs/train-robust.json --out $(OUT) --export $(EXPORT) --budget-min 0 --overwrite-bundle
