@@ -149,7 +149,8 @@ def check_embeddings(out: Path, emb: Path) -> list[str]:
 def kill_rounds(args: list[str], rounds: int, rng: random.Random, span: float = 2.0) -> list[str]:
     """Start ``batchcls run ARGS`` (with --resume after the first), kill -9 it after a random delay, ``rounds``
     times; returns what each kill hit ('before any row', 'mid-run', 'finished first'). The delay's range
-    follows how long a whole run takes, so kills land from start-up to the final rename."""
+    follows how long a whole run takes, so kills land from start-up to the final rename: it shrinks to a run
+    that finished first, and grows after a kill before any row (a slow or busy machine starts slowly)."""
     hits = []
     out = Path(args[args.index("--out") + 1])
     partial = out.with_name(out.name + ".partial")
@@ -163,6 +164,8 @@ def kill_rounds(args: list[str], rounds: int, rng: random.Random, span: float = 
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             hits.append("mid-run" if partial.exists() else "before any row")
+            if hits[-1] == "before any row":
+                span = min(2 * span, 60.0)
         else:
             proc.wait()
             err = proc.stderr.read().decode(errors="replace")
