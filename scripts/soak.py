@@ -331,7 +331,7 @@ def same_onnx_other_bundle(work: Path, tally: Tally) -> None:
         before = out.read_bytes()
         r = run_cli("run", images, "--out", out, "--model", bundle, "--workers", "0", "--resume")
         problems = _one_line(r, "written by another run") + ([] if out.read_bytes() == before else ["it was changed"])
-        tally.record("resume by a bundle with the same ONNX", problems, next(iter(change)))
+        tally.record("resume by a same-ONNX bundle", problems, next(iter(change)))
 
 
 def _move_a_cut(section: object) -> object | None:
