@@ -31,7 +31,10 @@ def reliability(probs: np.ndarray, y_true: np.ndarray, bins: int = 15):
 
 
 def fit_temperature(logits: np.ndarray, y_true: np.ndarray, steps: int = 100) -> float:
-    """T minimising the NLL of softmax(logits / T) on held-out (validation) logits; LBFGS on log T."""
+    """T minimising the NLL of softmax(logits / T) on held-out (validation) logits; LBFGS on log T.
+
+    ``logits`` of shape (views, N, C) are several views of each image (test-time augmentation): then the NLL is
+    of the mean of the views' probabilities, as serving averages them."""
     x = torch.as_tensor(logits, dtype=torch.float64)
     y = torch.as_tensor(y_true, dtype=torch.long)
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
@@ -39,7 +42,11 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray, steps: int = 100) ->
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x / log_t.exp(), y)
+        if x.dim() == 3:
+            p = torch.softmax(x / log_t.exp(), dim=-1).mean(0)
+            loss = -torch.log(p[torch.arange(len(y)), y].clamp_min(1e-12)).mean()
+        else:
+            loss = torch.nn.functional.cross_entropy(x / log_t.exp(), y)
         loss.backward()
         return loss
 

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from batchcls.backends.onnxruntime import OnnxRuntimeBackend
 from batchcls.fsutil import atomic_write
@@ -68,24 +67,9 @@ def served_probs(views: np.ndarray, tta: str, temperature: float) -> np.ndarray:
     return mean_of_views(softmax(views.reshape(-1, views.shape[-1]), temperature), 2)
 
 
-def fit_served_temperature(views: np.ndarray, y: np.ndarray, tta: str, steps: int = 100) -> float:
+def fit_served_temperature(views: np.ndarray, y: np.ndarray, tta: str) -> float:
     """T minimising the validation NLL of what serves (for flip: of the mean of both views' probabilities)."""
-    if tta == "none":
-        return fit_temperature(views[0], y)
-    z = torch.as_tensor(views, dtype=torch.float64)
-    yt = torch.as_tensor(y, dtype=torch.long)
-    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        p = torch.softmax(z / log_t.exp(), dim=-1).mean(0)
-        loss = -torch.log(p[torch.arange(len(yt)), yt].clamp_min(1e-12)).mean()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return float(log_t.detach().exp().clamp(0.05, 20.0))
+    return fit_temperature(views[0] if tta == "none" else views, y)
 
 
 def candidates(ckpt_path: str | Path, *, sizes=SIZES, workers: int = 2, log=print) -> list[dict]:
